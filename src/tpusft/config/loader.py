@@ -1,0 +1,260 @@
+"""Config loading: a YAML chain through `base_config`, a model preset, `key=value` overrides.
+
+Precedence, lowest first: the chain's root file (configs/base.yml, which holds every key),
+the model preset chosen by `model_name`, the other files of the chain (root side first),
+the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import os
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tpusft.config.schema import MODEL_KEYS, Config, user_fields
+from tpusft.errors import ConfigError
+
+
+def configs_root() -> Path:
+    """The directory holding base.yml and models/ (TPUSFT_CONFIGS overrides)."""
+    env = os.environ.get("TPUSFT_CONFIGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (check the path; configs live in "
+                          f"{configs_root()})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value, not {type(data).__name__}")
+    return data
+
+
+def _yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """Returns [(file, values)] from the root of the base_config chain down to `path`."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"base_config cycle: {' -> '.join(str(p) for p in seen + (path,))}")
+    data = _read_yaml(path)
+    base = data.pop("base_config", None)
+    if base is None:
+        return [(path, data)]
+    base_path = Path(base)
+    if not base_path.is_absolute():
+        base_path = path.parent / base_path
+    return _yaml_chain(base_path, seen + (path,)) + [(path, data)]
+
+
+_FIELD_TYPES = typing.get_type_hints(Config)
+_FIELDS = {f.name: f for f in user_fields()}
+
+
+def _allowed(name: str) -> tuple[type, ...]:
+    tp = _FIELD_TYPES[name]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return tuple(typing.get_origin(a) or a for a in typing.get_args(tp))
+    return (typing.get_origin(tp) or tp,)
+
+
+def _type_names(allowed: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a mapping", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in allowed)
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Checks `value` against the schema type of `name`; returns it converted (int -> float)."""
+    allowed = _allowed(name)
+    if value is None:
+        if type(None) in allowed:
+            return None
+    elif isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    elif isinstance(value, str) and str in allowed:
+        return value
+    elif isinstance(value, list) and list in allowed:
+        return value
+    elif isinstance(value, dict) and dict in allowed:
+        return value
+    raise ConfigError(f"{source}: {name}={value!r} has the wrong type; expected "
+                      f"{_type_names(allowed)}")
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """Parses one `key=value` argument; the value is typed by the schema."""
+    if "=" not in arg:
+        raise ConfigError(f"argument {arg!r} is not key=value (e.g. steps=100)")
+    name, raw = arg.split("=", 1)
+    name = name.strip()
+    _check_known(name, "command line")
+    allowed = _allowed(name)
+    if raw in ("null", "None", "~") and type(None) in allowed:
+        return name, None
+    if str in allowed and list not in allowed:
+        return name, raw  # strings stay verbatim: run_name=007, prompt=yes
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"command line: cannot parse {name}={raw!r}; lists look like "
+                          f"{name}=['a','b']") from None
+    return name, coerce(name, value, "command line")
+
+
+def _check_known(name: str, source: str) -> None:
+    if name in _FIELDS:
+        return
+    close = difflib.get_close_matches(name, list(_FIELDS), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see configs/base.yml for all keys"
+    raise ConfigError(f"{source}: unknown config key {name!r}{hint}")
+
+
+def _apply(values: dict[str, Any], layer: dict[str, Any], source: str) -> None:
+    for name, value in layer.items():
+        _check_known(name, source)
+        values[name] = coerce(name, value, source)
+
+
+def _preset_path(model_name: str) -> Path:
+    p = Path(model_name)
+    if p.suffix in (".yml", ".yaml"):
+        return p
+    return configs_root() / "models" / f"{model_name}.yml"
+
+
+def _load_preset(model_name: str) -> dict[str, Any]:
+    path = _preset_path(model_name)
+    if not path.is_file():
+        known = sorted(q.stem for q in (configs_root() / "models").glob("*.yml"))
+        close = difflib.get_close_matches(model_name, known, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}"
+        raise ConfigError(f"unknown model_name {model_name!r}: no preset {path}; {hint}")
+    data = _read_yaml(path)
+    for name in data:
+        if name not in MODEL_KEYS:
+            raise ConfigError(f"model preset {path}: {name!r} is not a model key "
+                              f"(allowed: {', '.join(MODEL_KEYS)})")
+    return data
+
+
+def validate(cfg: Config) -> None:
+    """Checks choices, minimums and relations between keys; raises ConfigError."""
+    for f in user_fields():
+        value = getattr(cfg, f.name)
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of "
+                              f"{', '.join(repr(c) for c in choices)}")
+        if minimum is not None and value is not None and value < minimum:
+            raise ConfigError(f"{f.name}={value!r} is too small; expected a value >= {minimum:g}")
+    if cfg.global_batch_size % cfg.gradient_accumulation_steps:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not divisible by "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
+    if cfg.base_num_query_heads % cfg.base_num_kv_heads:
+        raise ConfigError(f"base_num_query_heads={cfg.base_num_query_heads} must be a multiple "
+                          f"of base_num_kv_heads={cfg.base_num_kv_heads}")
+    if cfg.head_dim % 2:
+        raise ConfigError(f"head_dim={cfg.head_dim} must be even for RoPE")
+    parallel = [cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism, cfg.ici_tensor_parallelism]
+    if parallel.count(-1) > 1:
+        raise ConfigError("at most one of ici_data_parallelism, ici_fsdp_parallelism, "
+                          "ici_tensor_parallelism may be -1")
+    if any(p == 0 or p < -1 for p in parallel):
+        raise ConfigError(f"ici_*_parallelism must be positive or -1, got {parallel}")
+    if cfg.warmup_steps_fraction > 1:
+        raise ConfigError(f"warmup_steps_fraction={cfg.warmup_steps_fraction} must be in [0, 1]")
+    if not cfg.demo_task and not cfg.print_config:
+        if not cfg.hf_path:
+            raise ConfigError("hf_path is empty; set hf_path= to a hub data set, json/parquet "
+                              "with hf_data_files=, or a local directory")
+        if not cfg.tokenizer_path:
+            raise ConfigError("tokenizer_path is empty; set it to a Hugging Face tokenizer "
+                              "directory")
+
+
+def _join(base: str, *parts: str) -> str:
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def derive_paths(cfg: Config) -> None:
+    if not cfg.run_name:
+        cfg.run_name = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    base = cfg.base_output_directory
+    if "://" not in base:
+        base = str(Path(base).expanduser().absolute())
+        cfg.base_output_directory = base
+    cfg.run_directory = _join(base, cfg.run_name)
+    cfg.checkpoint_directory = _join(cfg.run_directory, "checkpoints")
+    cfg.tensorboard_directory = _join(cfg.run_directory, "tensorboard")
+    cfg.profile_directory = _join(cfg.run_directory, "profile")
+
+
+def load_config(argv: Sequence[str]) -> Config:
+    """`argv` is [CONFIG.yml, key=value, ...] as given on the command line."""
+    if not argv or "=" in argv[0]:
+        raise ConfigError("usage: CONFIG.yml [key=value ...]; the first argument is a YAML file "
+                          "such as configs/sft.yml")
+    chain = _yaml_chain(Path(argv[0]))
+    overrides = dict(parse_override(a) for a in argv[1:])
+
+    values: dict[str, Any] = {}
+    root_path, root_values = chain[0]
+    _apply(values, root_values, str(root_path))
+    upper: dict[str, Any] = {}
+    for path, layer in chain[1:]:
+        _apply(upper, layer, str(path))
+    upper.update(overrides)
+
+    model_name = upper.get("model_name", values.get("model_name", Config.model_name))
+    values.update(_load_preset(model_name))
+    values.update(upper)
+
+    cfg = Config(**values)
+    validate(cfg)
+    derive_paths(cfg)
+    return cfg
+
+
+def resolved_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
+def base_yaml_text() -> str:
+    """The text of configs/base.yml, generated from the schema."""
+    lines = ["# Every tpusft config key with its default. Generated from",
+             "# src/tpusft/config/schema.py by `python -m tpusft.config --write-base`; edit the",
+             "# schema, not this file. Task configs inherit it with `base_config: base.yml`.", ""]
+    for f in user_fields():
+        if f.metadata.get("section"):
+            lines += ["", f"# ---- {f.metadata['section']}"]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"# {f.metadata['doc']}")
+        dumped = yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000).strip()
+        lines.append(dumped[1:-1] if dumped.startswith("{") else dumped)
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,219 @@
+"""The one typed schema of every config key: its type, default, allowed values and doc.
+
+`configs/base.yml` is generated from this file (`python -m tpusft.config --write-base`) and a
+test keeps the two identical, so this module is the single source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def key(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None,
+        section: str | None = None):
+    """A schema entry: default value plus metadata used for validation and base.yml."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "section": section}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DEFAULT_LOGICAL_AXIS_RULES = [
+    # MaxText-style rules: logical axis name -> mesh axes (or null = replicated).
+    ["activation_batch", ["data", "fsdp"]],
+    ["activation_length", None],
+    ["activation_embed", None],
+    ["activation_heads", "tensor"],
+    ["activation_kv_heads", "tensor"],
+    ["activation_mlp", "tensor"],
+    ["activation_vocab", "tensor"],
+    ["vocab", "tensor"],
+    ["embed", "fsdp"],
+    ["heads", "tensor"],
+    ["kv_heads", "tensor"],
+    ["head_dim", None],
+    ["mlp", "tensor"],
+    ["layers", None],
+    ["norm", None],
+]
+
+
+@dataclass
+class Config:
+    # ------------------------------------------------------------------ run
+    run_name: str | None = key(
+        None, "Name of this run; outputs go to base_output_directory/run_name. Default: a "
+        "timestamp. Re-running with the same run_name resumes from its last checkpoint.",
+        section="Run and outputs")
+    base_output_directory: str = key(
+        "runs", "Root of all run outputs: a local path or gs://bucket/path.")
+    print_config: bool = key(False, "Print the fully resolved config and exit.")
+    seed: int = key(0, "Seed for parameter initialisation.")
+    log_period: int = key(10, "Print a progress line every this many steps.", minimum=1)
+
+    # ---------------------------------------------------------------- model
+    model_name: str = key(
+        "demo-tiny", "Model preset from configs/models/<model_name>.yml; its keys fill the "
+        "architecture keys below unless they are set explicitly.", section="Model")
+    model_family: str = key("llama3", "Decoder family.", choices=("llama3",))
+    vocab_size: int = key(32000, "Vocabulary size (rows of the embedding).", minimum=1)
+    base_emb_dim: int = key(2048, "Hidden size.", minimum=1)
+    base_num_decoder_layers: int = key(16, "Number of decoder layers.", minimum=1)
+    base_num_query_heads: int = key(32, "Number of query heads.", minimum=1)
+    base_num_kv_heads: int = key(8, "Number of key/value heads (GQA when fewer than query "
+                                 "heads).", minimum=1)
+    head_dim: int = key(64, "Dimension of each attention head.", minimum=1)
+    base_mlp_dim: int = key(8192, "Hidden size of the gated MLP.", minimum=1)
+    normalization_layer_epsilon: float = key(1e-5, "RMSNorm epsilon.", minimum=0)
+    rope_max_timescale: float = key(500000.0, "RoPE base (HF rope_theta).", minimum=1)
+    rope_type: str = key("llama3", "RoPE frequency scaling.", choices=("default", "llama3"))
+    rope_scaling_factor: float = key(8.0, "llama3 RoPE: scaling factor.", minimum=1)
+    rope_low_freq_factor: float = key(1.0, "llama3 RoPE: low frequency factor.", minimum=0)
+    rope_high_freq_factor: float = key(4.0, "llama3 RoPE: high frequency factor.", minimum=0)
+    rope_original_max_position: int = key(
+        8192, "llama3 RoPE: original context length the scaling refers to.", minimum=1)
+    logits_via_embedding: bool = key(
+        False, "Tie the output projection to the token embedding (HF tie_word_embeddings).")
+    dtype: str = key("bfloat16", "Compute (activation) dtype.",
+                     choices=("float32", "bfloat16", "float16"))
+    weight_dtype: str = key("float32", "Parameter (and optimizer state) dtype.",
+                            choices=("float32", "bfloat16"))
+    scan_layers: bool = key(True, "Stack decoder layers and run them with jax.lax.scan: one "
+                            "layer is compiled, not num_layers.")
+    remat_policy: str = key(
+        "full", "Activation rematerialisation per layer: none (keep all), minimal (keep matmul "
+        "outputs), full (keep only layer inputs).", choices=("none", "minimal", "full"))
+    attention: str = key(
+        "auto", "Attention kernel: auto (cuDNN on GPU, XLA elsewhere), xla, or cudnn.",
+        choices=("auto", "xla", "cudnn"))
+    load_parameters_path: str = key(
+        "", "Native checkpoint to start from (a converted checkpoint directory, a training "
+        "run's checkpoints/ or one of its steps). Empty: random initialisation.")
+
+    # ----------------------------------------------------------------- mesh
+    ici_data_parallelism: int = key(
+        1, "Devices on the data axis (pure data parallelism). -1: all remaining devices.",
+        section="Mesh and sharding")
+    ici_fsdp_parallelism: int = key(
+        -1, "Devices on the fsdp axis (params, grads and optimizer state sharded, batch "
+        "split). -1: all remaining devices.")
+    ici_tensor_parallelism: int = key(
+        1, "Devices on the tensor axis (heads and MLP sharded). -1: all remaining devices.")
+    logical_axis_rules: list = key(
+        DEFAULT_LOGICAL_AXIS_RULES, "Logical axis -> mesh axes. A dimension whose size the "
+        "mesh axes do not divide is replicated instead.")
+
+    # ----------------------------------------------------------------- data
+    hf_path: str = key(
+        "", "Hugging Face dataset: a hub name (streamed), 'json'/'parquet'/'csv' with "
+        "hf_data_files, or a local directory saved with save_to_disk.", section="Data")
+    hf_name: str | None = key(None, "Dataset config name on the hub (load_dataset's name).")
+    hf_data_files: str | list | None = key(
+        None, "Data file(s) for hf_path=json/parquet/csv; a path, glob or list.")
+    hf_eval_files: str | list | None = key(
+        None, "Eval file(s) for hf_path=json/parquet/csv, when the eval split is a separate "
+        "file.")
+    train_split: str = key("train", "Split used for training.")
+    eval_split: str | None = key(None, "Split used for evaluation (null: no eval data).")
+    train_data_columns: list | None = key(
+        None, "Columns to read, e.g. ['messages'] or ['instruction','input','output']. "
+        "null: detected from data_format.")
+    data_format: str = key(
+        "auto", "Row format: messages ({role, content} lists), alpaca (instruction/input/"
+        "output), text (raw text for continued pretraining), or auto (from the columns).",
+        choices=("auto", "messages", "alpaca", "text"))
+    tokenizer_path: str = key("", "Hugging Face tokenizer directory (with a chat template for "
+                              "chat formats).")
+    max_target_length: int = key(2048, "Tokens per training sequence; longer examples are "
+                                 "truncated.", minimum=2)
+    packing: bool = key(True, "Pack several examples into each sequence (segment ids keep them "
+                        "from attending to each other).")
+    sft_train_on_completion_only: bool = key(
+        True, "Train only on assistant tokens (prompt, system and user tokens are masked).")
+    shuffle_seed: int = key(0, "Seed of the data order.")
+    num_epochs: int | None = key(None, "Passes over the training data; null: repeat until "
+                                 "`steps`.", minimum=1)
+    demo_task: str = key(
+        "", "Embedded demo: 'arithmetic' generates a tokenizer and a chat data set under "
+        "base_output_directory/demo_assets and reports exact-match answers before and after "
+        "training.", choices=("", "arithmetic"))
+
+    # ------------------------------------------------------------- training
+    steps: int = key(1000, "Optimizer steps to train for.", minimum=1, section="Training")
+    global_batch_size: int = key(
+        8, "Sequences per optimizer step (after packing), summed over accumulation steps.",
+        minimum=1)
+    gradient_accumulation_steps: int = key(
+        1, "Micro-batches per optimizer step; the loss is normalised over all tokens of the "
+        "step.", minimum=1)
+    learning_rate: float = key(2e-5, "Peak learning rate.", minimum=0)
+    warmup_steps_fraction: float = key(0.05, "Fraction of steps of linear warmup.", minimum=0)
+    learning_rate_final_fraction: float = key(
+        0.1, "Final learning rate as a fraction of the peak (cosine decay).", minimum=0)
+    adam_b1: float = key(0.9, "AdamW beta1.", minimum=0)
+    adam_b2: float = key(0.95, "AdamW beta2.", minimum=0)
+    adam_eps: float = key(1e-8, "AdamW epsilon.", minimum=0)
+    adam_weight_decay: float = key(0.0, "AdamW decoupled weight decay.", minimum=0)
+    gradient_clipping_threshold: float = key(1.0, "Clip gradients to this global norm (0: "
+                                             "off).", minimum=0)
+    eval_interval: int = key(0, "Evaluate every this many steps (0: only when a run ends).",
+                             minimum=0)
+    eval_steps: int | None = key(None, "Eval batches per evaluation (null: the whole eval "
+                                 "split).", minimum=1)
+    peak_tflops: float | None = key(
+        None, "Peak TFLOP/s per device for MFU. null: the chip's published bf16 peak (TPU/GPU) "
+        "or a matmul measured at start (CPU).", minimum=0)
+
+    # ---------------------------------------------------------- checkpoints
+    enable_checkpointing: bool = key(True, "Write Orbax checkpoints under run_name/checkpoints.",
+                                     section="Checkpoints")
+    checkpoint_period: int = key(500, "Save a checkpoint every this many steps (and at the end).",
+                                 minimum=1)
+    max_num_checkpoints_to_keep: int = key(3, "Older checkpoints are deleted.", minimum=1)
+    async_checkpointing: bool = key(True, "Write checkpoints in the background.")
+
+    # ------------------------------------------------------------- profiler
+    profiler: str = key("", "'xplane' captures a trace for TensorBoard's profile plugin.",
+                        choices=("", "xplane"), section="Profiler")
+    skip_first_n_steps_for_profiler: int = key(2, "Steps to run before the trace starts "
+                                               "(skips compilation).", minimum=0)
+    profiler_steps: int = key(3, "Steps captured in the trace.", minimum=1)
+
+    # ----------------------------------------------------------- generation
+    prompt: str = key("", "User message for `python -m tpusft.generate` (the chat template is "
+                      "applied).", section="Generation")
+    max_prefill_length: int = key(256, "Prompt tokens reserved in the KV cache.", minimum=1)
+    max_decode_length: int = key(64, "New tokens to generate.", minimum=1)
+    decode_temperature: float = key(0.0, "Sampling temperature; 0 is greedy.", minimum=0)
+    decode_top_k: int = key(0, "Sample from the k most likely tokens (0: all).", minimum=0)
+
+    # ------------------------------------------------------- derived paths
+    # Set by the loader, not by the user.
+    run_directory: str = field(default="", metadata={"derived": True})
+    checkpoint_directory: str = field(default="", metadata={"derived": True})
+    tensorboard_directory: str = field(default="", metadata={"derived": True})
+    profile_directory: str = field(default="", metadata={"derived": True})
+
+    def to_dict(self, include_derived: bool = True) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if not include_derived:
+            for f in dataclasses.fields(self):
+                if f.metadata.get("derived"):
+                    out.pop(f.name)
+        return out
+
+
+# Keys a model preset may set.
+MODEL_KEYS = (
+    "model_family", "vocab_size", "base_emb_dim", "base_num_decoder_layers",
+    "base_num_query_heads", "base_num_kv_heads", "head_dim", "base_mlp_dim",
+    "normalization_layer_epsilon", "rope_max_timescale", "rope_type", "rope_scaling_factor",
+    "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position",
+    "logits_via_embedding",
+)
+
+
+def user_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if not f.metadata.get("derived")]

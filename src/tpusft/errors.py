@@ -1,0 +1,40 @@
+"""User-facing errors and the CLI wrapper that turns them into one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (config, paths, data); shown as one line."""
+
+
+class ConfigError(UserError):
+    """An invalid config file, key or value."""
+
+
+class DataError(UserError):
+    """A missing, empty or malformed data set, column or tokenizer."""
+
+
+class CheckpointError(UserError):
+    """A missing or incompatible checkpoint."""
+
+
+def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
+    """Runs `main(argv)`; a UserError prints `error: ...` and exits 2 unless --debug is given."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        code = main(args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,91 @@
+"""The device mesh and the logical-axis rules that map named tensor axes onto it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tpusft.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """Resolves one -1 to the remaining devices and checks the product."""
+    dims = [data, fsdp, tensor]
+    known = math.prod(d for d in dims if d != -1)
+    if -1 in dims:
+        if num_devices % known:
+            raise ConfigError(f"{num_devices} devices cannot be split by the fixed "
+                              f"ici_*_parallelism product {known}")
+        dims[dims.index(-1)] = num_devices // known
+    if math.prod(dims) != num_devices:
+        raise ConfigError(
+            f"ici_data_parallelism * ici_fsdp_parallelism * ici_tensor_parallelism = "
+            f"{math.prod(dims)} but there are {num_devices} devices; make the product equal "
+            f"or set one of them to -1")
+    return tuple(dims)  # type: ignore[return-value]
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    # Auto axis types: Tunix's sharding calls fail under jax 0.10's default Explicit axes.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+@dataclass(frozen=True)
+class AxisRules:
+    """Logical axis name -> mesh axes, with the mesh sizes needed to check divisibility."""
+
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+    axis_sizes: tuple[tuple[str, int], ...]
+    mesh: Mesh | None = None
+
+    @classmethod
+    def create(cls, rules: Sequence, mesh: Mesh) -> AxisRules:
+        parsed = []
+        for entry in rules:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ConfigError(f"logical_axis_rules entry {entry!r} must be [name, mesh_axes]")
+            name, axes = entry
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            for a in axes:
+                if a not in MESH_AXES:
+                    raise ConfigError(f"logical_axis_rules: {name!r} maps to unknown mesh axis "
+                                      f"{a!r}; mesh axes are {', '.join(MESH_AXES)}")
+            parsed.append((name, axes))
+        return cls(tuple(parsed), tuple(mesh.shape.items()), mesh)
+
+    def spec(self, logical: Sequence[str | None], shape: Sequence[int] | None = None
+             ) -> PartitionSpec:
+        """PartitionSpec for a tensor with these logical axes. A dimension that its mesh axes
+        do not divide, or whose mesh axes another dimension already uses, is replicated."""
+        table = dict(self.rules)
+        sizes = dict(self.axis_sizes)
+        used: set[str] = set()
+        out = []
+        for i, name in enumerate(logical):
+            axes = tuple(a for a in table.get(name, ()) if sizes.get(a, 1) > 1) if name else ()
+            n = math.prod(sizes[a] for a in axes)
+            if (not axes or used & set(axes)
+                    or (shape is not None and shape[i] % n)):
+                out.append(None)
+                continue
+            used |= set(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*out)
+
+
+def constrain(x: jax.Array, rules: AxisRules | None, logical: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical axes; a no-op without rules or on one device."""
+    if rules is None or rules.mesh is None or all(s == 1 for _, s in rules.axis_sizes):
+        return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(rules.mesh, rules.spec(logical, x.shape)))
