@@ -1,0 +1,104 @@
+"""Reading parameters from native (MaxText-layout) Orbax checkpoints.
+
+Accepted forms of `load_parameters_path`:
+  * a converted/MaxText checkpoint: `<dir>` holding `0/items` (or `<dir>/items`, or the items
+    directory itself), tree `params/params/{token_embedder, decoder}`;
+  * a training run's checkpoint step `<run>/checkpoints/<step>` (Tunix's `model_params` item,
+    the same tree with each leaf stored as `<leaf>/value`);
+  * a training run's `<run>/checkpoints` directory: its latest step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from tpusft.errors import CheckpointError
+
+
+def _is_step_dir(p: epath.Path) -> bool:
+    return p.name.isdigit() and p.is_dir()
+
+
+def resolve(path: str) -> tuple[epath.Path, str]:
+    """(directory of the parameter PyTree, 'maxtext' | 'training')."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise CheckpointError(f"load_parameters_path={path!r} does not exist; point it at a "
+                              f"converted checkpoint or a run's checkpoints/ directory")
+    if (p / "model_params").is_dir():
+        return p / "model_params", "training"
+    if (p / "items").is_dir():
+        return p / "items", "maxtext"
+    if (p / "0" / "items").is_dir():
+        return p / "0" / "items", "maxtext"
+    if (p / "_METADATA").exists() or (p / "_sharding").exists():
+        return p, "maxtext"
+    steps = sorted((q for q in p.iterdir() if _is_step_dir(q)), key=lambda q: int(q.name))
+    for step in reversed(steps):
+        if (step / "model_params").is_dir():
+            return step / "model_params", "training"
+        if (step / "items").is_dir():
+            return step / "items", "maxtext"
+    raise CheckpointError(f"{path!r} is not a native checkpoint (no items/, 0/items/, "
+                          f"model_params/ or numbered step directories inside)")
+
+
+def _flatten_shapes(tree: Any) -> dict[str, tuple]:
+    flat = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in keypath)
+        shape = getattr(leaf, "shape", None)
+        flat[name] = tuple(shape) if shape is not None else None
+    return flat
+
+
+def restore_params(model: nnx.Module, path: str) -> str:
+    """Loads parameters into `model` (keeping its shardings); returns the directory read."""
+    items, kind = resolve(path)
+    items = items.absolute() if "://" not in str(items) else items
+    params = nnx.state(model, nnx.Param)
+    pure = params.to_pure_dict()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pure)
+    if kind == "training":
+        target = jax.tree.map(lambda x: {"value": x}, abstract)
+    else:
+        target = {"params": {"params": abstract}}
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        meta = checkpointer.metadata(items)
+    except Exception as e:  # orbax raises several types for unreadable metadata
+        raise CheckpointError(f"cannot read checkpoint metadata in {items}: {e}") from None
+    tree = getattr(getattr(meta, "item_metadata", None), "tree", None) or meta
+    have = _flatten_shapes(tree)
+    want = _flatten_shapes(target)
+    missing = [k for k in want if k not in have]
+    if missing:
+        scanned_model = any("/layers/" in k for k in want)
+        unscanned_ckpt = any("/layers_0/" in k for k in have)
+        if scanned_model and unscanned_ckpt:
+            raise CheckpointError(f"{path} holds unscanned layers (layers_0, ...); set "
+                                  f"scan_layers=false or convert it with scan_layers")
+        if not scanned_model and any("/layers/" in k for k in have):
+            raise CheckpointError(f"{path} holds scanned layers; set scan_layers=true")
+        raise CheckpointError(f"{path} does not match the model: missing {missing[0]} "
+                              f"(and {len(missing) - 1} more); check model_name")
+    for k, shape in want.items():
+        if have[k] is not None and tuple(have[k]) != shape:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(have[k])} but model_name "
+                                  f"expects {shape}; check model_name and the preset")
+
+    restored = checkpointer.restore(items, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    values = restored["params"]["params"] if kind == "maxtext" else jax.tree.map(
+        lambda d: d["value"], restored, is_leaf=lambda d: isinstance(d, dict) and "value" in d)
+    nnx.replace_by_pure_dict(params, values)
+    nnx.update(model, params)
+    return str(items)

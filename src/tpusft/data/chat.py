@@ -1,0 +1,91 @@
+"""Chat template rendering with a loss mask computed on token ids.
+
+The template is rendered as text; the character spans of every assistant turn (its content
+and the template's end-of-turn marker) are found by rendering growing prefixes of the
+conversation; the full text is tokenized once with offsets, and a token is trained when its
+characters fall inside an assistant span. This works for any template, with or without
+`{% generation %}` tags, and never splits a token at a turn boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tpusft.errors import DataError
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray      # int32 [n]
+    trained: np.ndarray  # bool [n]: this token is a training target
+
+
+class TemplateMismatch(ValueError):
+    """Rendering a conversation prefix did not give a prefix of the whole rendering."""
+
+
+def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character spans of assistant turns."""
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(through) or not through.startswith(before):
+            raise TemplateMismatch(
+                f"the chat template renders turn {i} differently once later turns follow")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], completion_only: bool = True) -> Encoded:
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    if not completion_only:
+        return Encoded(ids, np.ones(len(ids), bool))
+    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    trained = np.zeros(len(ids), bool)
+    for start, end in spans:
+        # A token belongs to the span when it ends inside it (covers tokens that start at
+        # the span's first character and special tokens with zero-width offsets inside it).
+        trained |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+    return Encoded(ids, trained)
+
+
+def encode_text(tokenizer, text: str) -> Encoded:
+    """Raw text for continued pretraining: BOS/EOS from the tokenizer, every token trained."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = list(ids) + [tokenizer.eos_token_id]
+    ids = np.asarray(ids, np.int32)
+    return Encoded(ids, np.ones(len(ids), bool))
+
+
+def load_tokenizer(path: str):
+    """A Hugging Face tokenizer from a local directory (or hub id when online)."""
+    from transformers import AutoTokenizer
+
+    if not path:
+        raise DataError("tokenizer_path is empty; set it to a Hugging Face tokenizer directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load a tokenizer from tokenizer_path={path!r}: {first[:200]} "
+                        f"(point it at a directory with tokenizer.json / tokenizer_config.json)"
+                        ) from None
+    if not getattr(tok, "is_fast", False):
+        raise DataError(f"tokenizer at {path!r} is not a fast tokenizer; tpusft needs "
+                        f"tokenizer.json (offsets are used to build loss masks)")
+    return tok

@@ -1,0 +1,95 @@
+"""The embedded demo: a character-level chat tokenizer and an addition data set, generated
+locally and deterministically, so a first run needs no network and no download."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SPECIAL = ["<pad>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+           "<|end_header_id|>", "<|eot_id|>", "<unk>"]
+CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz +-=?.,:\n")
+
+# Llama 3's chat layout, without the date preamble.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{{ message['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+
+TRAIN_ROWS = 20000
+EVAL_ROWS = 256
+MAX_OPERAND = 50
+
+
+def build_tokenizer(out_dir: Path) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(SPECIAL)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+def _rows(pairs: list[tuple[int, int]]) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"{a}+{b}="},
+                          {"role": "assistant", "content": str(a + b)}]} for a, b in pairs]
+
+
+def build_data(out_dir: Path, seed: int = 1234) -> None:
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
+    rng.shuffle(pairs)
+    held_out, train_pairs = pairs[:EVAL_ROWS], pairs[EVAL_ROWS:]
+    train = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(TRAIN_ROWS)]
+    for name, rows in (("train.jsonl", _rows(train)), ("eval.jsonl", _rows(held_out))):
+        with open(out_dir / name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def ensure_assets(base_output_directory: str) -> Path:
+    """Creates (once) base_output_directory/demo_assets/arithmetic/{tokenizer,*.jsonl}."""
+    if "://" in base_output_directory:
+        root = Path.home() / ".cache" / "tpusft" / "demo_assets" / "arithmetic"
+    else:
+        root = Path(base_output_directory) / "demo_assets" / "arithmetic"
+    done = root / ".complete"
+    if not done.exists():
+        (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+        build_tokenizer(root / "tokenizer")
+        build_data(root)
+        done.write_text("ok\n")
+    return root
+
+
+def apply_to_config(cfg) -> None:
+    """Points an arithmetic-demo config at the generated assets (explicit settings win)."""
+    root = ensure_assets(cfg.base_output_directory)
+    cfg.tokenizer_path = cfg.tokenizer_path or str(root / "tokenizer")
+    if not cfg.hf_path:
+        cfg.hf_path = "json"
+        cfg.hf_data_files = str(root / "train.jsonl")
+        cfg.hf_eval_files = cfg.hf_eval_files or str(root / "eval.jsonl")
+
+
+def held_out_problems(cfg, limit: int) -> list[tuple[str, str]]:
+    """(user prompt, expected answer) pairs from the held-out file."""
+    root = ensure_assets(cfg.base_output_directory)
+    out = []
+    with open(root / "eval.jsonl") as f:
+        for line in f:
+            msgs = json.loads(line)["messages"]
+            out.append((msgs[0]["content"], msgs[1]["content"]))
+            if len(out) == limit:
+                break
+    return out

@@ -1,0 +1,138 @@
+"""Supervised fine-tuning and continued pretraining.
+
+    python -m tpusft.train_sft configs/sft.yml key=value ...
+
+The whole run, top to bottom: config -> tokenizer and data -> mesh and model -> Tunix trainer
+(restored from run_name's last checkpoint if there is one) -> train -> loss curve.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # tpusft prints its own progress line
+
+
+def main(argv: Sequence[str]) -> int:
+    from tpusft.config import load_config, resolved_yaml
+
+    cfg = load_config(argv)
+    if cfg.print_config:
+        sys.stdout.write(resolved_yaml(cfg))
+        return 0
+
+    import jax
+    from etils import epath
+
+    from tpusft.checkpoint.native import restore_params
+    from tpusft.data import pipeline
+    from tpusft.data.chat import load_tokenizer
+    from tpusft.demo import arithmetic
+    from tpusft.models.decoder import ModelArgs, create_model
+    from tpusft.models.sharding import make_mesh
+    from tpusft.training import trainer as trainer_lib
+    from tpusft.training.metrics import (JsonlWriter, peak_tflops_per_device,
+                                         training_flops_per_token, write_loss_curve)
+    from tpusft.training.optimizer import make_optimizer
+    from tpusft.training.setup import check_batch, check_vocab, existing_checkpoint
+
+    warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
+    if cfg.demo_task:
+        arithmetic.apply_to_config(cfg)
+
+    # ---- data
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    check_vocab(cfg, tokenizer)
+    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
+                     cfg.ici_tensor_parallelism)
+    check_batch(cfg, mesh)
+    train_ds, stats = pipeline.build_dataset(pipeline.data_spec(cfg, train=True), tokenizer,
+                                             cfg.global_batch_size, train=True)
+    pipeline.first_batch_or_error(train_ds, stats, "training")
+    eval_ds = None
+    if pipeline.has_eval_data(cfg):
+        eval_ds, _ = pipeline.build_dataset(pipeline.data_spec(cfg, train=False), tokenizer,
+                                            cfg.global_batch_size // cfg.gradient_accumulation_steps,
+                                            train=False)
+        pipeline.first_batch_or_error(eval_ds, None, "eval")
+
+    # ---- model
+    args = ModelArgs.from_config(cfg)
+    out = epath.Path(cfg.run_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yml").write_text(resolved_yaml(cfg))
+    with mesh:
+        model = create_model(args, mesh, cfg.logical_axis_rules, cfg.seed)
+        resuming = existing_checkpoint(cfg)
+        if cfg.load_parameters_path and not resuming:
+            read = restore_params(model, cfg.load_parameters_path)
+            print(f"loaded parameters from {read}")
+
+        feeder = trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
+                                         cfg.eval_steps)
+        trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
+        start = trainer.train_steps
+
+        peak, peak_source = peak_tflops_per_device(cfg.peak_tflops, cfg.dtype)
+        flops_per_token = training_flops_per_token(args, cfg.max_target_length)
+        print(f"tpusft SFT | run {cfg.run_directory}")
+        print(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
+              f"{args.num_layers} layers{' (scanned)' if args.scan_layers else ''}, "
+              f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {cfg.remat_policy}")
+        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+              f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source})")
+        print(f"batch {cfg.global_batch_size} x {cfg.max_target_length} tokens"
+              f"{f' ({cfg.gradient_accumulation_steps} micro-batches)' if cfg.gradient_accumulation_steps > 1 else ''}"
+              f", packing {'on' if cfg.packing else 'off'}, {cfg.steps} steps")
+        if start:
+            print(f"resuming from step {start} (checkpoint in {cfg.checkpoint_directory})")
+
+        demo_before = None
+        if cfg.demo_task and start == 0:
+            demo_before = _demo_score(model, tokenizer, cfg, "before training")
+
+        progress = trainer_lib.Progress(
+            feeder, cfg.steps, cfg.log_period, flops_per_token,
+            peak * 1e12 * jax.device_count(), JsonlWriter(str(out / "metrics.jsonl")))
+        trainer.with_training_hooks(progress)
+        if start < cfg.steps:
+            trainer.train([], [None] if eval_ds is not None else None)
+        else:
+            trainer.close()
+            print(f"run already complete at step {start}; nothing to train")
+
+        if cfg.demo_task:
+            after = _demo_score(model, tokenizer, cfg, "after training", show=8)
+            if demo_before is not None:
+                print(f"exact match: {100 * demo_before:.1f}% before training -> "
+                      f"{100 * after:.1f}% after")
+
+    if stats.dropped or stats.truncated:
+        print(f"data: {stats.dropped} rows dropped ({stats.dropped_example}), "
+              f"{stats.truncated} truncated to max_target_length")
+    png = str(out / "loss_curve.png")
+    if write_loss_curve(str(out / "metrics.jsonl"), png, f"tpusft SFT: {cfg.run_name}"):
+        print(f"loss curve: {png}")
+    print(f"checkpoints: {cfg.checkpoint_directory}\ntensorboard: {cfg.tensorboard_directory}")
+    return 0
+
+
+def _demo_score(model, tokenizer, cfg, when: str, show: int = 0) -> float:
+    from tpusft.demo import arithmetic, evaluate
+
+    problems = arithmetic.held_out_problems(cfg, limit=128)
+    score, rows = evaluate.exact_match(model, tokenizer, problems)
+    print(f"held-out exact match {when}: {100 * score:.1f}% of {len(rows)}")
+    for prompt, want, got in rows[:show]:
+        print(f"  {prompt:<8} expected {want:<4} generated {got!r:<8} "
+              f"{'ok' if want == got else 'wrong'}")
+    return score
+
+
+if __name__ == "__main__":
+    from tpusft.errors import run_cli
+
+    run_cli(main)

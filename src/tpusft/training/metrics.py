@@ -1,0 +1,119 @@
+"""Throughput, MFU, the console progress line, metrics.jsonl and the loss-curve PNG."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+# Published dense bf16 peak TFLOP/s per chip (device_kind substring -> peak).
+PUBLISHED_PEAK_TFLOPS = {
+    "TPU v6": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+    "TPU v5": 459.0, "TPU v4": 275.0, "TPU v3": 123.0,
+    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0,
+}
+
+
+def training_flops_per_token(args: Any, seq_len: int) -> float:
+    """6 x matmul parameters (forward + backward), plus causal attention scores."""
+    matmul_params = args.num_params() - args.vocab_size * args.emb_dim * (
+        0 if args.tie_embeddings else 1)
+    attention = 6 * args.num_layers * args.num_heads * args.head_dim * seq_len
+    return 6.0 * matmul_params + attention
+
+
+def measure_matmul_tflops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """Peak of this device measured by a large matmul in the compute dtype."""
+    a = jnp.ones((n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e12
+
+
+def peak_tflops_per_device(configured: float | None, dtype: str) -> tuple[float, str]:
+    if configured:
+        return configured, "configured"
+    kind = jax.devices()[0].device_kind
+    for name, peak in PUBLISHED_PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return peak, f"published peak of {kind}"
+    return measure_matmul_tflops(dtype), f"measured {dtype} matmul on {kind}"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class JsonlWriter:
+    """Appends one JSON object per line to run_directory/metrics.jsonl (local or gs://)."""
+
+    def __init__(self, path: str):
+        self.path = epath.Path(path)
+        self._buffer: list[str] = []
+
+    def write(self, record: dict) -> None:
+        self._buffer.append(json.dumps(record))
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        old = self.path.read_text() if self.path.exists() else ""
+        self.path.write_text(old + "\n".join(self._buffer) + "\n")
+        self._buffer = []
+
+
+def read_jsonl(path: str) -> list[dict]:
+    p = epath.Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def last_per_step(records: list[dict], kind: str, key: str) -> dict[int, float]:
+    """step -> value, keeping the last record of each step (a resumed run repeats steps)."""
+    out: dict[int, float] = {}
+    for r in records:
+        if r.get("kind") == kind and key in r:
+            out[int(r["step"])] = float(r[key])
+    return dict(sorted(out.items()))
+
+
+def write_loss_curve(jsonl_path: str, png_path: str, title: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(jsonl_path)
+    train = last_per_step(records, "train", "loss")
+    evals = last_per_step(records, "eval", "loss")
+    if not train:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(list(train), list(train.values()), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(list(evals), list(evals.values()), "o-", label="eval loss", ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    epath.Path(png_path).write_bytes(buf.getvalue())
+    return True

@@ -1,0 +1,29 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping (optax)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+
+def learning_rate_schedule(cfg: Any) -> optax.Schedule:
+    warmup = int(round(cfg.warmup_steps_fraction * cfg.steps))
+    peak, final = cfg.learning_rate, cfg.learning_rate * cfg.learning_rate_final_fraction
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else peak, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1), end_value=final)
+
+
+def make_optimizer(cfg: Any) -> optax.GradientTransformation:
+    """inject_hyperparams makes the learning rate visible to Tunix's metrics."""
+
+    def chain(learning_rate):
+        parts = []
+        if cfg.gradient_clipping_threshold > 0:
+            parts.append(optax.clip_by_global_norm(cfg.gradient_clipping_threshold))
+        parts.append(optax.adamw(learning_rate, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                                 weight_decay=cfg.adam_weight_decay))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(chain)(learning_rate=learning_rate_schedule(cfg))

@@ -1,0 +1,225 @@
+"""The one place tpusft talks to Tunix's SFT trainer.
+
+Tunix's PeftTrainer runs the loop (jit, gradient accumulation, eval, TensorBoard metrics,
+profiler, Orbax checkpoints). tpusft adds, through Tunix's own hooks:
+  * BatchFeeder (DataHooks): feeds grain batches, splits each optimizer step into micro-
+    batches with one loss denominator, and exposes grain's iterator state;
+  * the data-iterator state stored in every checkpoint's custom metadata and restored on
+    resume, so a resumed run continues at the exact data position;
+  * Progress (TrainingHooks): tokens/s, MFU, ETA, metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tunix.sft import hooks as tunix_hooks
+from tunix.sft import metrics_logger as tunix_metrics
+from tunix.sft import peft_trainer
+from tunix.sft import profiler as tunix_profiler
+
+from tpusft.models.sharding import BATCH_AXES
+from tpusft.training import loss as loss_lib
+from tpusft.training.metrics import JsonlWriter, format_duration
+
+DATA_STATE_KEY = "tpusft_data_state"
+
+
+class BatchFeeder(tunix_hooks.DataHooks):
+    """Pulls one optimizer step's batch from grain and hands it out as micro-batches."""
+
+    def __init__(self, train_dataset, accumulation: int, eval_dataset=None,
+                 eval_steps: int | None = None):
+        self._train_iter = iter(train_dataset)
+        self._accumulation = accumulation
+        self._pending: list[dict] = []
+        self._eval_dataset = eval_dataset
+        self._eval_steps = eval_steps
+        self._eval_iter = None
+        self._eval_count = 0
+        self.step_tokens: list[int] = []  # non-padding tokens of each optimizer step, in order
+
+    # -- train
+    def load_next_train_batch(self, train_ctx) -> dict | None:
+        if not self._pending:
+            try:
+                group = next(self._train_iter)
+            except StopIteration:
+                return None
+            n = len(group["inputs"]) // self._accumulation
+            micro = [{k: v[i * n:(i + 1) * n] for k, v in group.items()}
+                     for i in range(self._accumulation)]
+            self._pending = loss_lib.add_loss_denominators(micro)
+            self.step_tokens.append(int(np.count_nonzero(group["segment_ids"])))
+        return self._pending.pop(0)
+
+    def get_state(self) -> dict:
+        return self._train_iter.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._train_iter.set_state(state)
+        self._pending = []
+
+    # -- eval: one pass per evaluation (or eval_steps batches)
+    def load_next_eval_batch(self, train_ctx) -> dict | None:
+        if self._eval_dataset is None:
+            return None
+        if self._eval_iter is None:
+            self._eval_iter = iter(self._eval_dataset)
+            self._eval_count = 0
+        if self._eval_steps is not None and self._eval_count >= self._eval_steps:
+            batch = None
+        else:
+            batch = next(self._eval_iter, None)
+        if batch is None:
+            self._eval_iter = None
+            return None
+        self._eval_count += 1
+        return loss_lib.add_loss_denominators([batch])[0]
+
+
+class Progress(tunix_hooks.TrainingHooks):
+    """A progress line every `log_period` steps; tokens/s, MFU and step time to TensorBoard
+    and metrics.jsonl."""
+
+    def __init__(self, feeder: BatchFeeder, total_steps: int, log_period: int,
+                 flops_per_token: float, peak_flops_total: float, jsonl: JsonlWriter,
+                 print_fn=print):
+        self.feeder, self.total_steps, self.log_period = feeder, total_steps, log_period
+        self.flops_per_token, self.peak = flops_per_token, peak_flops_total
+        self.jsonl, self.print = jsonl, print_fn
+        self._first_step: int | None = None
+        self._window_start = None
+        self._window_tokens = 0
+        self._window_steps = 0
+        self._steady_time = 0.0
+        self._steady_steps = 0
+        self._last_time = None
+        self.history: list[tuple[int, float]] = []
+
+    def on_train_start(self, train_ctx):
+        self._first_step = train_ctx.train_steps
+        self._last_time = time.perf_counter()
+
+    def on_train_step_end(self, train_ctx, train_step, train_loss):
+        # Tunix reports step `train_step` one step late (it overlaps logging with the next
+        # step), so timing is measured between consecutive reports.
+        now = time.perf_counter()
+        step = int(train_step)
+        index = step - 1 - (self._first_step or 0)
+        tokens = self.feeder.step_tokens[index] if 0 <= index < len(self.feeder.step_tokens) else 0
+        dt = now - self._last_time
+        self._last_time = now
+        loss = float(train_loss)
+        self.history.append((step, loss))
+        first_of_run = step == (self._first_step or 0) + 1
+        if not first_of_run:  # the first report includes compilation
+            self._steady_time += dt
+            self._steady_steps += 1
+            self._window_tokens += tokens
+            self._window_steps += 1
+        record = {"kind": "train", "step": step, "loss": loss}
+        lr = train_ctx._try_get_learning_rate()  # noqa: SLF001 - Tunix exposes no public getter
+        if lr is not None:
+            record["learning_rate"] = float(jax.device_get(lr))
+        if step % self.log_period == 0 or step == self.total_steps or first_of_run:
+            window_time = now - self._window_start if self._window_start else None
+            if self._window_steps and window_time:
+                tps = self._window_tokens / window_time
+                mfu = tps * self.flops_per_token / self.peak if self.peak else 0.0
+                step_time = window_time / self._window_steps
+                record.update(tokens_per_s=tps, mfu=mfu, step_time_s=step_time)
+                for name, value in (("tokens_per_sec", tps), ("mfu", mfu),
+                                    ("step_time_sec", step_time)):
+                    train_ctx.metrics_logger.log("", name, value, tunix_metrics.Mode.TRAIN, step)
+                eta = format_duration(step_time * (self.total_steps - step))
+                self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
+                           f"lr {record.get('learning_rate', 0):.2e} | {tps:,.0f} tokens/s | "
+                           f"MFU {100 * mfu:.1f}% | {1000 * step_time:.0f} ms/step | ETA {eta}",
+                           flush=True)
+            else:
+                self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
+                           f"first step (compilation) {dt:.1f} s", flush=True)
+            self._window_start, self._window_tokens, self._window_steps = now, 0, 0
+            self.jsonl.flush()
+        self.jsonl.write(record)
+
+    def on_train_end(self, train_ctx):
+        self.jsonl.flush()
+
+    def on_train_step_start(self, train_ctx):
+        pass
+
+    def on_eval_step_start(self, train_ctx):
+        pass
+
+    def on_eval_step_end(self, train_ctx, eval_loss):
+        loss = float(train_ctx.metrics_logger.get_metric("", "loss", "eval"))
+        step = train_ctx.train_steps
+        self.jsonl.write({"kind": "eval", "step": step, "loss": loss})
+        self.jsonl.flush()
+        self.print(f"eval at step {step}: loss {loss:.4f} | perplexity {np.exp(loss):.3f}",
+                   flush=True)
+
+
+class SftTrainer(peft_trainer.PeftTrainer):
+    """PeftTrainer whose checkpoints also carry the data iterator's state."""
+
+    feeder: BatchFeeder | None = None
+
+    def custom_checkpoint_metadata(self) -> dict[str, Any]:
+        if self.feeder is None:
+            return {}
+        return {DATA_STATE_KEY: self.feeder.get_state()}
+
+    @property
+    def restored_metadata(self) -> dict[str, Any]:
+        return self._restored_custom_metadata or {}
+
+
+def training_config(cfg: Any) -> peft_trainer.TrainingConfig:
+    checkpointing = None
+    if cfg.enable_checkpointing:
+        checkpointing = ocp.CheckpointManagerOptions(
+            save_interval_steps=cfg.checkpoint_period, save_on_steps=[cfg.steps],
+            max_to_keep=cfg.max_num_checkpoints_to_keep,
+            enable_async_checkpointing=cfg.async_checkpointing, create=True)
+    profiler = None
+    if cfg.profiler == "xplane":
+        profiler = tunix_profiler.ProfilerOptions(
+            log_dir=cfg.profile_directory, skip_first_n_steps=cfg.skip_first_n_steps_for_profiler
+            * cfg.gradient_accumulation_steps,
+            profiler_steps=cfg.profiler_steps * cfg.gradient_accumulation_steps)
+    return peft_trainer.TrainingConfig(
+        eval_every_n_steps=cfg.eval_interval or cfg.steps,
+        max_steps=cfg.steps,
+        gradient_accumulation_steps=(cfg.gradient_accumulation_steps
+                                     if cfg.gradient_accumulation_steps > 1 else None),
+        checkpoint_root_directory=cfg.checkpoint_directory if cfg.enable_checkpointing else None,
+        checkpointing_options=checkpointing,
+        metrics_logging_options=tunix_metrics.MetricsLoggerOptions(
+            log_dir=cfg.tensorboard_directory, flush_every_n_steps=cfg.log_period),
+        profiler_options=profiler,
+        data_sharding_axis=(BATCH_AXES,),
+        metrics_prefix="",
+        pbar_description=None,
+    )
+
+
+def build_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cfg: Any,
+                  feeder: BatchFeeder) -> SftTrainer:
+    """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
+    trainer = SftTrainer(model, optimizer, training_config(cfg))
+    trainer.with_loss_fn(loss_lib.sft_loss).with_gen_model_input_fn(lambda batch: batch)
+    trainer.with_data_hooks(feeder)
+    trainer.feeder = feeder
+    state = trainer.restored_metadata.get(DATA_STATE_KEY)
+    if state is not None:
+        feeder.set_state(state)
+    return trainer
