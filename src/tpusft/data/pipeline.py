@@ -234,7 +234,9 @@ def build_dataset(spec: DataSpec, tokenizer, batch_size: int, *, train: bool,
         ds = grain.MapDataset.source(source)
         if train:
             ds = ds.shuffle(seed=spec.seed).repeat(spec.num_epochs)
-        ds = ds.map(encoder).filter(lambda x: x is not None).to_iter_dataset()
+        # Few threads: on small hosts the default 16 fight the trainer for the GIL.
+        ds = ds.map(encoder).filter(lambda x: x is not None).to_iter_dataset(
+            grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size))
     else:
         if train:
             source = source.shuffle(seed=spec.seed, buffer_size=10_000)
@@ -244,7 +246,7 @@ def build_dataset(spec: DataSpec, tokenizer, batch_size: int, *, train: bool,
     if spec.packing:
         ds = grain_exp.FirstFitPackIterDataset(
             ds, length_struct={k: length for k in FEATURES},
-            num_packing_bins=max(2 * batch_size, 16), seed=spec.seed, shuffle_bins=train)
+            num_packing_bins=max(batch_size, 16), seed=spec.seed, shuffle_bins=train)
         ds = ds.map(_from_packed)
     else:
         ds = ds.map(lambda ex: _pad_example(ex, length))

@@ -1,0 +1,54 @@
+"""Sample from a checkpoint with the KV cache.
+
+    python -m tpusft.generate configs/demo/sft.yml load_parameters_path=runs/demo-sft/checkpoints \
+        prompt="12+30="
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv: Sequence[str]) -> int:
+    from tpusft.config import load_config
+    from tpusft.errors import ConfigError
+
+    cfg = load_config(argv)
+    if not cfg.prompt:
+        raise ConfigError('prompt is empty; pass prompt="your message"')
+    if not cfg.load_parameters_path:
+        raise ConfigError("load_parameters_path is empty; point it at a checkpoint (e.g. "
+                          "runs/<run_name>/checkpoints)")
+
+    from tpusft.checkpoint.native import restore_params
+    from tpusft.data.chat import load_tokenizer
+    from tpusft.demo import arithmetic, evaluate
+    from tpusft.models.decoder import ModelArgs, create_model
+    from tpusft.models.sharding import make_mesh
+
+    warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
+    if cfg.demo_task:
+        arithmetic.apply_to_config(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
+                     cfg.ici_tensor_parallelism)
+    with mesh:
+        model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, cfg.seed)
+        restore_params(model, cfg.load_parameters_path)
+        text = evaluate.answer(model, tokenizer, [cfg.prompt],
+                               max_new_tokens=cfg.max_decode_length,
+                               prefill_length=cfg.max_prefill_length,
+                               temperature=cfg.decode_temperature, top_k=cfg.decode_top_k,
+                               seed=cfg.seed)[0]
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    from tpusft.errors import run_cli
+
+    run_cli(main)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One idempotent install of tpusft into .venv (re-running it is cheap).
+#   bash tools/setup/setup.sh            # CPU
+#   bash tools/setup/setup.sh --tpu      # TPU VM (jax[tpu])
+#   bash tools/setup/setup.sh --cuda     # NVIDIA GPU (jax[cuda12])
+#   bash tools/setup/setup.sh --test     # add the test tools (combine with the above)
+# PYTHON=/path/to/python3.12 picks the interpreter; otherwise 3.12 is preferred, 3.11 accepted.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+extras=()
+for arg in "$@"; do
+  case "$arg" in
+    --tpu) extras+=(tpu) ;;
+    --cuda) extras+=(cuda) ;;
+    --test) extras+=(test) ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option $arg (use --tpu, --cuda, --test)" >&2; exit 2 ;;
+  esac
+done
+
+ok_version() { "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 12), (3, 11)) else 1)' 2>/dev/null; }
+find_python() {
+  local c
+  for c in "${PYTHON:-}" python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 \
+           /usr/bin/python3.12 python3.11 "$HOME"/.pyenv/versions/3.11*/bin/python3.11 python3; do
+    [ -n "$c" ] || continue
+    if command -v "$c" >/dev/null 2>&1 && ok_version "$c"; then echo "$c"; return 0; fi
+  done
+  return 1
+}
+
+if [ ! -x .venv/bin/python ] || ! ok_version .venv/bin/python; then
+  py=$(find_python) || { echo "setup.sh: no Python 3.12 or 3.11 found; set PYTHON=" >&2; exit 2; }
+  echo "creating .venv with $py ($("$py" --version))"
+  rm -rf .venv
+  "$py" -m venv .venv
+fi
+
+spec="."
+if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
+stamp=".venv/.tpusft-install"
+want="$(cat pyproject.toml | sha256sum | cut -c1-16) $spec"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "tpusft already installed in .venv ($spec)"
+else
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e "$spec"
+  echo "$want" > "$stamp"
+  echo "installed tpusft into .venv ($spec)"
+fi
+
+# tcmalloc removes most of glibc malloc's page faults in XLA's CPU runtime (faster steps);
+# the launcher preloads it when present. Optional: skipped without root or apt.
+if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 ||
+     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1)) ||
+      echo "note: libtcmalloc-minimal4 not installed (optional)"
+  fi
+fi
