@@ -62,7 +62,7 @@ def restore_params(model: nnx.Module, path: str) -> str:
     items, kind = resolve(path)
     items = items.absolute() if "://" not in str(items) else items
     params = nnx.state(model, nnx.Param)
-    pure = params.to_pure_dict()
+    pure = nnx.to_pure_dict(params)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pure)
     if kind == "training":

@@ -96,6 +96,11 @@ def coerce(name: str, value: Any, source: str) -> Any:
         return float(value)
     elif isinstance(value, str) and str in allowed:
         return value
+    elif isinstance(value, str) and float in allowed:
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     elif isinstance(value, list) and list in allowed:
         return value
     elif isinstance(value, dict) and dict in allowed:

@@ -253,6 +253,9 @@ def build_dataset(spec: DataSpec, tokenizer, batch_size: int, *, train: bool,
     ds = ds.batch(batch_size, drop_remainder=train)
     if not train:
         ds = ds.map(lambda b: _pad_batch(b, batch_size))
+    # Build the next batches in a background thread while the device computes; the iterator
+    # state still counts only the batches handed out.
+    ds = grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
     return ds, stats
 
 

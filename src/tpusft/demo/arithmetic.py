@@ -30,7 +30,7 @@ def build_tokenizer(out_dir: Path) -> None:
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tk.add_special_tokens(SPECIAL)
     fast = PreTrainedTokenizerFast(

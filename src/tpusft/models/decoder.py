@@ -261,7 +261,7 @@ class Transformer(nnx.Module):
 
         new_k, new_v = [], []
         if a.scan_layers:
-            stacked = nnx.state(self.decoder.layers, nnx.Param).to_pure_dict()
+            stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, nnx.Param))
             stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), stacked)
             xs = (stacked, (cache["k"], cache["v"]) if cache is not None else None)
 
@@ -275,7 +275,7 @@ class Transformer(nnx.Module):
                 new_k, new_v = kvs
         else:
             for i in range(a.num_layers):
-                p = nnx.state(getattr(self.decoder, f"layers_{i}"), nnx.Param).to_pure_dict()
+                p = nnx.to_pure_dict(nnx.state(getattr(self.decoder, f"layers_{i}"), nnx.Param))
                 kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
                 x, kv = body(x, p, kv)
                 if cache is not None:
