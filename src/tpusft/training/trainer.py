@@ -89,7 +89,7 @@ class Progress(tunix_hooks.TrainingHooks):
     and metrics.jsonl."""
 
     def __init__(self, feeder: BatchFeeder, total_steps: int, log_period: int,
-                 flops_per_token: float, peak_flops_total: float, jsonl: JsonlWriter,
+                 flops_per_token: float, peak_flops_total: float, jsonl: JsonlWriter | None,
                  print_fn=print):
         self.feeder, self.total_steps, self.log_period = feeder, total_steps, log_period
         self.flops_per_token, self.peak = flops_per_token, peak_flops_total
@@ -151,7 +151,8 @@ class Progress(tunix_hooks.TrainingHooks):
         self.jsonl.write(record)
 
     def on_train_end(self, train_ctx):
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            self.jsonl.flush()
 
     def on_train_step_start(self, train_ctx):
         pass

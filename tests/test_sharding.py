@@ -1,0 +1,95 @@
+"""Sharding on 8 simulated devices: params and optimizer state sharded as configured, and the
+loss of sharded training steps equal to the 1-device run."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from tpusft.config import load_config
+from tpusft.config.loader import configs_root
+from tpusft.data import pipeline
+from tpusft.models.decoder import ModelArgs, create_model
+from tpusft.models.sharding import make_mesh
+from tpusft.training import trainer as trainer_lib
+from tpusft.training.optimizer import make_optimizer
+
+
+def _cfg(tmp_path, demo_assets, *extra):
+    return load_config([
+        str(configs_root() / "demo" / "sft.yml"), f"base_output_directory={tmp_path}",
+        "hf_path=json", f"hf_data_files={demo_assets / 'train.jsonl'}",
+        f"tokenizer_path={demo_assets / 'tokenizer'}", "demo_task=", "enable_checkpointing=false",
+        "global_batch_size=8", "max_target_length=64", "steps=3", "log_period=1",
+        "base_emb_dim=64", "base_mlp_dim=128", "base_num_query_heads=4",
+        "base_num_kv_heads=2", "head_dim=16", *extra])
+
+
+def _norm(spec, ndim):
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _train(cfg, tokenizer, devices):
+    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
+                     cfg.ici_tensor_parallelism, devices)
+    ds, _ = pipeline.build_dataset(pipeline.data_spec(cfg, train=True), tokenizer,
+                                   cfg.global_batch_size, train=True)
+    with mesh:
+        model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, seed=0)
+        feeder = trainer_lib.BatchFeeder(ds, cfg.gradient_accumulation_steps)
+        trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
+        losses = []
+
+        class Record(trainer_lib.Progress):
+            def on_train_step_end(self, ctx, step, loss):
+                losses.append(float(loss))
+
+        trainer.with_training_hooks(Record(feeder, cfg.steps, 1, 1.0, 0.0, None))
+        trainer.train([])
+    return model, trainer, losses
+
+
+def test_params_and_optimizer_state_are_sharded(tmp_path, demo_assets, demo_tokenizer):
+    cfg = _cfg(tmp_path, demo_assets, "ici_fsdp_parallelism=4", "ici_tensor_parallelism=2",
+               "steps=1")
+    model, trainer, _ = _train(cfg, demo_tokenizer, jax.devices())
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    layers = params["decoder"]["layers"]
+    expect = {
+        ("token_embedder", "embedding"): P("tensor", "fsdp"),
+        ("decoder", "layers", "self_attention", "query", "kernel"): P("fsdp", None, "tensor", None),
+        ("decoder", "layers", "self_attention", "out", "kernel"): P("tensor", None, None, "fsdp"),
+        ("decoder", "layers", "mlp", "wi_0", "kernel"): P("fsdp", None, "tensor"),
+        ("decoder", "layers", "mlp", "wo", "kernel"): P("tensor", None, "fsdp"),
+    }
+    for path, spec in expect.items():
+        leaf = params
+        for k in path:
+            leaf = leaf[k]
+        assert _norm(leaf.sharding.spec, leaf.ndim) == _norm(spec, leaf.ndim), path
+        assert len(leaf.addressable_shards) == 8
+        shard = leaf.addressable_shards[0].data.shape
+        assert np.prod(shard) == np.prod(leaf.shape) // 8, (path, shard)
+    assert _norm(layers["pre_self_attention_layer_norm"]["scale"].sharding.spec, 2) == (None, None)
+
+    opt_state = nnx.to_pure_dict(nnx.state(trainer.optimizer, nnx.optimizer.OptState))
+    mu_query = [x for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+                if "mu" in str(p) and "query" in str(p)]
+    assert mu_query, "no Adam first moment for the query kernel"
+    assert _norm(mu_query[0].sharding.spec, 4) == ("fsdp", None, "tensor", None)
+    assert np.prod(mu_query[0].addressable_shards[0].data.shape) == np.prod(mu_query[0].shape) // 8
+
+
+@pytest.mark.parametrize("mesh_args", [
+    ("ici_fsdp_parallelism=8",),
+    ("ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"),
+])
+def test_sharded_losses_match_one_device(tmp_path, demo_assets, demo_tokenizer, mesh_args):
+    one = _cfg(tmp_path / "one", demo_assets, "ici_fsdp_parallelism=1")
+    _, _, ref = _train(one, demo_tokenizer, jax.devices()[:1])
+    cfg = _cfg(tmp_path / "many", demo_assets, "ici_fsdp_parallelism=1", *mesh_args)
+    _, _, got = _train(cfg, demo_tokenizer, jax.devices())
+    assert len(ref) == len(got) == 3
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    assert ref[-1] < ref[0]
