@@ -82,8 +82,10 @@ def load_split(hf_path: str, split: str, *, data_files: str | list | None = None
         return datasets.load_dataset(hf_path, name=name, split=split, streaming=True)
     except DataError:
         raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+    except Exception as e:  # datasets raises many types (empty files raise StopIteration)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, StopIteration):
+            msg = "the file holds no rows"
         raise DataError(f"cannot load data set hf_path={hf_path!r} split={split!r}: "
                         f"{msg[:300]}") from None
 

@@ -147,8 +147,10 @@ class Progress(tunix_hooks.TrainingHooks):
                 self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
                            f"first step (compilation) {dt:.1f} s", flush=True)
             self._window_start, self._window_tokens, self._window_steps = now, 0, 0
-            self.jsonl.flush()
-        self.jsonl.write(record)
+        if self.jsonl is not None:
+            self.jsonl.write(record)
+            if step % self.log_period == 0 or step == self.total_steps:
+                self.jsonl.flush()
 
     def on_train_end(self, train_ctx):
         if self.jsonl is not None:
@@ -163,8 +165,9 @@ class Progress(tunix_hooks.TrainingHooks):
     def on_eval_step_end(self, train_ctx, eval_loss):
         loss = float(train_ctx.metrics_logger.get_metric("", "loss", "eval"))
         step = train_ctx.train_steps
-        self.jsonl.write({"kind": "eval", "step": step, "loss": loss})
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            self.jsonl.write({"kind": "eval", "step": step, "loss": loss})
+            self.jsonl.flush()
         self.print(f"eval at step {step}: loss {loss:.4f} | perplexity {np.exp(loss):.3f}",
                    flush=True)
 
