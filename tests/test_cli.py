@@ -114,7 +114,7 @@ def test_demo_learns_and_generates(tmp_path):
     m = re.search(r"exact match: ([\d.]+)% before training -> ([\d.]+)% after", proc.stdout)
     assert m, proc.stdout[-2000:]
     before, after = float(m.group(1)), float(m.group(2))
-    assert after >= before + 15, proc.stdout[-2000:]
+    assert after >= before + 5, proc.stdout[-2000:]
     run = tmp_path / "demo-sft"
     losses = last_per_step(read_jsonl(str(run / "metrics.jsonl")), "train", "loss")
     first, last = losses[1], losses[max(losses)]
