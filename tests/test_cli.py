@@ -114,7 +114,7 @@ def test_demo_learns_and_generates(tmp_path):
     m = re.search(r"exact match: ([\d.]+)% before training -> ([\d.]+)% after", proc.stdout)
     assert m, proc.stdout[-2000:]
     before, after = float(m.group(1)), float(m.group(2))
-    assert after >= before + 5, proc.stdout[-2000:]
+    assert after >= before + 30, proc.stdout[-2000:]
     run = tmp_path / "demo-sft"
     losses = last_per_step(read_jsonl(str(run / "metrics.jsonl")), "train", "loss")
     first, last = losses[1], losses[max(losses)]
@@ -122,10 +122,68 @@ def test_demo_learns_and_generates(tmp_path):
     assert (run / "loss_curve.png").stat().st_size > 1000
     assert glob.glob(str(run / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
     assert (run / "checkpoints" / "600" / "model_params").is_dir()
-    assert json.loads((run / "checkpoints" / "600" / "custom_metadata" / "metadata").read_text())
+    meta = json.loads((run / "checkpoints" / "600" / "_CHECKPOINT_METADATA").read_text())
+    assert meta["custom_metadata"]["tpusft_data_state"]
 
     gen = run_cli("tpusft.generate", DEMO, f"base_output_directory={tmp_path}",
                   f"load_parameters_path={run / 'checkpoints'}", "prompt=12+30=",
                   "max_decode_length=4")
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert re.fullmatch(r"\d+", gen.stdout.strip().splitlines()[-1]), gen.stdout
+
+
+@pytest.fixture()
+def gcs_emulator(tmp_path):
+    """A local GCS emulator (gcp-storage-emulator) on a free loopback port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = Path(__file__).parent / "gcs_emulator.py"
+    proc = subprocess.Popen([sys.executable, str(launcher), str(port), "tpusft-test"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    # gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST; Orbax's tensorstore reads
+    # TENSORSTORE_GCS_HTTP_URL and skips credentials with a fixed token.
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "test"}
+    yield env
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_gcs_output_directory(tmp_path, gcs_emulator, monkeypatch):
+    base = "gs://tpusft-test/runs"
+    args = [DEMO, f"base_output_directory={base}", *SMALL, "steps=6", "checkpoint_period=3",
+            "run_name=gcs"]
+    first = run_cli("tpusft.train_sft", *args, env={**gcs_emulator, "HOME": str(tmp_path)})
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    for key, value in gcs_emulator.items():
+        monkeypatch.setenv(key, value)
+    from etils import epath
+
+    run = epath.Path(f"{base}/gcs")
+    names = {p.name for p in run.iterdir()}
+    assert {"checkpoints", "tensorboard", "metrics.jsonl", "loss_curve.png", "config.yml"} <= names
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    assert len(last_per_step(read_jsonl(f"{base}/gcs/metrics.jsonl"), "train", "loss")) == 6
+
+    # Same run_name, more steps: resumes from the gs:// checkpoint.
+    again = run_cli("tpusft.train_sft", *args[:-2], "steps=8", "checkpoint_period=3",
+                    "run_name=gcs", env={**gcs_emulator, "HOME": str(tmp_path)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from step 6" in again.stdout
+    gen = run_cli("tpusft.generate", DEMO, f"base_output_directory={base}",
+                  f"load_parameters_path={base}/gcs/checkpoints", "prompt=1+2=",
+                  "max_decode_length=3", env={**gcs_emulator, "HOME": str(tmp_path)})
+    assert gen.returncode == 0, gen.stderr[-3000:]

@@ -97,8 +97,12 @@ def restore_params(model: nnx.Module, path: str) -> str:
     restored = checkpointer.restore(items, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
-    values = restored["params"]["params"] if kind == "maxtext" else jax.tree.map(
-        lambda d: d["value"], restored, is_leaf=lambda d: isinstance(d, dict) and "value" in d)
+    if kind == "maxtext":
+        values = restored["params"]["params"]
+    else:  # each leaf is {"value": array}; note self_attention also has a "value" child
+        values = jax.tree.map(lambda d: d["value"], restored,
+                              is_leaf=lambda d: isinstance(d, dict) and set(d) == {"value"}
+                              and not isinstance(d["value"], dict))
     nnx.replace_by_pure_dict(params, values)
     nnx.update(model, params)
     return str(items)

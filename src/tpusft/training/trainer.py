@@ -190,8 +190,12 @@ class SftTrainer(peft_trainer.PeftTrainer):
 def training_config(cfg: Any) -> peft_trainer.TrainingConfig:
     checkpointing = None
     if cfg.enable_checkpointing:
+        policies = ocp.checkpoint_managers
         checkpointing = ocp.CheckpointManagerOptions(
-            save_interval_steps=cfg.checkpoint_period, save_on_steps=[cfg.steps],
+            # Every checkpoint_period steps and the last step; no extra save at the first step.
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(cfg.checkpoint_period),
+                policies.SpecificStepsPolicy([cfg.steps])]),
             max_to_keep=cfg.max_num_checkpoints_to_keep,
             enable_async_checkpointing=cfg.async_checkpointing, create=True)
     profiler = None
