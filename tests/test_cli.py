@@ -27,7 +27,8 @@ def _one_line_error(proc, fragment):
 
 
 def test_config_errors_exit_2(tmp_path):
-    _one_line_error(run_cli("tpusft.train_sft", str(tmp_path / "nope.yml")), "config file not found")
+    missing = run_cli("tpusft.train_sft", str(tmp_path / "nope.yml"))
+    _one_line_error(missing, "config file not found")
     bad = tmp_path / "bad.yml"
     bad.write_text("a: [\n")
     _one_line_error(run_cli("tpusft.train_sft", str(bad)), "invalid YAML")

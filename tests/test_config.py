@@ -30,7 +30,8 @@ def test_chain_preset_and_overrides(tmp_path):
     assert cfg.run_name == "007"  # strings stay verbatim
     # sft.yml sets global_batch_size; the preset fills the architecture.
     assert cfg.global_batch_size == 16
-    assert (cfg.base_emb_dim, cfg.base_num_decoder_layers, cfg.rope_scaling_factor) == (2048, 16, 32.0)
+    arch = (cfg.base_emb_dim, cfg.base_num_decoder_layers, cfg.rope_scaling_factor)
+    assert arch == (2048, 16, 32.0)
     assert cfg.checkpoint_directory == str(tmp_path / "007" / "checkpoints")
     assert cfg.tensorboard_directory == str(tmp_path / "007" / "tensorboard")
     assert cfg.profile_directory == str(tmp_path / "007" / "profile")

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,3 +146,14 @@ def test_data_errors(tmp_path, demo_tokenizer):
         pipeline.first_batch_or_error(ds, stats, "training")
     with pytest.raises(DataError, match="cannot load a tokenizer"):
         load_tokenizer(str(tmp_path / "no-tokenizer"))
+
+
+def test_eval_split_of_plain_files_needs_eval_files(tmp_path):
+    from tpusft.config import load_config
+    from tpusft.config.loader import configs_root
+
+    cfg = load_config([str(configs_root() / "sft.yml"), "hf_path=json",
+                       f"hf_data_files={tmp_path}/t.jsonl", "tokenizer_path=t",
+                       "eval_split=validation"])
+    with pytest.raises(DataError, match="give the eval file"):
+        pipeline.data_spec(cfg, train=False)

@@ -50,5 +50,7 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     from tpusft.errors import run_cli
+    from tpusft.launch import reexec_with_tcmalloc
 
+    reexec_with_tcmalloc("tpusft.generate")
     run_cli(main)

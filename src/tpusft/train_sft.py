@@ -34,8 +34,12 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.models.decoder import ModelArgs, create_model
     from tpusft.models.sharding import make_mesh
     from tpusft.training import trainer as trainer_lib
-    from tpusft.training.metrics import (JsonlWriter, peak_tflops_per_device,
-                                         training_flops_per_token, write_loss_curve)
+    from tpusft.training.metrics import (
+        JsonlWriter,
+        peak_tflops_per_device,
+        training_flops_per_token,
+        write_loss_curve,
+    )
     from tpusft.training.optimizer import make_optimizer
     from tpusft.training.setup import check_batch, check_vocab, existing_checkpoint
 
@@ -54,9 +58,9 @@ def main(argv: Sequence[str]) -> int:
     pipeline.first_batch_or_error(train_ds, stats, "training")
     eval_ds = None
     if pipeline.has_eval_data(cfg):
+        micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
         eval_ds, _ = pipeline.build_dataset(pipeline.data_spec(cfg, train=False), tokenizer,
-                                            cfg.global_batch_size // cfg.gradient_accumulation_steps,
-                                            train=False)
+                                            micro_batch, train=False)
         pipeline.first_batch_or_error(eval_ds, None, "eval")
 
     # ---- model
@@ -82,11 +86,14 @@ def main(argv: Sequence[str]) -> int:
         print(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
               f"{args.num_layers} layers{' (scanned)' if args.scan_layers else ''}, "
               f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {cfg.remat_policy}")
+        preloaded = "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+        allocator = "tcmalloc" if preloaded else "system malloc"
         print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-              f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source})")
-        print(f"batch {cfg.global_batch_size} x {cfg.max_target_length} tokens"
-              f"{f' ({cfg.gradient_accumulation_steps} micro-batches)' if cfg.gradient_accumulation_steps > 1 else ''}"
-              f", packing {'on' if cfg.packing else 'off'}, {cfg.steps} steps")
+              f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source}); {allocator}")
+        accumulation = cfg.gradient_accumulation_steps
+        micro = f" ({accumulation} micro-batches)" if accumulation > 1 else ""
+        print(f"batch {cfg.global_batch_size} x {cfg.max_target_length} tokens{micro}, "
+              f"packing {'on' if cfg.packing else 'off'}, {cfg.steps} steps")
         if start:
             print(f"resuming from step {start} (checkpoint in {cfg.checkpoint_directory})")
 
@@ -134,5 +141,7 @@ def _demo_score(model, tokenizer, cfg, when: str, show: int = 0) -> float:
 
 if __name__ == "__main__":
     from tpusft.errors import run_cli
+    from tpusft.launch import reexec_with_tcmalloc
 
+    reexec_with_tcmalloc("tpusft.train_sft")
     run_cli(main)

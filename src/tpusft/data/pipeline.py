@@ -262,6 +262,9 @@ def build_dataset(spec: DataSpec, tokenizer, batch_size: int, *, train: bool,
 
 
 def data_spec(cfg: Any, *, train: bool) -> DataSpec:
+    if not train and cfg.hf_path in FILE_BUILDERS and not cfg.hf_eval_files:
+        raise DataError(f"eval_split={cfg.eval_split!r} cannot select rows of hf_path="
+                        f"{cfg.hf_path!r} files; give the eval file(s) with hf_eval_files=")
     split = cfg.train_split if train else (cfg.eval_split or cfg.train_split)
     files = cfg.hf_data_files if train else (cfg.hf_eval_files or cfg.hf_data_files)
     return DataSpec(

@@ -6,7 +6,7 @@
     decoder/layers/...                   (scan_layers)      layer axis at position 1
     decoder/layers_{i}/...               (unscanned)
 
-Each layer: pre_self_attention_layer_norm, self_attention/{query,key,value,out}, 
+Each layer: pre_self_attention_layer_norm, self_attention/{query,key,value,out},
 post_self_attention_layer_norm, mlp/{wi_0 (gate), wi_1 (up), wo (down)}.
 
 The same call serves training (segment ids: packed examples never attend to each other) and
@@ -85,7 +85,8 @@ class ModelArgs:
         return self.family == "llama3"
 
     def num_params(self) -> int:
-        e, h, kv, d, m = self.emb_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
+        e, h, kv = self.emb_dim, self.num_heads, self.num_kv_heads
+        d, m = self.head_dim, self.mlp_dim
         layer = e * d * (2 * h + 2 * kv) + 3 * e * m + 2 * e
         out = 0 if self.tie_embeddings else e * self.vocab_size
         return self.vocab_size * e + self.num_layers * layer + e + out
