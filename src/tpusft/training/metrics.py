@@ -70,8 +70,13 @@ class JsonlWriter:
     def flush(self) -> None:
         if not self._buffer:
             return
-        old = self.path.read_text() if self.path.exists() else ""
-        self.path.write_text(old + "\n".join(self._buffer) + "\n")
+        text = "\n".join(self._buffer) + "\n"
+        if "://" in str(self.path):  # object stores have no append: rewrite the object
+            old = self.path.read_text() if self.path.exists() else ""
+            self.path.write_text(old + text)
+        else:
+            with open(self.path, "a") as f:
+                f.write(text)
         self._buffer = []
 
 
