@@ -215,7 +215,7 @@ def build_dataset(spec: DataSpec, tokenizer, batch_size: int, *, train: bool,
     source = load_split(spec.hf_path, spec.split, data_files=spec.data_files, name=spec.hf_name,
                         key=spec.files_key)
     where = f"data set {spec.hf_path!r} split {spec.split!r}"
-    columns = list(source.column_names or []) if source.column_names else None
+    columns = list(source.column_names) if source.column_names else None
     if columns is None:  # a stream whose features are unknown: peek at one row
         try:
             columns = list(next(iter(source)).keys())
@@ -227,8 +227,6 @@ def build_dataset(spec: DataSpec, tokenizer, batch_size: int, *, train: bool,
                         f"use a chat/instruct tokenizer or data_format=text")
     wanted = formats.check_columns(columns, fmt, spec.columns, where)
     encoder = ExampleEncoder(tokenizer, fmt, wanted, spec.max_length, spec.completion_only, stats)
-    if fmt == "text":
-        encoder.completion_only = False
 
     if isinstance(source, datasets.Dataset):
         if len(source) == 0:
