@@ -4,7 +4,8 @@
 #   bash tools/setup/setup.sh --tpu      # TPU VM (jax[tpu])
 #   bash tools/setup/setup.sh --cuda     # NVIDIA GPU (jax[cuda12])
 #   bash tools/setup/setup.sh --test     # add the test tools (combine with the above)
-# PYTHON=/path/to/python3.12 picks the interpreter; otherwise 3.12 is preferred, 3.11 accepted.
+# PYTHON=/path/to/python picks the interpreter; otherwise 3.11 is preferred, 3.12 accepted
+# (the test extra's CPU PyTorch, used as the logits oracle, is a small wheel on 3.11).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -22,8 +23,8 @@ done
 ok_version() { "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 12), (3, 11)) else 1)' 2>/dev/null; }
 find_python() {
   local c
-  for c in "${PYTHON:-}" python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 \
-           /usr/bin/python3.12 python3.11 "$HOME"/.pyenv/versions/3.11*/bin/python3.11 python3; do
+  for c in "${PYTHON:-}" python3.11 "$HOME"/.pyenv/versions/3.11*/bin/python3.11 \
+           /usr/bin/python3.11 python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3; do
     [ -n "$c" ] || continue
     if command -v "$c" >/dev/null 2>&1 && ok_version "$c"; then echo "$c"; return 0; fi
   done
@@ -31,7 +32,7 @@ find_python() {
 }
 
 if [ ! -x .venv/bin/python ] || ! ok_version .venv/bin/python; then
-  py=$(find_python) || { echo "setup.sh: no Python 3.12 or 3.11 found; set PYTHON=" >&2; exit 2; }
+  py=$(find_python) || { echo "setup.sh: no Python 3.11 or 3.12 found; set PYTHON=" >&2; exit 2; }
   echo "creating .venv with $py ($("$py" --version))"
   rm -rf .venv
   "$py" -m venv .venv

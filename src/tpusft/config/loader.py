@@ -150,7 +150,7 @@ def _preset_path(model_name: str) -> Path:
     return configs_root() / "models" / f"{model_name}.yml"
 
 
-def _load_preset(model_name: str) -> dict[str, Any]:
+def load_preset(model_name: str) -> dict[str, Any]:
     path = _preset_path(model_name)
     if not path.is_file():
         known = sorted(q.stem for q in (configs_root() / "models").glob("*.yml"))
@@ -184,6 +184,12 @@ def validate(cfg: Config) -> None:
                           f"of base_num_kv_heads={cfg.base_num_kv_heads}")
     if cfg.head_dim % 2:
         raise ConfigError(f"head_dim={cfg.head_dim} must be even for RoPE")
+    if cfg.model_family == "gemma2" and cfg.base_num_decoder_layers % 2:
+        raise ConfigError(f"gemma2 pairs a local and a global layer; base_num_decoder_layers="
+                          f"{cfg.base_num_decoder_layers} must be even")
+    if cfg.attention == "cudnn" and cfg.attn_logits_soft_cap:
+        raise ConfigError("attention=cudnn has no score soft-capping; use attention=auto or xla "
+                          "with attn_logits_soft_cap")
     parallel = [cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism, cfg.ici_tensor_parallelism]
     if parallel.count(-1) > 1:
         raise ConfigError("at most one of ici_data_parallelism, ici_fsdp_parallelism, "
@@ -237,7 +243,7 @@ def load_config(argv: Sequence[str]) -> Config:
     upper.update(overrides)
 
     model_name = upper.get("model_name", values.get("model_name", Config.model_name))
-    values.update(_load_preset(model_name))
+    values.update(load_preset(model_name))
     values.update(upper)
 
     cfg = Config(**values)

@@ -57,7 +57,10 @@ class Config:
     model_name: str = key(
         "demo-tiny", "Model preset from configs/models/<model_name>.yml; its keys fill the "
         "architecture keys below unless they are set explicitly.", section="Model")
-    model_family: str = key("llama3", "Decoder family.", choices=("llama3",))
+    model_family: str = key(
+        "llama3", "Decoder family: llama3 (Llama 3.x, SmolLM2), mistral, qwen2 (Qwen2/2.5), "
+        "qwen3, gemma2, gemma3 (Gemma 3 text).",
+        choices=("llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"))
     vocab_size: int = key(32000, "Vocabulary size (rows of the embedding).", minimum=1)
     base_emb_dim: int = key(2048, "Hidden size.", minimum=1)
     base_num_decoder_layers: int = key(16, "Number of decoder layers.", minimum=1)
@@ -68,12 +71,26 @@ class Config:
     base_mlp_dim: int = key(8192, "Hidden size of the gated MLP.", minimum=1)
     normalization_layer_epsilon: float = key(1e-5, "RMSNorm epsilon.", minimum=0)
     rope_max_timescale: float = key(500000.0, "RoPE base (HF rope_theta).", minimum=1)
-    rope_type: str = key("llama3", "RoPE frequency scaling.", choices=("default", "llama3"))
-    rope_scaling_factor: float = key(8.0, "llama3 RoPE: scaling factor.", minimum=1)
+    rope_type: str = key("llama3", "RoPE frequency scaling (of global layers on Gemma 3).",
+                         choices=("default", "llama3", "linear"))
+    rope_scaling_factor: float = key(8.0, "llama3 and linear RoPE: scaling factor.", minimum=1)
     rope_low_freq_factor: float = key(1.0, "llama3 RoPE: low frequency factor.", minimum=0)
     rope_high_freq_factor: float = key(4.0, "llama3 RoPE: high frequency factor.", minimum=0)
     rope_original_max_position: int = key(
         8192, "llama3 RoPE: original context length the scaling refers to.", minimum=1)
+    local_rope_max_timescale: float = key(
+        0.0, "RoPE base of sliding-window layers (Gemma 3's rope_local_base_freq; no "
+        "scaling). 0: rope_max_timescale.", minimum=0)
+    sliding_window_size: int = key(
+        0, "Sliding-window attention span in tokens (Gemma's local layers; every layer on "
+        "Mistral and Qwen). 0: full attention.", minimum=0)
+    attn_logits_soft_cap: float = key(
+        0.0, "Cap attention scores with c*tanh(s/c) (Gemma 2). 0: off.", minimum=0)
+    final_logits_soft_cap: float = key(
+        0.0, "Cap output logits with c*tanh(l/c) (Gemma 2). 0: off.", minimum=0)
+    query_pre_attn_scalar: float = key(
+        0.0, "Attention scores are scaled by query_pre_attn_scalar**-0.5 (Gemma). "
+        "0: head_dim.", minimum=0)
     logits_via_embedding: bool = key(
         False, "Tie the output projection to the token embedding (HF tie_word_embeddings).")
     dtype: str = key("bfloat16", "Compute (activation) dtype.",
@@ -211,7 +228,8 @@ MODEL_KEYS = (
     "base_num_query_heads", "base_num_kv_heads", "head_dim", "base_mlp_dim",
     "normalization_layer_epsilon", "rope_max_timescale", "rope_type", "rope_scaling_factor",
     "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position",
-    "logits_via_embedding",
+    "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap",
+    "final_logits_soft_cap", "query_pre_attn_scalar", "logits_via_embedding",
 )
 
 

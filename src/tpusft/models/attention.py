@@ -17,6 +17,8 @@ def rope_inv_freq(head_dim: int, base: float, rope_type: str = "default", factor
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if rope_type == "default":
         return inv_freq
+    if rope_type == "linear":
+        return inv_freq / factor
     low_wavelen = original_max_position / low_freq_factor
     high_wavelen = original_max_position / high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -59,14 +61,17 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          scale: float, implementation: str = "auto") -> jax.Array:
+                          scale: float, implementation: str = "auto",
+                          softcap: float = 0.0) -> jax.Array:
     """q [B, T, H, D], k/v [B, S, KV, D], mask [B, T, S] -> [B, T, H, D].
 
     'xla' is a grouped-query einsum with float32 softmax; 'cudnn' (and 'auto' on GPU) uses
-    jax.nn.dot_product_attention's fused cuDNN kernel.
+    jax.nn.dot_product_attention's fused cuDNN kernel. `softcap` > 0 caps the scores with
+    softcap * tanh(scores / softcap) (Gemma 2), which the XLA path does.
     """
     if implementation == "auto":
-        implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+        gpu = jax.default_backend() == "gpu"
+        implementation = "cudnn" if gpu and not softcap else "xla"
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
                                             implementation="cudnn")
@@ -75,6 +80,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     qg = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)

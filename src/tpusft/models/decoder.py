@@ -23,6 +23,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpusft.models import attention as attn
+from tpusft.models.families import (
+    ATTN_NORM,
+    FAMILIES,
+    GEMMA2_SUFFIXES,
+    MLP_NORM,
+    POST_ATTN_NORM,
+    POST_MLP_NORM,
+    Family,
+    block_counts,
+)
 from tpusft.models.sharding import AxisRules, constrain
 
 BATCH_SEQ_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -52,6 +62,11 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
+    local_rope_theta: float = 0.0       # sliding-window layers' RoPE base (0: rope_theta)
+    sliding_window: int = 0             # 0: none
+    attn_softcap: float = 0.0           # 0: none
+    final_softcap: float = 0.0          # 0: none
+    query_pre_attn_scalar: float = 0.0  # attention scale is this ** -0.5 (0: head_dim)
     tie_embeddings: bool = False
     dtype: str = "float32"
     weight_dtype: str = "float32"
@@ -70,24 +85,41 @@ class ModelArgs:
             rope_factor=cfg.rope_scaling_factor, rope_low_freq_factor=cfg.rope_low_freq_factor,
             rope_high_freq_factor=cfg.rope_high_freq_factor,
             rope_original_max_position=cfg.rope_original_max_position,
+            local_rope_theta=cfg.local_rope_max_timescale,
+            sliding_window=cfg.sliding_window_size, attn_softcap=cfg.attn_logits_soft_cap,
+            final_softcap=cfg.final_logits_soft_cap,
+            query_pre_attn_scalar=cfg.query_pre_attn_scalar,
             tie_embeddings=cfg.logits_via_embedding, dtype=cfg.dtype,
             weight_dtype=cfg.weight_dtype, scan_layers=cfg.scan_layers,
             remat_policy=cfg.remat_policy, attention=cfg.attention)
 
-    # Per-family conventions of the native (MaxText) layout.
     @property
-    def rope_layout(self) -> str:
-        return "interleaved" if self.family == "llama3" else "half"
+    def fam(self) -> Family:
+        return FAMILIES[self.family]
 
     @property
-    def query_prescaled(self) -> bool:
-        """Llama's 1/sqrt(head_dim) is folded into the query kernel; no runtime scaling."""
-        return self.family == "llama3"
+    def rope_layout(self) -> str:
+        return "interleaved" if self.fam.rope_interleaved else "half"
+
+    @property
+    def query_fold(self) -> float:
+        """Factor folded into the native query kernel (MaxText: 1/sqrt(head_dim) or 1)."""
+        return self.head_dim ** -0.5 if self.fam.query_prescaled else 1.0
+
+    @property
+    def attention_scale(self) -> float:
+        """Runtime factor on q.k so that the total is query_pre_attn_scalar ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5 / self.query_fold
+
+    def is_local(self, layer: int) -> bool:
+        return self.fam.is_local(layer, self.sliding_window)
 
     def num_params(self) -> int:
         e, h, kv = self.emb_dim, self.num_heads, self.num_kv_heads
-        d, m = self.head_dim, self.mlp_dim
-        layer = e * d * (2 * h + 2 * kv) + 3 * e * m + 2 * e
+        d, m, fam = self.head_dim, self.mlp_dim, self.fam
+        layer = e * d * (2 * h + 2 * kv) + 3 * e * m + len(fam.norms) * e
+        layer += (h + 2 * kv) * d if fam.qkv_bias else 0
+        layer += 2 * d if fam.qk_norm else 0
         out = 0 if self.tie_embeddings else e * self.vocab_size
         return self.vocab_size * e + self.num_layers * layer + e + out
 
@@ -115,22 +147,28 @@ class Scale(nnx.Module):
 
 
 class Kernel(nnx.Module):
-    def __init__(self, shape, axes, std, dtype, rules, stacked, rngs):
+    def __init__(self, shape, axes, std, dtype, rules, stacked, rngs, bias_dims: int = 0):
         self.kernel = _param(rngs, shape, axes, std, dtype, rules, stacked)
+        if bias_dims:  # the output dims of the kernel (Qwen2's q/k/v bias)
+            self.bias = _param(rngs, shape[-bias_dims:], axes[-bias_dims:], 0.0, dtype, rules,
+                               stacked)
 
 
 class SelfAttention(nnx.Module):
     def __init__(self, a: ModelArgs, dtype, rules, stacked, rngs):
         e, h, kv, d = a.emb_dim, a.num_heads, a.num_kv_heads, a.head_dim
-        q_std = e ** -0.5 * (d ** -0.5 if a.query_prescaled else 1.0)
-        self.query = Kernel((e, h, d), ("embed", "heads", "head_dim"), q_std, dtype, rules,
-                            stacked, rngs)
+        b = 2 if a.fam.qkv_bias else 0
+        self.query = Kernel((e, h, d), ("embed", "heads", "head_dim"), e ** -0.5 * a.query_fold,
+                            dtype, rules, stacked, rngs, b)
         self.key = Kernel((e, kv, d), ("embed", "kv_heads", "head_dim"), e ** -0.5, dtype, rules,
-                          stacked, rngs)
+                          stacked, rngs, b)
         self.value = Kernel((e, kv, d), ("embed", "kv_heads", "head_dim"), e ** -0.5, dtype,
-                            rules, stacked, rngs)
+                            rules, stacked, rngs, b)
         self.out = Kernel((h, d, e), ("heads", "head_dim", "embed"), (h * d) ** -0.5, dtype,
                           rules, stacked, rngs)
+        if a.fam.qk_norm:
+            self.query_norm = Scale(d, dtype, rules, stacked, rngs)
+            self.key_norm = Scale(d, dtype, rules, stacked, rngs)
 
 
 class Mlp(nnx.Module):
@@ -142,13 +180,37 @@ class Mlp(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Parameters of one layer, or of all layers stacked at axis 1 when `stacked` is set."""
+    """One layer's parameters (all layers stacked at axis 1 when `stacked` is set).
 
-    def __init__(self, a: ModelArgs, dtype, rules, stacked: int | None, rngs: nnx.Rngs):
-        self.pre_self_attention_layer_norm = Scale(a.emb_dim, dtype, rules, stacked, rngs)
-        self.self_attention = SelfAttention(a, dtype, rules, stacked, rngs)
-        self.post_self_attention_layer_norm = Scale(a.emb_dim, dtype, rules, stacked, rngs)
-        self.mlp = Mlp(a, dtype, rules, stacked, rngs)
+    With `suffixes` (Gemma 2), one module holds several layers whose names end in a suffix.
+    """
+
+    def __init__(self, a: ModelArgs, dtype, rules, stacked: int | None, rngs: nnx.Rngs,
+                 suffixes: tuple[str, ...] = ("",)):
+        for sfx in suffixes:
+            for name in a.fam.norms.values():
+                setattr(self, name + sfx, Scale(a.emb_dim, dtype, rules, stacked, rngs))
+            setattr(self, "self_attention" + sfx, SelfAttention(a, dtype, rules, stacked, rngs))
+            setattr(self, "mlp" + sfx, Mlp(a, dtype, rules, stacked, rngs))
+
+
+class LayerGroup(nnx.Module):
+    """Gemma 3's block: layers_0 ... layers_{count-1}."""
+
+    def __init__(self, a: ModelArgs, dtype, rules, stacked: int | None, rngs: nnx.Rngs,
+                 count: int):
+        for j in range(count):
+            setattr(self, f"layers_{j}", DecoderLayer(a, dtype, rules, stacked, rngs))
+
+
+def unit_layers(a: ModelArgs, p: dict, group: bool) -> list[dict]:
+    """The per-layer parameter dicts inside one stored unit (a layer, a suffixed pair or a
+    LayerGroup), in layer order, with suffixes removed."""
+    if group:
+        return [p[f"layers_{j}"] for j in range(len(p))]
+    if a.fam.block_style == "suffix":
+        return [{k[:-len(s)]: v for k, v in p.items() if k.endswith(s)} for s in GEMMA2_SUFFIXES]
+    return [p]
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -157,19 +219,33 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=True)
+
+
 def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
                   kv_cache: tuple[jax.Array, jax.Array] | None, end_index: jax.Array | None,
                   a: ModelArgs, inv_freq: jax.Array, rules: AxisRules | None):
-    """One pre-norm transformer layer on plain arrays `p` (one layer's parameter dict)."""
+    """One pre-norm transformer layer on plain arrays `p` (one layer's parameter dict).
+
+    `mask` is this layer's [B, T, S] mask (sliding-window layers get the narrowed one) and
+    `inv_freq` its RoPE frequencies.
+    """
     dt = jnp.dtype(a.dtype)
+    fam, norms = a.fam, a.fam.norms
     w = jax.tree.map(lambda t: t.astype(dt), p)
     sa, mlp = w["self_attention"], w["mlp"]
 
-    h = rms_norm(x, w["pre_self_attention_layer_norm"]["scale"], a.norm_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, sa["query"]["kernel"])
-    k = jnp.einsum("bte,ehd->bthd", h, sa["key"]["kernel"])
-    v = jnp.einsum("bte,ehd->bthd", h, sa["value"]["kernel"])
+    def project(name, h):
+        y = jnp.einsum("bte,ehd->bthd", h, sa[name]["kernel"])
+        return y + sa[name]["bias"] if "bias" in sa[name] else y
+
+    h = rms_norm(x, w[norms[ATTN_NORM]]["scale"], a.norm_eps)
+    q, k, v = project("query", h), project("key", h), project("value", h)
     q = constrain(q, rules, ("activation_batch", "activation_length", "activation_heads", None))
+    if fam.qk_norm:
+        q = rms_norm(q, sa["query_norm"]["scale"], a.norm_eps)
+        k = rms_norm(k, sa["key_norm"]["scale"], a.norm_eps)
     q = attn.apply_rope(q, positions, inv_freq, a.rope_layout)
     k = attn.apply_rope(k, positions, inv_freq, a.rope_layout)
 
@@ -182,33 +258,48 @@ def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
         new_cache = (ck, cv)
         k, v = ck.astype(dt), cv.astype(dt)
 
-    scale = 1.0 if a.query_prescaled else a.head_dim ** -0.5
-    o = attn.dot_product_attention(q, k, v, mask, scale, a.attention)
-    x = x + jnp.einsum("bthd,hde->bte", o, sa["out"]["kernel"])
-    x = constrain(x, rules, BATCH_SEQ_EMBED)
+    o = attn.dot_product_attention(q, k, v, mask, a.attention_scale, a.attention,
+                                   softcap=a.attn_softcap)
+    o = jnp.einsum("bthd,hde->bte", o, sa["out"]["kernel"])
+    if fam.sandwich_norms:
+        o = rms_norm(o, w[norms[POST_ATTN_NORM]]["scale"], a.norm_eps)
+    x = constrain(x + o, rules, BATCH_SEQ_EMBED)
 
-    h = rms_norm(x, w["post_self_attention_layer_norm"]["scale"], a.norm_eps)
+    h = rms_norm(x, w[norms[MLP_NORM]]["scale"], a.norm_eps)
     gate = jnp.einsum("bte,em->btm", h, mlp["wi_0"]["kernel"])
     up = jnp.einsum("bte,em->btm", h, mlp["wi_1"]["kernel"])
-    act = constrain(jax.nn.silu(gate) * up, rules,
+    act = constrain(_activation(fam.activation, gate) * up, rules,
                     ("activation_batch", "activation_length", "activation_mlp"))
-    x = x + jnp.einsum("btm,me->bte", act, mlp["wo"]["kernel"])
-    return constrain(x, rules, BATCH_SEQ_EMBED), new_cache
+    y = jnp.einsum("btm,me->bte", act, mlp["wo"]["kernel"])
+    if fam.sandwich_norms:
+        y = rms_norm(y, w[norms[POST_MLP_NORM]]["scale"], a.norm_eps)
+    return constrain(x + y, rules, BATCH_SEQ_EMBED), new_cache
 
 
 class Embedder(nnx.Module):
     def __init__(self, a: ModelArgs, dtype, rules, rngs):
-        self.embedding = _param(rngs, (a.vocab_size, a.emb_dim), ("vocab", "embed"), 0.02, dtype,
+        std = 0.02 * (a.emb_dim ** 0.5 if a.fam.embed_scaled else 1.0)
+        self.embedding = _param(rngs, (a.vocab_size, a.emb_dim), ("vocab", "embed"), std, dtype,
                                 rules, None)
 
 
 class DecoderStack(nnx.Module):
     def __init__(self, a: ModelArgs, dtype, rules, rngs):
+        fam = a.fam
+        suffixes = GEMMA2_SUFFIXES if fam.block_style == "suffix" else ("",)
         if a.scan_layers:
-            self.layers = DecoderLayer(a, dtype, rules, a.num_layers, rngs)
+            blocks, rest = block_counts(fam, a.num_layers)
+            if fam.block_style == "nested":
+                if blocks:
+                    self.layers = LayerGroup(a, dtype, rules, blocks, rngs, fam.period)
+                if rest:
+                    self.layers_remainder = LayerGroup(a, dtype, rules, None, rngs, rest)
+            else:
+                self.layers = DecoderLayer(a, dtype, rules, blocks, rngs, suffixes)
         else:
-            for i in range(a.num_layers):
-                setattr(self, f"layers_{i}", DecoderLayer(a, dtype, rules, None, rngs))
+            units = a.num_layers // len(suffixes)
+            for i in range(units):
+                setattr(self, f"layers_{i}", DecoderLayer(a, dtype, rules, None, rngs, suffixes))
         self.decoder_norm = Scale(a.emb_dim, dtype, rules, None, rngs)
         if not a.tie_embeddings:
             self.logits_dense = Kernel((a.emb_dim, a.vocab_size), ("embed", "vocab"),
@@ -233,6 +324,14 @@ class Transformer(nnx.Module):
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                 "end_index": jnp.zeros((batch_size,), jnp.int32)}
 
+    def _rope(self, local: bool) -> jax.Array:
+        a = self.args
+        if local and a.local_rope_theta:  # Gemma 3: plain RoPE on a base of its own
+            return attn.rope_inv_freq(a.head_dim, a.local_rope_theta)
+        return attn.rope_inv_freq(a.head_dim, a.rope_theta, a.rope_type, a.rope_factor,
+                                  a.rope_low_freq_factor, a.rope_high_freq_factor,
+                                  a.rope_original_max_position)
+
     # ----------------------------------------------------------------- forward
     def __call__(self, input_tokens: jax.Array, positions: jax.Array, cache: dict | None = None,
                  attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -243,51 +342,91 @@ class Transformer(nnx.Module):
                 segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
             attention_mask = attn.segment_mask(segment_ids)
         attention_mask = attention_mask.astype(jnp.bool_)
-        inv_freq = attn.rope_inv_freq(a.head_dim, a.rope_theta, a.rope_type, a.rope_factor,
-                                      a.rope_low_freq_factor, a.rope_high_freq_factor,
-                                      a.rope_original_max_position)
+        end_index = cache["end_index"] if cache is not None else None
+
+        # Sliding-window layers see keys fewer than `sliding_window` slots back.
+        local_mask = attention_mask
+        if a.sliding_window:
+            offset = end_index[0] if cache is not None else 0
+            q_idx = jnp.arange(input_tokens.shape[1]) + offset
+            k_idx = jnp.arange(attention_mask.shape[-1])
+            local_mask = attention_mask & ((q_idx[:, None] - k_idx[None, :]) < a.sliding_window)
+        inv_freq = {False: self._rope(False), True: self._rope(True)}
+
         embedding = self.token_embedder.embedding[...]
         x = jnp.take(embedding, input_tokens, axis=0).astype(jnp.dtype(a.dtype))
         x = constrain(x, self.rules, BATCH_SEQ_EMBED)
 
-        end_index = cache["end_index"] if cache is not None else None
+        def make_body(local: bool):
+            def body(x, p, kv):
+                return layer_forward(p, x, positions, local_mask if local else attention_mask,
+                                     kv, end_index, a, inv_freq[local], self.rules)
+            if a.remat_policy != "none":
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[a.remat_policy],
+                                      prevent_cse=not a.scan_layers)
+            return body
 
-        def body(x, p, kv):
-            return layer_forward(p, x, positions, attention_mask, kv, end_index, a, inv_freq,
-                                 self.rules)
+        bodies = {False: make_body(False), True: make_body(True)}
 
-        if a.remat_policy != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[a.remat_policy],
-                                  prevent_cse=not a.scan_layers)
+        def run_unit(x, p, group, first_layer, kvs):
+            """Runs the layers of one stored unit; kvs is (k, v) [n, B, S, KV, D] or None."""
+            out_k, out_v = [], []
+            for j, lp in enumerate(unit_layers(a, p, group)):
+                kv = (kvs[0][j], kvs[1][j]) if kvs is not None else None
+                x, kv = bodies[a.is_local(first_layer + j)](x, lp, kv)
+                if kv is not None:
+                    out_k.append(kv[0])
+                    out_v.append(kv[1])
+            return x, ((jnp.stack(out_k), jnp.stack(out_v)) if kvs is not None else None)
 
-        new_k, new_v = [], []
+        fam = a.fam
+        group = fam.block_style == "nested"
+        k_parts, v_parts = [], []
         if a.scan_layers:
-            stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, nnx.Param))
-            stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), stacked)
-            xs = (stacked, (cache["k"], cache["v"]) if cache is not None else None)
+            blocks, rest = block_counts(fam, a.num_layers)
+            period = fam.period
+            stacked = kv_in = None
+            if blocks:
+                stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, nnx.Param))
+                stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), stacked)
+            if blocks and cache is not None:
+                n = blocks * period
+                kv_in = tuple(cache[c][:n].reshape(blocks, period, *cache[c].shape[1:])
+                              for c in ("k", "v"))
 
             def scan_fn(x, inp):
                 p, kv = inp
-                x, kv = body(x, p, kv)
-                return x, kv
+                return run_unit(x, p, group, 0, kv)
 
-            x, kvs = jax.lax.scan(scan_fn, x, xs)
-            if cache is not None:
-                new_k, new_v = kvs
+            if blocks:
+                x, kvs = jax.lax.scan(scan_fn, x, (stacked, kv_in))
+            if blocks and cache is not None:
+                k_parts.append(kvs[0].reshape(-1, *kvs[0].shape[2:]))
+                v_parts.append(kvs[1].reshape(-1, *kvs[1].shape[2:]))
+            if rest:
+                p = nnx.to_pure_dict(nnx.state(self.decoder.layers_remainder, nnx.Param))
+                first = blocks * period
+                kv = (cache["k"][first:], cache["v"][first:]) if cache is not None else None
+                x, kv = run_unit(x, p, True, first, kv)
+                if kv is not None:
+                    k_parts.append(kv[0])
+                    v_parts.append(kv[1])
         else:
-            for i in range(a.num_layers):
-                p = nnx.to_pure_dict(nnx.state(getattr(self.decoder, f"layers_{i}"), nnx.Param))
-                kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
-                x, kv = body(x, p, kv)
+            per_unit = len(GEMMA2_SUFFIXES) if fam.block_style == "suffix" else 1
+            for u in range(a.num_layers // per_unit):
+                p = nnx.to_pure_dict(nnx.state(getattr(self.decoder, f"layers_{u}"), nnx.Param))
+                first = u * per_unit
+                kv = None
                 if cache is not None:
-                    new_k.append(kv[0])
-                    new_v.append(kv[1])
-            if cache is not None:
-                new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
+                    kv = (cache["k"][first:first + per_unit], cache["v"][first:first + per_unit])
+                x, kv = run_unit(x, p, False, first, kv)
+                if kv is not None:
+                    k_parts.append(kv[0])
+                    v_parts.append(kv[1])
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": new_k, "v": new_v,
+            new_cache = {"k": jnp.concatenate(k_parts), "v": jnp.concatenate(v_parts),
                          "end_index": cache["end_index"] + input_tokens.shape[1]}
 
         x = rms_norm(x, self.decoder.decoder_norm.scale[...], a.norm_eps)
@@ -304,8 +443,13 @@ class Transformer(nnx.Module):
         return self.decoder.logits_dense.kernel[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
+        a = self.args
+        if a.tie_embeddings and a.fam.embed_scaled:  # the stored embedding is sqrt(E) times HF's
+            hidden = hidden * jnp.asarray(a.emb_dim ** -0.5, hidden.dtype)
         w = self.output_kernel().astype(hidden.dtype)
         logits = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=jnp.float32)
+        if a.final_softcap:
+            logits = jnp.tanh(logits / a.final_softcap) * a.final_softcap
         return constrain(logits, self.rules,
                          ("activation_batch", "activation_length", "activation_vocab"))
 

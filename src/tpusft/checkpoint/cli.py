@@ -1,0 +1,105 @@
+"""Command lines of tools/convert_checkpoint/{hf_to_native,native_to_hf}.py."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tpusft.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, like every tpusft error
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _fetch_from_hub(repo_id: str) -> str:
+    """A local snapshot of a hub model's weights, config and tokenizer (needs network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.model",
+                                                          "*.jinja", "*.txt"])
+    except Exception as e:  # offline, unknown repo, gated model: all one line for the user
+        raise ConfigError(f"{repo_id!r} is not a local directory and could not be downloaded "
+                          f"from the hub: {str(e).splitlines()[0]}") from None
+
+
+def hf_to_native_main(argv: Sequence[str]) -> int:
+    p = _Parser(prog="hf_to_native.py", description=(
+        "Convert a Hugging Face checkpoint (safetensors) to a native Orbax checkpoint at "
+        "<output>/0/items, streaming one tensor at a time."))
+    p.add_argument("hf_path", help="local HF model directory, or a hub id when online")
+    p.add_argument("output", help="output directory (local or gs://)")
+    p.add_argument("--scan_layers", type=_bool, default=True,
+                   help="stack layers for scanning (default true)")
+    p.add_argument("--save_dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype to store (default: the source dtype)")
+    p.add_argument("--model_name", default="",
+                   help="a preset the checkpoint must match (name or YAML path)")
+    a = p.parse_args(argv)
+
+    from tpusft.checkpoint.convert import hf_to_native
+    from tpusft.config.loader import load_preset
+
+    src = a.hf_path
+    if not Path(src).exists():
+        if src.count("/") != 1 or src.startswith((".", "/")):
+            raise ConfigError(f"{src} does not exist")
+        src = _fetch_from_hub(src)
+    preset = load_preset(a.model_name) if a.model_name else None
+    t0 = time.perf_counter()
+    info = hf_to_native(src, a.output, scan_layers=a.scan_layers, save_dtype=a.save_dtype,
+                        preset=preset, preset_name=a.model_name)
+    dt = time.perf_counter() - t0
+    gb = info["bytes"] / 1e9
+    print(f"wrote {info['items']}: {info['tensors']} tensors, {gb:.2f} GB read in {dt:.1f} s "
+          f"({gb / dt:.2f} GB/s), peak RSS {_peak_rss_gib():.2f} GiB")
+    print(f"model keys: {a.output.rstrip('/')}/tpusft_model.yml (use model_name=<that file>)")
+    return 0
+
+
+def native_to_hf_main(argv: Sequence[str]) -> int:
+    p = _Parser(prog="native_to_hf.py", description=(
+        "Convert a native checkpoint (converted, MaxText, or a train_sft run's checkpoints) "
+        "to Hugging Face safetensors + config.json + tokenizer, streaming."))
+    p.add_argument("native_path", help="native checkpoint: <dir>, <dir>/0/items, a run's "
+                   "checkpoints/ (latest step) or one step")
+    p.add_argument("output", help="new local directory for the HF model")
+    p.add_argument("--model_name", default="", help="model preset (name or YAML path); default: "
+                   "found beside the checkpoint or in its run's config.yml")
+    p.add_argument("--hf_assets", default="", help="directory with the original config.json "
+                   "and tokenizer files (default: recorded at conversion time)")
+    p.add_argument("--save_dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the safetensors (default: the checkpoint's)")
+    p.add_argument("--max_shard_size_mb", type=int, default=512,
+                   help="safetensors shard size (MiB)")
+    a = p.parse_args(argv)
+
+    from tpusft.checkpoint.convert import native_to_hf
+    from tpusft.config.loader import load_preset
+
+    keys = load_preset(a.model_name) if a.model_name else None
+    t0 = time.perf_counter()
+    info = native_to_hf(a.native_path, a.output, keys=keys, assets=a.hf_assets or None,
+                        save_dtype=a.save_dtype, max_shard_bytes=a.max_shard_size_mb << 20)
+    dt = time.perf_counter() - t0
+    gb = info["bytes"] / 1e9
+    print(f"wrote {a.output}: {info['tensors']} tensors in {info['shards']} shard(s), "
+          f"{gb:.2f} GB in {dt:.1f} s ({gb / dt:.2f} GB/s), peak RSS {_peak_rss_gib():.2f} GiB")
+    return 0

@@ -1,0 +1,295 @@
+"""Hugging Face safetensors <-> native (MaxText-layout) Orbax checkpoints, streamed.
+
+Both directions hold one HF tensor (or one layer of a stacked native leaf) at a time, plus
+at most one safetensors shard being written, so peak host memory stays near the largest
+tensor, not the model.
+
+A converted native checkpoint directory holds, beside `0/items`:
+  tpusft_model.yml   the model keys (usable as a preset: model_name=<dir>/tpusft_model.yml)
+  hf_assets/         the source config.json, generation_config.json and tokenizer files,
+                     which native_to_hf reuses for the way back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from etils import epath
+
+from tpusft.checkpoint import hf_config, hf_layout
+from tpusft.checkpoint.native import resolve
+from tpusft.checkpoint.streaming import (
+    NativeReader,
+    SafetensorsReader,
+    StreamedArray,
+    save_native,
+)
+from tpusft.config.schema import MODEL_KEYS, Config
+from tpusft.errors import CheckpointError, ConfigError
+from tpusft.models.decoder import ModelArgs
+
+MODEL_FILE = "tpusft_model.yml"
+ASSETS_DIR = "hf_assets"
+ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+               "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = ASSET_FILES[2:]
+
+
+def _dtype(name: str | None) -> np.dtype | None:
+    if not name:
+        return None
+    import ml_dtypes
+
+    table = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+    if name not in table:
+        raise ConfigError(f"save_dtype={name!r} is not one of {', '.join(table)}")
+    return table[name]
+
+
+def model_args(keys: dict[str, Any], scan_layers: bool) -> ModelArgs:
+    cfg = Config()
+    for k, v in keys.items():
+        setattr(cfg, k, v)
+    cfg.scan_layers = scan_layers
+    return ModelArgs.from_config(cfg)
+
+
+def check_against_preset(keys: dict[str, Any], preset: dict[str, Any], name: str) -> None:
+    for k in MODEL_KEYS:
+        if k in preset and k in keys and preset[k] != keys[k]:
+            raise CheckpointError(f"the checkpoint does not match preset {name}: {k} is "
+                                  f"{keys[k]!r} in config.json but {preset[k]!r} in the preset")
+
+
+def _hf_names(reader: SafetensorsReader) -> tuple[str, str]:
+    """(prefix of decoder tensors, lm_head name); multimodal Gemma 3 nests the text model."""
+    names = set(reader.names())
+    for prefix, head in (("model.", "lm_head.weight"),
+                         ("model.language_model.", "lm_head.weight"),
+                         ("language_model.model.", "language_model.lm_head.weight")):
+        if f"{prefix}embed_tokens.weight" in names:
+            return prefix, head
+    raise CheckpointError("no embed_tokens.weight tensor found; is this a decoder-only "
+                          "language model checkpoint?")
+
+
+# --------------------------------------------------------------------------- HF -> native
+def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
+                 save_dtype: str | None = None, preset: dict | None = None,
+                 preset_name: str = "", log=print) -> dict[str, Any]:
+    """Converts a local HF checkpoint; returns a summary (tensors, bytes, peak tensor)."""
+    config = hf_config.load_hf_config(hf_path)
+    keys = hf_config.model_keys(config)
+    if preset:
+        check_against_preset(keys, preset, preset_name)
+    args = model_args(keys, scan_layers)
+    reader = SafetensorsReader(hf_path)
+    prefix, head = _hf_names(reader)
+    leaves = hf_layout.native_leaves(args, prefix, head)
+    want = _dtype(save_dtype)
+
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for name in {p.hf_name for leaf in leaves for p in leaf.pieces}:
+        if name not in reader.files:
+            raise CheckpointError(f"{hf_path}: tensor {name} is missing (the index or the "
+                                  f"shards do not match config.json)")
+        with safe_open(reader.files[name], "np") as f:
+            sl = f.get_slice(name)
+            shapes[name], dtypes[name] = tuple(sl.get_shape()), sl.get_dtype()
+    for leaf in leaves:
+        for p in leaf.pieces:
+            if shapes[p.hf_name] != p.hf_shape:
+                raise CheckpointError(f"{hf_path}: {p.hf_name} has shape {shapes[p.hf_name]} "
+                                      f"but config.json implies {p.hf_shape}")
+
+    params: dict[str, Any] = {}
+    largest = 0
+    for leaf in leaves:
+        src = dtypes[leaf.pieces[0].hf_name]
+        dtype = want or _dtype({"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+                               .get(src, "float32"))
+        largest = max(largest, int(np.prod(leaf.pieces[0].hf_shape)) * dtype.itemsize)
+
+        def blocks(leaf=leaf) -> Iterator:
+            for p in leaf.pieces:
+                x = p.to_native(reader.get(p.hf_name))
+                if p.index is None:
+                    yield (slice(None),) * x.ndim, x
+                else:
+                    yield (slice(None), slice(p.index, p.index + 1)), x[:, None]
+
+        block = leaf.shape if not leaf.stacked else (leaf.shape[0], 1, *leaf.shape[2:])
+        node = params
+        for k in leaf.path[:-1]:
+            node = node.setdefault(k, {})
+        node[leaf.path[-1]] = StreamedArray(leaf.shape, dtype, block, blocks)
+
+    used = {p.hf_name for leaf in leaves for p in leaf.pieces}
+    unused = [n for n in reader.names() if n not in used]
+    if unused:
+        log(f"note: {len(unused)} tensors not part of the text decoder are left out "
+            f"(e.g. {unused[0]})")
+    items = save_native(output, params, scan_layers)
+
+    out = epath.Path(output)
+    meta = {k: keys[k] for k in MODEL_KEYS if k in keys}
+    (out / MODEL_FILE).write_text(
+        f"# Model keys of the checkpoint converted from {hf_path}\n" + yaml.safe_dump(meta))
+    assets = out / ASSETS_DIR
+    assets.mkdir(parents=True, exist_ok=True)
+    for name in ASSET_FILES:
+        src = Path(hf_path, name)
+        if src.exists():
+            (assets / name).write_bytes(src.read_bytes())
+    return {"items": items, "tensors": len(used), "bytes": reader.bytes_read,
+            "largest_tensor_bytes": largest, "model_keys": meta}
+
+
+# --------------------------------------------------------------------------- native -> HF
+def find_model_keys(native_path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(model keys, hf_assets directory) recorded beside a native checkpoint or its run."""
+    p = epath.Path(native_path)
+    for d in [p, *list(p.parents)[:4]]:
+        if (d / MODEL_FILE).exists():
+            keys = yaml.safe_load((d / MODEL_FILE).read_text())
+            assets = d / ASSETS_DIR
+            return keys, str(assets) if assets.exists() else None
+        if (d / "config.yml").exists() and (d / "checkpoints").exists():
+            run = yaml.safe_load((d / "config.yml").read_text()) or {}
+            keys = {k: run[k] for k in MODEL_KEYS if k in run}
+            assets = None
+            if run.get("load_parameters_path"):
+                _, assets = find_model_keys(run["load_parameters_path"])
+            if assets is None and run.get("tokenizer_path"):
+                assets = run["tokenizer_path"]
+            return keys, assets
+    return None, None
+
+
+def _leaf_reader(reader: NativeReader, leaf: hf_layout.Leaf, budget: int):
+    """Yields (piece, native block) for a leaf, whole-leaf reads when under `budget` bytes."""
+    if leaf.stacked and int(np.prod(leaf.shape)) * 4 <= budget:
+        whole = reader.read(leaf.path)
+        for p in leaf.pieces:
+            yield p, whole[:, p.index]
+        return
+    for p in leaf.pieces:
+        yield p, reader.read(leaf.path, p.index)
+
+
+def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None = None,
+                 assets: str | None = None, save_dtype: str | None = None,
+                 max_shard_bytes: int = 1 << 29, log=print) -> dict[str, Any]:
+    """Writes HF safetensors shards, index, config.json, generation_config.json, tokenizer."""
+    from safetensors.numpy import save_file
+
+    found_keys, found_assets = find_model_keys(native_path)
+    keys = keys or found_keys
+    assets = assets or found_assets
+    if not keys or "model_family" not in keys:
+        raise CheckpointError(f"no model keys found for {native_path}; pass --model_name (a "
+                              f"preset name or a YAML of model keys)")
+    if "://" in output:
+        raise CheckpointError("the Hugging Face output must be a local directory")
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{output} exists and is not empty; choose a new directory")
+
+    items, kind = resolve(native_path)
+    prefix = ("params", "params") if kind == "maxtext" else ()
+    reader = NativeReader(items, prefix)
+    scanned = not any(e[:2] == ("decoder", "layers_0") for e in reader.entries)
+    args = model_args(keys, scanned)
+    leaves = hf_layout.native_leaves(args)
+    for leaf in leaves:
+        have = reader.shape(leaf.path)
+        if have != leaf.shape:
+            raise CheckpointError(f"{native_path}: {leaf.name} has shape {have} but the model "
+                                  f"keys imply {leaf.shape}; check --model_name")
+    want = _dtype(save_dtype)
+    budget = max(int(np.prod(lf.pieces[0].hf_shape)) for lf in leaves) * 4
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists()
+                                else None))
+    try:
+        shards: list[list[str]] = []
+        current: dict[str, np.ndarray] = {}
+        size, total, count = 0, 0, 0
+
+        def flush():
+            nonlocal current, size
+            if current:
+                save_file(current, str(tmp / f"shard-{len(shards):05d}.safetensors"),
+                          metadata={"format": "pt"})
+                shards.append(list(current))
+                current, size = {}, 0
+
+        first_dtype = None
+        for leaf in leaves:
+            for p, block in _leaf_reader(reader, leaf, budget):
+                t = np.ascontiguousarray(p.to_hf(block))
+                t = t.astype(want or t.dtype, copy=False)
+                first_dtype = first_dtype or t.dtype
+                if size and size + t.nbytes > max_shard_bytes:
+                    flush()
+                current[p.hf_name] = t
+                size += t.nbytes
+                total += t.nbytes
+                count += 1
+        flush()
+        reader.close()
+
+        n = len(shards)
+        weight_map = {}
+        for i, names in enumerate(shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp / f"shard-{i:05d}.safetensors", tmp / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        _write_hf_metadata(tmp, keys, assets, str(first_dtype))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"tensors": count, "bytes": total, "shards": n, "bytes_read": reader.bytes_read}
+
+
+def _write_hf_metadata(out: Path, keys: dict[str, Any], assets: str | None,
+                       dtype: str) -> None:
+    import transformers
+
+    base = None
+    if assets and Path(assets, "config.json").exists():
+        try:
+            base = transformers.AutoConfig.from_pretrained(assets)
+        except (OSError, ValueError):
+            base = None
+    dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(dtype, "float32")
+    config = hf_config.hf_config_for(keys, base, dtype)
+    config.save_pretrained(out)
+    if assets and Path(assets, "generation_config.json").exists():
+        shutil.copy(Path(assets, "generation_config.json"), out / "generation_config.json")
+    else:
+        transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
+    if assets:
+        for name in TOKENIZER_FILES:
+            if Path(assets, name).exists():
+                shutil.copy(Path(assets, name), out / name)

@@ -1,0 +1,153 @@
+"""Hugging Face config.json <-> tpusft model keys (the values a model preset holds)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tpusft.config.schema import MODEL_KEYS
+from tpusft.errors import CheckpointError
+from tpusft.models.families import FAMILIES
+
+_BY_MODEL_TYPE = {f.hf_model_type: f.name for f in FAMILIES.values()}
+_BY_MODEL_TYPE["gemma3"] = "gemma3"  # Gemma3ForConditionalGeneration: its text_config
+
+
+def _supported() -> str:
+    return ", ".join(f.hf_architecture for f in FAMILIES.values())
+
+
+def load_hf_config(path: str) -> Any:
+    """transformers' config object for a local HF directory (or a hub id when online)."""
+    import transformers
+
+    try:
+        with open(f"{path}/config.json") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raw = None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
+    if raw is not None and raw.get("model_type") not in _BY_MODEL_TYPE:
+        arch = (raw.get("architectures") or ["?"])[0]
+        raise CheckpointError(f"{path}/config.json: architecture {arch} (model_type "
+                              f"{raw.get('model_type')!r}) is not supported; supported: "
+                              f"{_supported()}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read a Hugging Face config from {path!r}: "
+                              f"{str(e).splitlines()[0]}") from None
+    if config.model_type not in _BY_MODEL_TYPE:
+        raise CheckpointError(f"{path}: model_type {config.model_type!r} is not supported; "
+                              f"supported: {_supported()}")
+    return config
+
+
+def text_config(config: Any) -> Any:
+    return config.get_text_config() if config.model_type == "gemma3" else config
+
+
+def model_keys(config: Any) -> dict[str, Any]:
+    """The tpusft model keys (a preset) equivalent to an HF config."""
+    top = config
+    c = text_config(config)
+    family = _BY_MODEL_TYPE[c.model_type]
+    heads = c.num_attention_heads
+    keys: dict[str, Any] = {
+        "model_family": family,
+        "vocab_size": c.vocab_size,
+        "base_emb_dim": c.hidden_size,
+        "base_num_decoder_layers": c.num_hidden_layers,
+        "base_num_query_heads": heads,
+        "base_num_kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads,
+        "base_mlp_dim": c.intermediate_size,
+        "normalization_layer_epsilon": float(c.rms_norm_eps),
+        "logits_via_embedding": bool(getattr(top, "tie_word_embeddings", False)
+                                     or getattr(c, "tie_word_embeddings", False)),
+    }
+    rope = c.rope_parameters or {}
+    local = None
+    if "full_attention" in rope:  # per layer type (Gemma 3)
+        local = rope.get("sliding_attention")
+        rope = rope["full_attention"]
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "llama3", "linear"):
+        raise CheckpointError(f"RoPE type {rope_type!r} is not supported (default, llama3, "
+                              f"linear)")
+    keys["rope_max_timescale"] = float(rope.get("rope_theta", 10000.0))
+    keys["rope_type"] = rope_type
+    if rope_type in ("llama3", "linear"):
+        keys["rope_scaling_factor"] = float(rope["factor"])
+    if rope_type == "llama3":
+        keys["rope_low_freq_factor"] = float(rope["low_freq_factor"])
+        keys["rope_high_freq_factor"] = float(rope["high_freq_factor"])
+        keys["rope_original_max_position"] = int(rope["original_max_position_embeddings"])
+    if local is not None:
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError("scaled RoPE on sliding-window layers is not supported")
+        keys["local_rope_max_timescale"] = float(local.get("rope_theta", 10000.0))
+
+    window = getattr(c, "sliding_window", None) or 0
+    if family == "qwen2" and not getattr(c, "use_sliding_window", False):
+        window = 0
+    if family == "qwen2" and window:
+        raise CheckpointError("Qwen2 with use_sliding_window=true is not supported")
+    keys["sliding_window_size"] = int(window)
+    if family.startswith("gemma"):
+        keys["attn_logits_soft_cap"] = float(getattr(c, "attn_logit_softcapping", None) or 0)
+        keys["final_logits_soft_cap"] = float(getattr(c, "final_logit_softcapping", None) or 0)
+        keys["query_pre_attn_scalar"] = float(c.query_pre_attn_scalar)
+    act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", "silu")
+    expected = FAMILIES[family].activation
+    if {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act) != expected:
+        raise CheckpointError(f"activation {act!r} is not what {family} uses")
+    return keys
+
+
+def hf_config_for(keys: Any, base: Any = None, dtype: str = "float32") -> Any:
+    """A transformers config for tpusft model keys (a Config or a dict of model keys).
+
+    `base` (an HF config the checkpoint came from) keeps fields tpusft does not model
+    (token ids, max_position_embeddings, ...); architecture values always come from `keys`.
+    """
+    import transformers
+
+    k = keys if isinstance(keys, dict) else {f: getattr(keys, f) for f in MODEL_KEYS}
+    fam = FAMILIES[k["model_family"]]
+    kwargs: dict[str, Any] = {}
+    if base is not None and text_config(base).model_type == fam.hf_model_type:
+        kwargs = text_config(base).to_dict()
+        for drop in ("architectures", "model_type", "transformers_version", "rope_scaling",
+                     "rope_theta", "layer_types", "dtype", "torch_dtype"):
+            kwargs.pop(drop, None)
+    rope: dict[str, Any] = {"rope_type": k["rope_type"], "rope_theta": k["rope_max_timescale"]}
+    if k["rope_type"] in ("llama3", "linear"):
+        rope["factor"] = k["rope_scaling_factor"]
+    if k["rope_type"] == "llama3":
+        rope.update(low_freq_factor=k["rope_low_freq_factor"],
+                    high_freq_factor=k["rope_high_freq_factor"],
+                    original_max_position_embeddings=k["rope_original_max_position"])
+    if fam.name == "gemma3":
+        rope = {"full_attention": rope,
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": k["local_rope_max_timescale"] or 10000.0}}
+    kwargs.update(
+        vocab_size=k["vocab_size"], hidden_size=k["base_emb_dim"],
+        num_hidden_layers=k["base_num_decoder_layers"],
+        num_attention_heads=k["base_num_query_heads"],
+        num_key_value_heads=k["base_num_kv_heads"], head_dim=k["head_dim"],
+        intermediate_size=k["base_mlp_dim"], rms_norm_eps=k["normalization_layer_epsilon"],
+        tie_word_embeddings=k["logits_via_embedding"], rope_parameters=rope,
+        architectures=[fam.hf_architecture], dtype=dtype)
+    if k["rope_type"] == "llama3" and "max_position_embeddings" not in kwargs:
+        kwargs["max_position_embeddings"] = 16 * k["rope_original_max_position"]
+    if fam.name in ("mistral", "gemma2", "gemma3"):
+        kwargs["sliding_window"] = k["sliding_window_size"] or None
+    if fam.name.startswith("gemma"):
+        kwargs["query_pre_attn_scalar"] = k["query_pre_attn_scalar"] or k["head_dim"]
+        kwargs["attn_logit_softcapping"] = k["attn_logits_soft_cap"] or None
+        kwargs["final_logit_softcapping"] = k["final_logits_soft_cap"] or None
+    return transformers.AutoConfig.for_model(fam.hf_model_type, **kwargs)
+

@@ -1,0 +1,158 @@
+"""Tensor-at-a-time I/O for conversions: host memory stays near the largest single tensor.
+
+* `SafetensorsReader` opens a shard only for the one tensor it reads (its mapping is closed
+  again, so pages of tensors already converted do not stay resident).
+* `StreamedArray` is a native leaf that Orbax writes block by block: a registered Orbax type
+  handler opens the leaf's TensorStore array with one chunk per block (one layer of a stacked
+  leaf) and writes the blocks in turn, so a stacked leaf is never whole in memory. On disk
+  it is an ordinary Orbax array that any Orbax/MaxText reader restores.
+* `NativeReader` reads a native checkpoint's leaves, or single layers of stacked leaves,
+  through TensorStore with the specs Orbax itself uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint._src.futures import future
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from safetensors import safe_open
+
+from tpusft.errors import CheckpointError
+
+Block = tuple[tuple[slice, ...], np.ndarray]
+
+
+class SafetensorsReader:
+    """Tensors of a local HF checkpoint directory by name (single file or sharded + index)."""
+
+    def __init__(self, directory: str):
+        d = epath.Path(directory)
+        index = d / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: str(d / f) for name, f in weight_map.items()}
+            missing = sorted({f for f in self.files.values() if not epath.Path(f).exists()})
+            if missing:
+                raise CheckpointError(f"{directory}: shard {epath.Path(missing[0]).name} listed "
+                                      f"in model.safetensors.index.json is missing "
+                                      f"({len(missing)} missing)")
+        elif (d / "model.safetensors").exists():
+            with safe_open(str(d / "model.safetensors"), "np") as f:
+                self.files = {name: str(d / "model.safetensors") for name in f.keys()}
+        else:
+            raise CheckpointError(f"{directory} has no model.safetensors or "
+                                  f"model.safetensors.index.json")
+        self.bytes_read = 0
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint")
+        with safe_open(self.files[name], "np") as f:
+            t = f.get_tensor(name)
+        self.bytes_read += t.nbytes
+        return t
+
+
+class StreamedArray:
+    """A leaf of known shape/dtype whose contents arrive as blocks of `block_shape`."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, block_shape: tuple[int, ...],
+                 blocks: Callable[[], Iterator[Block]]):
+        self.shape, self.dtype, self.block_shape = tuple(shape), np.dtype(dtype), block_shape
+        self.blocks = blocks
+        self.ndim = len(shape)
+        self.size = int(np.prod(shape))
+
+
+class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Writes StreamedArrays one block at a time; stored exactly as Orbax stores arrays."""
+
+    async def _write_all(self, values, infos, args):
+        for value, info, arg in zip(values, infos, args, strict=True):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=value.shape, local_shape=value.block_shape,
+                dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint),
+                metadata_key=self._metadata_key)
+            t = await ts.open(ts.Spec(spec.json), create=True, open=True,
+                              context=info.ts_context)
+            for index, block in value.blocks():
+                await t[index].write(block.astype(value.dtype, copy=False))
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [future.CommitFutureAwaitingContractedSignals(
+            self._write_all(values, infos, args), name="tpusft_streamed_array")]
+
+
+ocp.type_handlers.register_type_handler(StreamedArray, StreamedArrayHandler(), override=True)
+
+
+def save_native(directory: str, params: dict, scan_layers: bool) -> str:
+    """Writes `params` as a MaxText-layout checkpoint at <directory>/0/items."""
+    root = epath.Path(directory)
+    if "://" not in directory:
+        root = root.absolute()
+    if (root / "0").exists():
+        raise CheckpointError(f"{root}/0 already exists; choose an empty output directory")
+    tree = {"step": 0, "opt_state": {}, "params": {"params": params}}
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    with ocp.CheckpointManager(root, item_names=("items",), options=options) as mngr:
+        mngr.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)),
+                  custom_metadata={"scan_layers": scan_layers})
+        mngr.wait_until_finished()
+    return str(root / "0" / "items")
+
+
+class NativeReader:
+    """Leaves of a native parameter PyTree (`items` directory), whole or one layer at a time."""
+
+    def __init__(self, items: epath.Path, prefix: tuple[str, ...]):
+        self.items = items
+        meta = json.loads((items / "_METADATA").read_text())
+        self.use_zarr3 = bool(meta.get("use_zarr3", False))
+        self.entries: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for entry in meta["tree_metadata"].values():
+            keys = tuple(k["key"] for k in entry["key_metadata"])
+            if keys[:len(prefix)] == prefix:
+                rel = keys[len(prefix):]
+                if rel and rel[-1] == "value":  # Tunix/NNX training checkpoints
+                    rel = rel[:-1]
+                self.entries[rel] = keys
+        self.bytes_read = 0
+        self._loop = asyncio.new_event_loop()
+
+    def _open(self, rel: tuple[str, ...]):
+        if rel not in self.entries:
+            raise CheckpointError(f"{self.items}: parameter {'/'.join(rel)} is missing; check "
+                                  f"the model preset and scan_layers")
+        spec = ts_utils.ArrayReadSpec(str(self.items), ".".join(self.entries[rel]),
+                                      self.use_zarr3, use_ocdbt=True).json
+        return self._loop.run_until_complete(ts.open(ts.Spec(spec), open=True))
+
+    def shape(self, rel: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self._open(rel).shape)
+
+    def read(self, rel: tuple[str, ...], index: int | None = None) -> np.ndarray:
+        t = self._open(rel)
+        view = t if index is None else t[:, index]
+        out = self._loop.run_until_complete(view.read())
+        self.bytes_read += out.nbytes
+        return out
+
+    def close(self) -> None:
+        self._loop.close()

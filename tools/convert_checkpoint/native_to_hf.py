@@ -1,0 +1,7 @@
+"""Checkpoint conversion: see `python tools/convert_checkpoint/native_to_hf.py --help`."""
+
+from tpusft.checkpoint.cli import native_to_hf_main
+from tpusft.errors import run_cli
+
+if __name__ == "__main__":
+    run_cli(native_to_hf_main)
