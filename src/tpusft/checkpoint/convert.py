@@ -123,9 +123,11 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
                                .get(src, "float32"))
         largest = max(largest, int(np.prod(leaf.pieces[0].hf_shape)) * dtype.itemsize)
 
-        def blocks(leaf=leaf) -> Iterator:
+        def blocks(leaf=leaf, dtype=dtype) -> Iterator:
             for p in leaf.pieces:
-                x = p.to_native(reader.get(p.hf_name))
+                # Transform in the stored dtype (a bf16 source saved as float32 keeps the
+                # full-precision result of MaxText's scalings).
+                x = p.to_native(reader.get(p.hf_name).astype(dtype, copy=False))
                 if p.index is None:
                     yield (slice(None),) * x.ndim, x
                 else:

@@ -146,7 +146,8 @@ def hf_config_for(keys: Any, base: Any = None, dtype: str = "float32") -> Any:
     if fam.name in ("mistral", "gemma2", "gemma3"):
         kwargs["sliding_window"] = k["sliding_window_size"] or None
     if fam.name.startswith("gemma"):
-        kwargs["query_pre_attn_scalar"] = k["query_pre_attn_scalar"] or k["head_dim"]
+        scalar = float(k["query_pre_attn_scalar"] or k["head_dim"])
+        kwargs["query_pre_attn_scalar"] = int(scalar) if scalar.is_integer() else scalar
         kwargs["attn_logit_softcapping"] = k["attn_logits_soft_cap"] or None
         kwargs["final_logit_softcapping"] = k["final_logits_soft_cap"] or None
     return transformers.AutoConfig.for_model(fam.hf_model_type, **kwargs)

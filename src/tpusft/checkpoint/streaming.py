@@ -135,6 +135,7 @@ class NativeReader:
                 self.entries[rel] = keys
         self.bytes_read = 0
         self._loop = asyncio.new_event_loop()
+        self._context = ts_utils.get_ts_context(use_ocdbt=True)
 
     def _open(self, rel: tuple[str, ...]):
         if rel not in self.entries:
@@ -142,7 +143,8 @@ class NativeReader:
                                   f"the model preset and scan_layers")
         spec = ts_utils.ArrayReadSpec(str(self.items), ".".join(self.entries[rel]),
                                       self.use_zarr3, use_ocdbt=True).json
-        return self._loop.run_until_complete(ts.open(ts.Spec(spec), open=True))
+        return self._loop.run_until_complete(ts.open(ts.Spec(spec), open=True,
+                                                    context=self._context))
 
     def shape(self, rel: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(self._open(rel).shape)
