@@ -114,7 +114,12 @@ def hf_config_for(keys: Any, base: Any = None, dtype: str = "float32") -> Any:
     """
     import transformers
 
-    k = keys if isinstance(keys, dict) else {f: getattr(keys, f) for f in MODEL_KEYS}
+    from tpusft.config.schema import Config
+
+    source = keys if not isinstance(keys, dict) else Config()
+    k = {f: getattr(source, f) for f in MODEL_KEYS}
+    if isinstance(keys, dict):
+        k.update(keys)
     fam = FAMILIES[k["model_family"]]
     kwargs: dict[str, Any] = {}
     if base is not None and text_config(base).model_type == fam.hf_model_type:
