@@ -50,12 +50,12 @@ TINY = {
 }
 
 
-def build_hf_model(name: str, seed: int = 0):
+def build_hf_model(name: str, seed: int = 0, **overrides):
     """A float32 HF causal LM with every weight random (norms around their identity)."""
     import torch
     import transformers
 
-    kwargs = dict(TINY[name])
+    kwargs = {**TINY[name], **overrides}
     config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     torch.manual_seed(seed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -99,7 +100,20 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
             self._write_all(values, infos, args), name="tpusft_streamed_array")]
 
 
-ocp.type_handlers.register_type_handler(StreamedArray, StreamedArrayHandler(), override=True)
+def _register() -> None:
+    # Orbax logs a warning because the handler shares np.ndarray's type name on purpose: the
+    # stored leaves are plain arrays to every reader.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(StreamedArray, StreamedArrayHandler(),
+                                                override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register()
 
 
 def save_native(directory: str, params: dict, scan_layers: bool) -> str:

@@ -1,0 +1,122 @@
+"""The converter command lines: one-line errors with exit code 2, nothing overwritten, and a
+train_sft checkpoint exported to HF that transformers loads with the trained values."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, run_cli
+from hf_oracle import build_hf_model, hf_logits
+
+DEMO = "configs/demo/sft.yml"
+
+
+def tool(name: str, *args: str):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, f"tools/convert_checkpoint/{name}.py", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf") / "llama"
+    build_hf_model("llama3").save_pretrained(d)
+    return d
+
+
+def test_round_trip_through_the_command_lines(tiny_hf, tmp_path):
+    proc = tool("hf_to_native", str(tiny_hf), str(tmp_path / "native"), "--scan_layers", "false",
+                "--save_dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GB/s" in proc.stdout and "peak RSS" in proc.stdout
+    assert (tmp_path / "native" / "0" / "items").is_dir()
+    meta = json.loads((tmp_path / "native" / "0" / "_CHECKPOINT_METADATA").read_text())
+    assert meta["custom_metadata"] == {"scan_layers": False}
+    proc = tool("native_to_hf", str(tmp_path / "native"), str(tmp_path / "back"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["dtype"] == "bfloat16"
+
+
+def test_errors_are_one_line_with_exit_2(tiny_hf, tmp_path):
+    # Unknown architecture.
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2",
+                                                 "architectures": ["GPT2LMHeadModel"]}))
+    _one_line_error(tool("hf_to_native", str(bad), str(tmp_path / "o1")),
+                    "GPT2LMHeadModel (model_type 'gpt2') is not supported")
+    # Shape mismatch against the preset the user names.
+    _one_line_error(tool("hf_to_native", str(tiny_hf), str(tmp_path / "o2"), "--model_name",
+                         "llama3.2-1b"), "does not match preset llama3.2-1b")
+    # Missing shard.
+    sharded = tmp_path / "sharded"
+    build_hf_model("llama3").save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    _one_line_error(tool("hf_to_native", str(sharded), str(tmp_path / "o3")),
+                    f"shard {shards[-1].name} listed in model.safetensors.index.json is missing")
+    # Not a native checkpoint.
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    _one_line_error(tool("native_to_hf", str(tmp_path / "junk"), str(tmp_path / "o4"),
+                         "--model_name", "demo-tiny"), "is not a native checkpoint")
+    # Wrong preset for a native checkpoint; an existing output directory is left alone.
+    assert tool("hf_to_native", str(tiny_hf), str(tmp_path / "n")).returncode == 0
+    _one_line_error(tool("native_to_hf", str(tmp_path / "n"), str(tmp_path / "o5"),
+                         "--model_name", "demo-tiny"), "but the model keys imply")
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "mine.txt").write_text("precious")
+    _one_line_error(tool("native_to_hf", str(tmp_path / "n"), str(tmp_path / "keep")),
+                    "exists and is not empty")
+    assert (tmp_path / "keep" / "mine.txt").read_text() == "precious"
+    # Converting onto an existing checkpoint is refused too.
+    _one_line_error(tool("hf_to_native", str(tiny_hf), str(tmp_path / "n")), "already exists")
+    _one_line_error(tool("hf_to_native", str(tiny_hf), str(tmp_path / "o6"), "--scan_layers",
+                         "maybe"), "expected true or false")
+
+
+@pytest.mark.slow
+def test_training_checkpoint_exports_to_hf(tmp_path):
+    """A train_sft run's checkpoint -> HF; transformers' logits equal tpusft's on it."""
+    import transformers
+
+    from tpusft.checkpoint.convert import find_model_keys, model_args
+    from tpusft.checkpoint.native import restore_params
+    from tpusft.models.decoder import create_model
+
+    run = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={tmp_path}",
+                  "run_name=r", "steps=6", "checkpoint_period=6", "global_batch_size=8",
+                  "max_target_length=64", "eval_steps=1", "async_checkpointing=false")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpts = tmp_path / "r" / "checkpoints"
+    proc = tool("native_to_hf", str(ckpts), str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("12+30=")["input_ids"]
+    assert len(ids) >= 6
+
+    keys, _ = find_model_keys(str(ckpts))
+    model = create_model(model_args(keys, True).__class__(
+        **{**model_args(keys, True).__dict__, "dtype": "float32"}), None)
+    restore_params(model, str(ckpts))
+    tokens = np.array([ids * 3])
+    pos = jnp.arange(tokens.shape[1])[None]
+    ours = np.asarray(model(jnp.asarray(tokens), pos)[0])
+    ref = hf_logits(hf.eval(), tokens)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * float(ref.max() - ref.min()))
