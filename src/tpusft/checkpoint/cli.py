@@ -25,6 +25,15 @@ def _bool(text: str) -> bool:
 
 
 def _peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would include the high-water
+    mark a parent had when it forked us)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -63,6 +72,8 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
             raise ConfigError(f"{src} does not exist")
         src = _fetch_from_hub(src)
     preset = load_preset(a.model_name) if a.model_name else None
+    import transformers  # noqa: F401  (imported before the clock starts)
+
     t0 = time.perf_counter()
     info = hf_to_native(src, a.output, scan_layers=a.scan_layers, save_dtype=a.save_dtype,
                         preset=preset, preset_name=a.model_name)
@@ -95,6 +106,8 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
     from tpusft.config.loader import load_preset
 
     keys = load_preset(a.model_name) if a.model_name else None
+    import transformers  # noqa: F401  (imported before the clock starts)
+
     t0 = time.perf_counter()
     info = native_to_hf(a.native_path, a.output, keys=keys, assets=a.hf_assets or None,
                         save_dtype=a.save_dtype, max_shard_bytes=a.max_shard_size_mb << 20)

@@ -16,7 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,27 @@ ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
                "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
 TOKENIZER_FILES = ASSET_FILES[2:]
+
+
+PREFETCH_MAX_BYTES = 256 << 20
+
+
+def ordered_prefetch(fn: Callable[[Any], Any], items: list, nbytes: Callable[[Any], int],
+                     workers: int = 2) -> Iterator:
+    """fn(item) for each item, in order, computed up to `workers` items ahead on threads
+    (numpy and TensorStore release the GIL) while the caller consumes; items larger than
+    PREFETCH_MAX_BYTES are computed one at a time so memory stays bounded."""
+    if not items:
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: list = []
+        nxt = 0
+        for _ in range(len(items)):
+            while nxt < len(items) and len(pending) < workers and (
+                    not pending or nbytes(items[nxt]) <= PREFETCH_MAX_BYTES):
+                pending.append(pool.submit(fn, items[nxt]))
+                nxt += 1
+            yield pending.pop(0).result()
 
 
 def _dtype(name: str | None) -> np.dtype | None:
@@ -123,15 +145,17 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
                                .get(src, "float32"))
         largest = max(largest, int(np.prod(leaf.pieces[0].hf_shape)) * dtype.itemsize)
 
-        def blocks(leaf=leaf, dtype=dtype) -> Iterator:
-            for p in leaf.pieces:
-                # Transform in the stored dtype (a bf16 source saved as float32 keeps the
-                # full-precision result of MaxText's scalings).
-                x = p.to_native(reader.get(p.hf_name).astype(dtype, copy=False))
-                if p.index is None:
-                    yield (slice(None),) * x.ndim, x
-                else:
-                    yield (slice(None), slice(p.index, p.index + 1)), x[:, None]
+        def load(p, dtype=dtype):
+            # Transform in the stored dtype (a bf16 source saved as float32 keeps the
+            # full-precision result of MaxText's scalings).
+            x = p.to_native(reader.get(p.hf_name).astype(dtype, copy=False))
+            if p.index is None:
+                return (slice(None),) * x.ndim, x
+            return (slice(None), slice(p.index, p.index + 1)), x[:, None]
+
+        def blocks(leaf=leaf, load=load, dtype=dtype) -> Iterator:
+            size = int(np.prod(leaf.pieces[0].hf_shape)) * dtype.itemsize
+            return ordered_prefetch(load, list(leaf.pieces), lambda _: size)
 
         block = leaf.shape if not leaf.stacked else (leaf.shape[0], 1, *leaf.shape[2:])
         node = params
@@ -181,15 +205,16 @@ def find_model_keys(native_path: str) -> tuple[dict[str, Any] | None, str | None
     return None, None
 
 
-def _leaf_reader(reader: NativeReader, leaf: hf_layout.Leaf, budget: int):
-    """Yields (piece, native block) for a leaf, whole-leaf reads when under `budget` bytes."""
-    if leaf.stacked and int(np.prod(leaf.shape)) * 4 <= budget:
-        whole = reader.read(leaf.path)
-        for p in leaf.pieces:
-            yield p, whole[:, p.index]
-        return
-    for p in leaf.pieces:
-        yield p, reader.read(leaf.path, p.index)
+def _hf_tensors(reader: NativeReader, leaves: list[hf_layout.Leaf], dtype: np.dtype | None):
+    """Yields (HF name, HF tensor) for every piece of every leaf, read layer by layer and
+    transformed a few pieces ahead on worker threads."""
+    def load(item):
+        leaf, p = item
+        t = np.ascontiguousarray(p.to_hf(reader.read(leaf.path, p.index)))
+        return p.hf_name, t.astype(dtype or t.dtype, copy=False)
+
+    items = [(leaf, p) for leaf in leaves for p in leaf.pieces]
+    yield from ordered_prefetch(load, items, lambda it: int(np.prod(it[1].hf_shape)) * 4)
 
 
 def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None = None,
@@ -222,7 +247,6 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
             raise CheckpointError(f"{native_path}: {leaf.name} has shape {have} but the model "
                                   f"keys imply {leaf.shape}; check --model_name")
     want = _dtype(save_dtype)
-    budget = max(int(np.prod(lf.pieces[0].hf_shape)) for lf in leaves) * 4
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists()
                                 else None))
@@ -240,17 +264,14 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
                 current, size = {}, 0
 
         first_dtype = None
-        for leaf in leaves:
-            for p, block in _leaf_reader(reader, leaf, budget):
-                t = np.ascontiguousarray(p.to_hf(block))
-                t = t.astype(want or t.dtype, copy=False)
-                first_dtype = first_dtype or t.dtype
-                if size and size + t.nbytes > max_shard_bytes:
-                    flush()
-                current[p.hf_name] = t
-                size += t.nbytes
-                total += t.nbytes
-                count += 1
+        for name, t in _hf_tensors(reader, leaves, want):
+            first_dtype = first_dtype or t.dtype
+            if size and size + t.nbytes > max_shard_bytes:
+                flush()
+            current[name] = t
+            size += t.nbytes
+            total += t.nbytes
+            count += 1
         flush()
         reader.close()
 
