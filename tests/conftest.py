@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -43,3 +44,30 @@ def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600
                     **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def gcs_emulator(tmp_path):
+    """A local GCS emulator (gcp-storage-emulator) on a free loopback port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = REPO / "tests" / "gcs_emulator.py"
+    proc = subprocess.Popen([sys.executable, str(launcher), str(port), "tpusft-test"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    # gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST; Orbax's tensorstore reads
+    # TENSORSTORE_GCS_HTTP_URL and skips credentials with a fixed token.
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "test"}
+    yield env
+    proc.terminate()
+    proc.wait(timeout=10)

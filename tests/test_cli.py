@@ -133,33 +133,6 @@ def test_demo_learns_and_generates(tmp_path):
     assert re.fullmatch(r"\d+", gen.stdout.strip().splitlines()[-1]), gen.stdout
 
 
-@pytest.fixture()
-def gcs_emulator(tmp_path):
-    """A local GCS emulator (gcp-storage-emulator) on a free loopback port."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = Path(__file__).parent / "gcs_emulator.py"
-    proc = subprocess.Popen([sys.executable, str(launcher), str(port), "tpusft-test"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    # gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST; Orbax's tensorstore reads
-    # TENSORSTORE_GCS_HTTP_URL and skips credentials with a fixed token.
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "test"}
-    yield env
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 @pytest.mark.slow
 def test_gcs_output_directory(tmp_path, gcs_emulator, monkeypatch):
     base = "gs://tpusft-test/runs"

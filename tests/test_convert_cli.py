@@ -120,3 +120,20 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     ours = np.asarray(model(jnp.asarray(tokens), pos)[0])
     ref = hf_logits(hf.eval(), tokens)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * float(ref.max() - ref.min()))
+
+
+@pytest.mark.slow
+def test_gcs_native_checkpoint_both_ways(tiny_hf, tmp_path, gcs_emulator, monkeypatch):
+    """hf_to_native writes to gs:// and native_to_hf reads from there (local GCS emulator)."""
+    from safetensors.numpy import load_file
+
+    env = {**gcs_emulator, "HOME": str(tmp_path)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    proc = tool("hf_to_native", str(tiny_hf), "gs://tpusft-test/ckpt/llama")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = tool("native_to_hf", "gs://tpusft-test/ckpt/llama", str(tmp_path / "back"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(tiny_hf / "model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
