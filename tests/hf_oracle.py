@@ -84,3 +84,27 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None,
         kw["position_ids"] = torch.tensor(positions, dtype=torch.long)
     with torch.no_grad():
         return model(torch.tensor(tokens, dtype=torch.long), **kw).logits.float().numpy()
+
+
+def hf_tensors(directory) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors checkpoint directory (all shards)."""
+    import glob
+
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(glob.glob(f"{directory}/*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def native_tensors(path) -> dict[str, np.ndarray]:
+    """Every parameter of a native (MaxText-layout) checkpoint, by 'a/b/c' name."""
+    from tpusft.checkpoint.native import resolve
+    from tpusft.checkpoint.streaming import NativeReader
+
+    items, _ = resolve(str(path))
+    reader = NativeReader(items, ("params", "params"))
+    out = {"/".join(k): reader.read(k) for k in reader.entries}
+    reader.close()
+    return out

@@ -8,12 +8,10 @@ import glob
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_oracle import TINY, build_hf_model, hf_logits
-from safetensors.numpy import load_file
+from hf_oracle import TINY, build_hf_model, hf_logits, hf_tensors, native_tensors
 
 from tpusft.checkpoint.convert import hf_to_native, model_args, native_to_hf
 from tpusft.checkpoint.native import restore_params
-from tpusft.checkpoint.streaming import NativeReader
 from tpusft.models import sampling
 from tpusft.models.decoder import create_model
 
@@ -103,23 +101,6 @@ def test_greedy_generation_matches_transformers(name, converted):
         assert mine == out[0, len(prompt):].tolist(), name
 
 
-def _tensors(directory) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted(glob.glob(f"{directory}/*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _native(directory) -> dict[str, np.ndarray]:
-    from tpusft.checkpoint.native import resolve
-
-    items, _ = resolve(str(directory))
-    reader = NativeReader(items, ("params", "params"))
-    out = {"/".join(k): reader.read(k) for k in reader.entries}
-    reader.close()
-    return out
-
-
 def _inexact(name: str, keys: dict) -> bool:
     """Tensors MaxText's layout stores scaled by a constant that is not a power of two, or
     shifted by 1: their float32 round trip is exact to 1 ulp, not bit for bit."""
@@ -162,7 +143,7 @@ def test_round_trips_and_hf_loading(name, converted, tmp_path):
     assert len(glob.glob(f"{back}/model-*-of-*.safetensors")) > 1
     assert (back / "model.safetensors.index.json").exists()
     assert (back / "generation_config.json").exists()
-    exact, inexact = _assert_same(_tensors(d / "hf"), _tensors(back), keys)
+    exact, inexact = _assert_same(hf_tensors(d / "hf"), hf_tensors(back), keys)
     print(f"[round trip] {name}: HF->native->HF {exact} tensors bit-exact, {inexact} within "
           f"1 ulp (MaxText-scaled)")
     tokens = np.random.default_rng(2).integers(3, 256, (1, T))
@@ -172,12 +153,12 @@ def test_round_trips_and_hf_loading(name, converted, tmp_path):
     # native -> HF -> native.
     again = tmp_path / "again"
     hf_to_native(str(back), str(again), log=lambda *_: None)
-    _assert_same(_native(d / "native"), _native(again), keys)
+    _assert_same(native_tensors(d / "native"), native_tensors(again), keys)
 
     # scanned <-> unscanned: the same values, layer by layer.
     flat = tmp_path / "unscanned"
     hf_to_native(str(d / "hf"), str(flat), scan_layers=False, log=lambda *_: None)
-    scanned, unscanned = _native(d / "native"), _native(flat)
+    scanned, unscanned = native_tensors(d / "native"), native_tensors(flat)
     from tpusft.checkpoint.hf_layout import native_leaves
 
     by_hf = {}
@@ -190,7 +171,7 @@ def test_round_trips_and_hf_loading(name, converted, tmp_path):
             assert np.array_equal(unscanned[leaf.name], by_hf[p.hf_name]), leaf.name
     flat_back = tmp_path / "flat_back"
     native_to_hf(str(flat), str(flat_back), log=lambda *_: None)
-    _assert_same(_tensors(back), _tensors(flat_back), keys)
+    _assert_same(hf_tensors(back), hf_tensors(flat_back), keys)
 
 
 def test_bfloat16_checkpoints_round_trip_bit_exact(tmp_path):
@@ -204,7 +185,7 @@ def test_bfloat16_checkpoints_round_trip_bit_exact(tmp_path):
                  log=lambda *_: None)
     native_to_hf(str(tmp_path / "n"), str(tmp_path / "back"), save_dtype="bfloat16",
                  log=lambda *_: None)
-    a, b = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    a, b = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "back")
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k

@@ -3,31 +3,20 @@
 converter writes the same tensors MaxText does; MaxText checkpoints export back to HF."""
 
 import dataclasses
-import glob
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_oracle import hf_logits
-from safetensors.numpy import load_file
+from hf_oracle import hf_logits, hf_tensors, native_tensors
 
 from tpusft.checkpoint.convert import hf_to_native, model_args, native_to_hf
 from tpusft.checkpoint.hf_config import load_hf_config, model_keys
-from tpusft.checkpoint.native import resolve, restore_params
-from tpusft.checkpoint.streaming import NativeReader
+from tpusft.checkpoint.native import restore_params
 from tpusft.models.decoder import create_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "maxtext"
 CASES = [(m, s) for m in ("llama", "qwen3") for s in ("scanned", "unscanned")]
-
-
-def _leaves(path) -> dict[str, np.ndarray]:
-    items, _ = resolve(str(path))
-    reader = NativeReader(items, ("params", "params"))
-    out = {"/".join(k): reader.read(k) for k in reader.entries}
-    reader.close()
-    return out
 
 
 @pytest.mark.parametrize("model,layout", CASES)
@@ -54,7 +43,7 @@ def test_maxtext_checkpoint_gives_hf_logits(model, layout):
 def test_our_converter_writes_what_maxtext_writes(model, layout, tmp_path):
     hf_to_native(str(FIXTURES / model / "hf"), str(tmp_path / "ours"),
                  scan_layers=layout == "scanned", log=lambda *_: None)
-    theirs, ours = _leaves(FIXTURES / model / layout), _leaves(tmp_path / "ours")
+    theirs, ours = native_tensors(FIXTURES / model / layout), native_tensors(tmp_path / "ours")
     assert set(theirs) == set(ours)
     for k in theirs:
         assert theirs[k].shape == ours[k].shape, k
@@ -67,10 +56,7 @@ def test_maxtext_checkpoint_exports_to_hf(model, tmp_path):
     keys = model_keys(load_hf_config(str(hf_dir)))
     native_to_hf(str(FIXTURES / model / "scanned"), str(tmp_path / "hf"), keys=keys,
                  assets=str(hf_dir), log=lambda *_: None)
-    a = load_file(glob.glob(f"{hf_dir}/*.safetensors")[0])
-    b = {}
-    for f in glob.glob(f"{tmp_path}/hf/*.safetensors"):
-        b.update(load_file(f))
+    a, b = hf_tensors(hf_dir), hf_tensors(tmp_path / "hf")
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=2.0 ** -23, atol=0, err_msg=k)
