@@ -79,8 +79,9 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
                         preset=preset, preset_name=a.model_name)
     dt = time.perf_counter() - t0
     gb = info["bytes"] / 1e9
-    print(f"wrote {info['items']}: {info['tensors']} tensors, {gb:.2f} GB read in {dt:.1f} s "
-          f"({gb / dt:.2f} GB/s), peak RSS {_peak_rss_gib():.2f} GiB")
+    print(f"wrote {info['items']}: {info['tensors']} tensors, {gb:.2f} GB in {dt:.1f} s "
+          f"({gb / dt:.2f} GB/s; reading {gb / max(info['read_seconds'], 1e-9):.2f} GB/s), "
+          f"peak RSS {_peak_rss_gib():.2f} GiB")
     print(f"model keys: {a.output.rstrip('/')}/tpusft_model.yml (use model_name=<that file>)")
     return 0
 
@@ -113,6 +114,9 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
                         save_dtype=a.save_dtype, max_shard_bytes=a.max_shard_size_mb << 20)
     dt = time.perf_counter() - t0
     gb = info["bytes"] / 1e9
+    read_gb = info["bytes_read"] / 1e9
     print(f"wrote {a.output}: {info['tensors']} tensors in {info['shards']} shard(s), "
-          f"{gb:.2f} GB in {dt:.1f} s ({gb / dt:.2f} GB/s), peak RSS {_peak_rss_gib():.2f} GiB")
+          f"{gb:.2f} GB in {dt:.1f} s ({gb / dt:.2f} GB/s; reading "
+          f"{read_gb / max(info['read_seconds'], 1e-9):.2f} GB/s), "
+          f"peak RSS {_peak_rss_gib():.2f} GiB")
     return 0

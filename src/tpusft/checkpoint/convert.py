@@ -181,6 +181,7 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
         if src.exists():
             (assets / name).write_bytes(src.read_bytes())
     return {"items": items, "tensors": len(used), "bytes": reader.bytes_read,
+            "read_seconds": reader.read_seconds,
             "largest_tensor_bytes": largest, "model_keys": meta}
 
 
@@ -292,7 +293,8 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"tensors": count, "bytes": total, "shards": n, "bytes_read": reader.bytes_read}
+    return {"tensors": count, "bytes": total, "shards": n, "bytes_read": reader.bytes_read,
+            "read_seconds": reader.read_seconds}
 
 
 def _write_hf_metadata(out: Path, keys: dict[str, Any], assets: str | None,

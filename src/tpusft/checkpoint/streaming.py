@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,6 +54,8 @@ class SafetensorsReader:
             raise CheckpointError(f"{directory} has no model.safetensors or "
                                   f"model.safetensors.index.json")
         self.bytes_read = 0
+        self.read_seconds = 0.0  # summed over threads
+        self._lock = threading.Lock()
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -60,9 +63,12 @@ class SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         if name not in self.files:
             raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint")
+        t0 = time.perf_counter()
         with safe_open(self.files[name], "np") as f:
             t = f.get_tensor(name)
-        self.bytes_read += t.nbytes
+        with self._lock:
+            self.bytes_read += t.nbytes
+            self.read_seconds += time.perf_counter() - t0
         return t
 
 
@@ -168,6 +174,7 @@ class NativeReader:
                     rel = rel[:-1]
                 self.entries[rel] = keys
         self.bytes_read = 0
+        self.read_seconds = 0.0  # summed over threads
         self._context = ts_utils.get_ts_context(use_ocdbt=True)
         self._handles: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
@@ -189,11 +196,13 @@ class NativeReader:
 
     def read(self, rel: tuple[str, ...], index: int | None = None) -> np.ndarray:
         """A leaf, or layer `index` of a stacked leaf (thread-safe)."""
+        t0 = time.perf_counter()
         t = self._open(rel)
         view = t if index is None else t[:, index]
         out = view.read().result()
         with self._lock:
             self.bytes_read += out.nbytes
+            self.read_seconds += time.perf_counter() - t0
         return out
 
     def close(self) -> None:
