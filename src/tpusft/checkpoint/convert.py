@@ -180,8 +180,8 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
         src = Path(hf_path, name)
         if src.exists():
             (assets / name).write_bytes(src.read_bytes())
-    return {"items": items, "tensors": len(used), "bytes": reader.bytes_read,
-            "read_seconds": reader.read_seconds,
+    return {"items": items, "tensors": len(used), "bytes": reader.clock.bytes,
+            "read_seconds": reader.clock.seconds,
             "largest_tensor_bytes": largest, "model_keys": meta}
 
 
@@ -293,8 +293,8 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"tensors": count, "bytes": total, "shards": n, "bytes_read": reader.bytes_read,
-            "read_seconds": reader.read_seconds}
+    return {"tensors": count, "bytes": total, "shards": n, "bytes_read": reader.clock.bytes,
+            "read_seconds": reader.clock.seconds}
 
 
 def _write_hf_metadata(out: Path, keys: dict[str, Any], assets: str | None,

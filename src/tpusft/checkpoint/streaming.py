@@ -33,6 +33,35 @@ from tpusft.errors import CheckpointError
 Block = tuple[tuple[slice, ...], np.ndarray]
 
 
+class ReadClock:
+    """Bytes read and the wall time during which at least one read was in progress (reads
+    overlap on worker threads, so this is the reading stage's own throughput)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.seconds = 0.0
+        self._active = 0
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            if self._active == 0:
+                self._since = time.perf_counter()
+            self._active += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self.seconds += time.perf_counter() - self._since
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes += nbytes
+
+
 class SafetensorsReader:
     """Tensors of a local HF checkpoint directory by name (single file or sharded + index)."""
 
@@ -53,9 +82,7 @@ class SafetensorsReader:
         else:
             raise CheckpointError(f"{directory} has no model.safetensors or "
                                   f"model.safetensors.index.json")
-        self.bytes_read = 0
-        self.read_seconds = 0.0  # summed over threads
-        self._lock = threading.Lock()
+        self.clock = ReadClock()
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -63,12 +90,10 @@ class SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         if name not in self.files:
             raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint")
-        t0 = time.perf_counter()
-        with safe_open(self.files[name], "np") as f:
-            t = f.get_tensor(name)
-        with self._lock:
-            self.bytes_read += t.nbytes
-            self.read_seconds += time.perf_counter() - t0
+        with self.clock:
+            with safe_open(self.files[name], "np") as f:
+                t = f.get_tensor(name)
+        self.clock.add(t.nbytes)
         return t
 
 
@@ -173,8 +198,7 @@ class NativeReader:
                 if rel and rel[-1] == "value":  # Tunix/NNX training checkpoints
                     rel = rel[:-1]
                 self.entries[rel] = keys
-        self.bytes_read = 0
-        self.read_seconds = 0.0  # summed over threads
+        self.clock = ReadClock()
         self._context = ts_utils.get_ts_context(use_ocdbt=True)
         self._handles: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
@@ -196,13 +220,11 @@ class NativeReader:
 
     def read(self, rel: tuple[str, ...], index: int | None = None) -> np.ndarray:
         """A leaf, or layer `index` of a stacked leaf (thread-safe)."""
-        t0 = time.perf_counter()
         t = self._open(rel)
         view = t if index is None else t[:, index]
-        out = view.read().result()
-        with self._lock:
-            self.bytes_read += out.nbytes
-            self.read_seconds += time.perf_counter() - t0
+        with self.clock:
+            out = view.read().result()
+        self.clock.add(out.nbytes)
         return out
 
     def close(self) -> None:
