@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,25 +46,27 @@ ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 TOKENIZER_FILES = ASSET_FILES[2:]
 
 
-PREFETCH_MAX_BYTES = 256 << 20
+PREFETCH_BYTES = 256 << 20
 
 
 def ordered_prefetch(fn: Callable[[Any], Any], items: list, nbytes: Callable[[Any], int],
-                     workers: int = 2) -> Iterator:
-    """fn(item) for each item, in order, computed up to `workers` items ahead on threads
-    (numpy and TensorStore release the GIL) while the caller consumes; items larger than
-    PREFETCH_MAX_BYTES are computed one at a time so memory stays bounded."""
-    if not items:
-        return
+                     workers: int = 4) -> Iterator:
+    """fn(item) for each item, in order, computed ahead on up to `workers` threads (numpy,
+    safetensors and TensorStore release the GIL) while the caller consumes, as long as the
+    items in flight hold at most PREFETCH_BYTES (one item is always allowed)."""
     with ThreadPoolExecutor(workers) as pool:
-        pending: list = []
-        nxt = 0
+        pending: deque = deque()
+        inflight = nxt = 0
         for _ in range(len(items)):
             while nxt < len(items) and len(pending) < workers and (
-                    not pending or nbytes(items[nxt]) <= PREFETCH_MAX_BYTES):
-                pending.append(pool.submit(fn, items[nxt]))
+                    not pending or inflight + nbytes(items[nxt]) <= PREFETCH_BYTES):
+                size = nbytes(items[nxt])
+                pending.append((pool.submit(fn, items[nxt]), size))
+                inflight += size
                 nxt += 1
-            yield pending.pop(0).result()
+            future, size = pending.popleft()
+            inflight -= size
+            yield future.result()
 
 
 def _dtype(name: str | None) -> np.dtype | None:
@@ -155,7 +158,8 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
 
         def blocks(leaf=leaf, load=load, dtype=dtype) -> Iterator:
             size = int(np.prod(leaf.pieces[0].hf_shape)) * dtype.itemsize
-            return ordered_prefetch(load, list(leaf.pieces), lambda _: size)
+            # Two threads: more would contend with the writer for this machine's cores.
+            return ordered_prefetch(load, list(leaf.pieces), lambda _: size, workers=2)
 
         block = leaf.shape if not leaf.stacked else (leaf.shape[0], 1, *leaf.shape[2:])
         node = params
