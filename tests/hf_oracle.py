@@ -108,3 +108,17 @@ def native_tensors(path) -> dict[str, np.ndarray]:
     out = {"/".join(k): reader.read(k) for k in reader.entries}
     reader.close()
     return out
+
+
+def restored_model(keys: dict, path, scan: bool = True):
+    """A float32 tpusft model for model keys, with parameters restored from `path`."""
+    import dataclasses
+
+    from tpusft.checkpoint.convert import model_args
+    from tpusft.checkpoint.native import restore_params
+    from tpusft.models.decoder import create_model
+
+    args = dataclasses.replace(model_args(keys, scan), dtype="float32", remat_policy="none")
+    model = create_model(args, None)
+    restore_params(model, str(path))
+    return model

@@ -8,7 +8,14 @@ import glob
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_oracle import TINY, build_hf_model, hf_logits, hf_tensors, native_tensors
+from hf_oracle import (
+    TINY,
+    build_hf_model,
+    hf_logits,
+    hf_tensors,
+    native_tensors,
+    restored_model,
+)
 
 from tpusft.checkpoint.convert import hf_to_native, model_args, native_to_hf
 from tpusft.checkpoint.native import restore_params
@@ -36,13 +43,6 @@ def converted(tmp_path_factory):
     return get
 
 
-def _tpusft_model(keys, path, scan=True):
-    args = dataclasses.replace(model_args(keys, scan), dtype="float32", remat_policy="none")
-    model = create_model(args, None)
-    restore_params(model, str(path))
-    return model
-
-
 def _report(name, what, diff, span):
     print(f"[parity] {name:12s} {what:8s} max|diff| {diff:.2e}  logit range {span:.2f}  "
           f"ratio {diff / span:.1e}")
@@ -51,7 +51,7 @@ def _report(name, what, diff, span):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_match_transformers_padded_and_packed(name, converted):
     hf, d, keys = converted(name)
-    model = _tpusft_model(keys, d / "native")
+    model = restored_model(keys, d / "native")
     rng = np.random.default_rng(0)
 
     # Left-padded batch: row 0 full, row 1 with 7 pad tokens.
@@ -89,7 +89,7 @@ def test_greedy_generation_matches_transformers(name, converted):
     import torch
 
     hf, d, keys = converted(name)
-    model = _tpusft_model(keys, d / "native")
+    model = restored_model(keys, d / "native")
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 256, 9).tolist(), rng.integers(3, 256, 5).tolist()]
     new = 12  # prompt + new tokens run past the sliding window

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, run_cli
-from hf_oracle import build_hf_model, hf_logits
+from hf_oracle import build_hf_model, hf_logits, restored_model
 
 DEMO = "configs/demo/sft.yml"
 
@@ -93,9 +93,7 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     """A train_sft run's checkpoint -> HF; transformers' logits equal tpusft's on it."""
     import transformers
 
-    from tpusft.checkpoint.convert import find_model_keys, model_args
-    from tpusft.checkpoint.native import restore_params
-    from tpusft.models.decoder import create_model
+    from tpusft.checkpoint.convert import find_model_keys
 
     run = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={tmp_path}",
                   "run_name=r", "steps=6", "checkpoint_period=6", "global_batch_size=8",
@@ -112,9 +110,7 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     assert len(ids) >= 6
 
     keys, _ = find_model_keys(str(ckpts))
-    model = create_model(model_args(keys, True).__class__(
-        **{**model_args(keys, True).__dict__, "dtype": "float32"}), None)
-    restore_params(model, str(ckpts))
+    model = restored_model(keys, ckpts)
     tokens = np.array([ids * 3])
     pos = jnp.arange(tokens.shape[1])[None]
     ours = np.asarray(model(jnp.asarray(tokens), pos)[0])

@@ -2,18 +2,15 @@
 `bash tools/maxtext_fixtures/make_fixtures.sh`) restore here and give HF's logits; tpusft's
 converter writes the same tensors MaxText does; MaxText checkpoints export back to HF."""
 
-import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_oracle import hf_logits, hf_tensors, native_tensors
+from hf_oracle import hf_logits, hf_tensors, native_tensors, restored_model
 
-from tpusft.checkpoint.convert import hf_to_native, model_args, native_to_hf
+from tpusft.checkpoint.convert import hf_to_native, native_to_hf
 from tpusft.checkpoint.hf_config import load_hf_config, model_keys
-from tpusft.checkpoint.native import restore_params
-from tpusft.models.decoder import create_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "maxtext"
 CASES = [(m, s) for m in ("llama", "qwen3") for s in ("scanned", "unscanned")]
@@ -25,9 +22,7 @@ def test_maxtext_checkpoint_gives_hf_logits(model, layout):
 
     hf_dir = FIXTURES / model / "hf"
     keys = model_keys(load_hf_config(str(hf_dir)))
-    args = dataclasses.replace(model_args(keys, layout == "scanned"), dtype="float32")
-    ours = create_model(args, None)
-    restore_params(ours, str(FIXTURES / model / layout))
+    ours = restored_model(keys, FIXTURES / model / layout, scan=layout == "scanned")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
     tokens = np.random.default_rng(0).integers(3, 256, (2, 20))
     ref = hf_logits(hf.eval(), tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tpusft.config.schema import MODEL_KEYS
+from tpusft.config.schema import MODEL_KEYS, Config
 from tpusft.errors import CheckpointError
 from tpusft.models.families import FAMILIES
 
@@ -113,8 +113,6 @@ def hf_config_for(keys: Any, base: Any = None, dtype: str = "float32") -> Any:
     (token ids, max_position_embeddings, ...); architecture values always come from `keys`.
     """
     import transformers
-
-    from tpusft.config.schema import Config
 
     source = keys if not isinstance(keys, dict) else Config()
     k = {f: getattr(source, f) for f in MODEL_KEYS}
