@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
 import time
 from collections.abc import Sequence
@@ -37,6 +38,26 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _reuse_freed_memory() -> None:
+    """Makes glibc keep freed buffers for the next tensor instead of returning them to the OS.
+
+    A conversion allocates and frees one layer-sized buffer after another. By default glibc
+    maps each large buffer afresh (one page fault and a zeroed page per 4 KiB, per tensor) and
+    gives it back on free; on virtual machines that first touch costs more than the read
+    itself (TensorStore reads ran at 0.4 GB/s that way, 2 GB/s with the buffers reused). One
+    arena, no mmap'd blocks and no trimming keep the pages resident and reused; peak RSS stays
+    the high-water mark of live buffers plus fragmentation. A no-op where malloc is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    mallopt(m_arena_max, 1)
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def _fetch_from_hub(repo_id: str) -> str:
     """A local snapshot of a hub model's weights, config and tokenizer (needs network)."""
     from huggingface_hub import snapshot_download
@@ -62,6 +83,7 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
     p.add_argument("--model_name", default="",
                    help="a preset the checkpoint must match (name or YAML path)")
     a = p.parse_args(argv)
+    _reuse_freed_memory()
 
     from tpusft.checkpoint.convert import hf_to_native
     from tpusft.config.loader import load_preset
@@ -102,6 +124,7 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
     p.add_argument("--max_shard_size_mb", type=int, default=512,
                    help="safetensors shard size (MiB)")
     a = p.parse_args(argv)
+    _reuse_freed_memory()
 
     from tpusft.checkpoint.convert import native_to_hf
     from tpusft.config.loader import load_preset

@@ -210,16 +210,33 @@ def find_model_keys(native_path: str) -> tuple[dict[str, Any] | None, str | None
     return None, None
 
 
-def _hf_tensors(reader: NativeReader, leaves: list[hf_layout.Leaf], dtype: np.dtype | None):
-    """Yields (HF name, HF tensor) for every piece of every leaf, read layer by layer and
-    transformed a few pieces ahead on worker threads."""
+def _plan_shards(reader: NativeReader, leaves: list[hf_layout.Leaf], dtype: np.dtype | None,
+                 max_shard_bytes: int) -> list[list[tuple[hf_layout.Leaf, hf_layout.Piece]]]:
+    """Groups the HF tensors, in order, into shards of at most `max_shard_bytes` (a tensor
+    larger than that gets a shard of its own)."""
+    shards: list[list] = []
+    size = 0
+    for leaf in leaves:
+        itemsize = (dtype or reader.dtype(leaf.path)).itemsize
+        for p in leaf.pieces:
+            nbytes = int(np.prod(p.hf_shape)) * itemsize
+            if not shards or (size and size + nbytes > max_shard_bytes):
+                shards.append([])
+                size = 0
+            shards[-1].append((leaf, p))
+            size += nbytes
+    return shards
+
+
+def _hf_tensors(reader: NativeReader, pieces: list, dtype: np.dtype | None):
+    """Yields (HF name, HF tensor) for `pieces`, read layer by layer and transformed a few
+    pieces ahead on worker threads."""
     def load(item):
         leaf, p = item
         t = np.ascontiguousarray(p.to_hf(reader.read(leaf.path, p.index)))
         return p.hf_name, t.astype(dtype or t.dtype, copy=False)
 
-    items = [(leaf, p) for leaf in leaves for p in leaf.pieces]
-    yield from ordered_prefetch(load, items, lambda it: int(np.prod(it[1].hf_shape)) * 4)
+    yield from ordered_prefetch(load, pieces, lambda it: int(np.prod(it[1].hf_shape)) * 4)
 
 
 def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None = None,
@@ -256,28 +273,19 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists()
                                 else None))
     try:
+        # Each shard is read whole, then written with no reads in flight: safetensors holds
+        # the GIL while it serializes, which would stall the reading threads.
         shards: list[list[str]] = []
-        current: dict[str, np.ndarray] = {}
-        size, total, count = 0, 0, 0
-
-        def flush():
-            nonlocal current, size
-            if current:
-                save_file(current, str(tmp / f"shard-{len(shards):05d}.safetensors"),
-                          metadata={"format": "pt"})
-                shards.append(list(current))
-                current, size = {}, 0
-
-        first_dtype = None
-        for name, t in _hf_tensors(reader, leaves, want):
-            first_dtype = first_dtype or t.dtype
-            if size and size + t.nbytes > max_shard_bytes:
-                flush()
-            current[name] = t
-            size += t.nbytes
-            total += t.nbytes
-            count += 1
-        flush()
+        total, count, first_dtype = 0, 0, None
+        for pieces in _plan_shards(reader, leaves, want, max_shard_bytes):
+            current = dict(_hf_tensors(reader, pieces, want))
+            save_file(current, str(tmp / f"shard-{len(shards):05d}.safetensors"),
+                      metadata={"format": "pt"})
+            shards.append(list(current))
+            first_dtype = first_dtype or next(iter(current.values())).dtype
+            total += sum(t.nbytes for t in current.values())
+            count += len(current)
+            del current
         reader.close()
 
         n = len(shards)

@@ -218,6 +218,9 @@ class NativeReader:
     def shape(self, rel: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(self._open(rel).shape)
 
+    def dtype(self, rel: tuple[str, ...]) -> np.dtype:
+        return np.dtype(self._open(rel).dtype.numpy_dtype)
+
     def read(self, rel: tuple[str, ...], index: int | None = None) -> np.ndarray:
         """A leaf, or layer `index` of a stacked leaf (thread-safe)."""
         t = self._open(rel)
