@@ -28,7 +28,7 @@ def main(argv: Sequence[str]) -> int:
     from etils import epath
 
     from tpusft.checkpoint.native import restore_params
-    from tpusft.data import pipeline
+    from tpusft.data import pipeline, sources
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic
     from tpusft.models.decoder import ModelArgs, create_model
@@ -53,14 +53,17 @@ def main(argv: Sequence[str]) -> int:
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism)
     check_batch(cfg, mesh)
-    train_ds, stats = pipeline.build_dataset(pipeline.data_spec(cfg, train=True), tokenizer,
-                                             cfg.global_batch_size, train=True)
+    train_sources, part = sources.sources(cfg, train=True)
+    train_ds, stats = pipeline.build_dataset(train_sources, sources.options(cfg, train=True),
+                                             tokenizer, cfg.global_batch_size, train=True,
+                                             part=part)
     pipeline.first_batch_or_error(train_ds, stats, "training")
     eval_ds = None
-    if pipeline.has_eval_data(cfg):
+    eval_sources, part = sources.sources(cfg, train=False)
+    if eval_sources:
         micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
-        eval_ds, _ = pipeline.build_dataset(pipeline.data_spec(cfg, train=False), tokenizer,
-                                            micro_batch, train=False)
+        eval_ds, _ = pipeline.build_dataset(eval_sources, sources.options(cfg, train=False),
+                                            tokenizer, micro_batch, train=False, part=part)
         pipeline.first_batch_or_error(eval_ds, None, "eval")
 
     # ---- model
@@ -76,7 +79,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"loaded parameters from {read}")
 
         feeder = trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
-                                         cfg.eval_steps)
+                                         cfg.eval_steps, stats)
         trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
         start = trainer.train_steps
 
@@ -93,7 +96,7 @@ def main(argv: Sequence[str]) -> int:
         accumulation = cfg.gradient_accumulation_steps
         micro = f" ({accumulation} micro-batches)" if accumulation > 1 else ""
         print(f"batch {cfg.global_batch_size} x {cfg.max_target_length} tokens{micro}, "
-              f"packing {'on' if cfg.packing else 'off'}, {cfg.steps} steps")
+              f"packing {cfg.packing_strategy if cfg.packing else 'off'}, {cfg.steps} steps")
         if start:
             print(f"resuming from step {start} (checkpoint in {cfg.checkpoint_directory})")
 
@@ -117,9 +120,7 @@ def main(argv: Sequence[str]) -> int:
                 print(f"exact match: {100 * demo_before:.1f}% before training -> "
                       f"{100 * after:.1f}% after")
 
-    if stats.dropped or stats.truncated:
-        print(f"data: {stats.dropped} rows dropped ({stats.dropped_example}), "
-              f"{stats.truncated} truncated to max_target_length")
+    print(f"data: {stats.summary()}")
     png = str(out / "loss_curve.png")
     if write_loss_curve(str(out / "metrics.jsonl"), png, f"tpusft SFT: {cfg.run_name}"):
         print(f"loss curve: {png}")

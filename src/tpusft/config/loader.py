@@ -198,10 +198,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ici_*_parallelism must be positive or -1, got {parallel}")
     if cfg.warmup_steps_fraction > 1:
         raise ConfigError(f"warmup_steps_fraction={cfg.warmup_steps_fraction} must be in [0, 1]")
+    if not cfg.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction={cfg.eval_fraction} must be below 1")
     if not cfg.demo_task and not cfg.print_config:
-        if not cfg.hf_path:
+        if not cfg.hf_path and not cfg.dataset:
             raise ConfigError("hf_path is empty; set hf_path= to a hub data set, json/parquet "
-                              "with hf_data_files=, or a local directory")
+                              "with hf_data_files=, or a local directory (or dataset= to a "
+                              "name in dataset_registry)")
         if not cfg.tokenizer_path:
             raise ConfigError("tokenizer_path is empty; set it to a Hugging Face tokenizer "
                               "directory")

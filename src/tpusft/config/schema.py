@@ -134,19 +134,46 @@ class Config:
         "file.")
     train_split: str = key("train", "Split used for training.")
     eval_split: str | None = key(None, "Split used for evaluation (null: no eval data).")
-    train_data_columns: list | None = key(
-        None, "Columns to read, e.g. ['messages'] or ['instruction','input','output']. "
-        "null: detected from data_format.")
     data_format: str = key(
-        "auto", "Row format: messages ({role, content} lists), alpaca (instruction/input/"
-        "output), text (raw text for continued pretraining), or auto (from the columns).",
-        choices=("auto", "messages", "alpaca", "text"))
+        "auto", "Row format, or auto (detected from the columns): messages ({role, content} "
+        "lists), sharegpt (conversations of {from, value}), alpaca (instruction/input/output), "
+        "prompt_completion, question_answer (GSM8K), text (continued pretraining), preference "
+        "(prompt/chosen/rejected, DPO), prompt_only (GRPO).",
+        choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion",
+                 "question_answer", "text", "preference", "prompt_only"))
+    column_map: dict | None = key(
+        None, "Read a format's fields from other columns: {field: column}, e.g. "
+        "{instruction: prompt, output: response}.")
+    dataset: str | list | None = key(
+        None, "Data set(s) by name from dataset_registry, replacing hf_path and friends: "
+        "'alpaca_en', or a weighted mixture 'alpaca_en:0.7,gsm8k:0.3' (or a list of names "
+        "and {name, weight} mappings).")
+    dataset_registry: str = key(
+        "configs/datasets.yml", "YAML file of named data sets: name -> {hf_path, data_files, "
+        "hf_name, split, eval_split, eval_files, data_format, column_map, max_samples}. "
+        "Relative data_files are relative to the registry file.")
+    max_samples: int | None = key(None, "Read at most this many rows of each data set.",
+                                  minimum=1)
+    eval_fraction: float = key(
+        0.0, "Hold out this fraction of the training split (seeded by shuffle_seed) as eval "
+        "data, when the data set has no eval split.", minimum=0)
     tokenizer_path: str = key("", "Hugging Face tokenizer directory (with a chat template for "
                               "chat formats).")
     max_target_length: int = key(2048, "Tokens per training sequence; longer examples are "
                                  "truncated.", minimum=2)
     packing: bool = key(True, "Pack several examples into each sequence (segment ids keep them "
                         "from attending to each other).")
+    packing_strategy: str = key(
+        "best_fit", "best_fit (each example into the fullest bin it fits), first_fit, or "
+        "concat_then_split (continued pretraining: rows joined and cut at max_target_length).",
+        choices=("best_fit", "first_fit", "concat_then_split"))
+    truncation: str = key(
+        "right", "Examples longer than max_target_length: right (keep the start), left (keep "
+        "the end) or drop (skip them, counted as bad rows).", choices=("right", "left", "drop"))
+    bad_row_policy: str = key(
+        "skip", "Rows with a missing column, empty content, a wrong type or an invalid role "
+        "order: skip (counted and reported, one example each) or raise (stop at the first).",
+        choices=("skip", "raise"))
     sft_train_on_completion_only: bool = key(
         True, "Train only on assistant tokens (prompt, system and user tokens are masked).")
     shuffle_seed: int = key(0, "Seed of the data order.")

@@ -1,14 +1,16 @@
 """Chat template rendering with a loss mask computed on token ids.
 
-The template is rendered as text; the character spans of every assistant turn (its content
-and the template's end-of-turn marker) are found by rendering growing prefixes of the
-conversation; the full text is tokenized once with offsets, and a token is trained when its
-characters fall inside an assistant span. This works for any template, with or without
-`{% generation %}` tags, and never splits a token at a turn boundary.
+Templates with `{% generation %}` tags say themselves which text the assistant generates;
+their mask is transformers' assistant-token mask. For every other template, the character
+spans of each assistant turn (its content and the template's end-of-turn marker, without the
+whitespace after it) are found by rendering growing prefixes of the conversation; the full
+text is tokenized once with offsets, and a token is trained when its characters fall inside
+an assistant span. A token is never split at a turn boundary.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,11 +47,26 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tupl
         if not full.startswith(through) or not through.startswith(before):
             raise TemplateMismatch(
                 f"the chat template renders turn {i} differently once later turns follow")
-        spans.append((len(before), len(through)))
+        end = len(through)
+        while end > len(before) and through[end - 1].isspace():
+            end -= 1  # the newline after an end-of-turn token is not generated
+        spans.append((len(before), end))
     return full, spans
 
 
+GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def has_generation_tags(tokenizer) -> bool:
+    return bool(GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""))
+
+
 def encode_chat(tokenizer, messages: Sequence[dict], completion_only: bool = True) -> Encoded:
+    if completion_only and has_generation_tags(tokenizer):
+        out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return Encoded(np.asarray(out["input_ids"], np.int32),
+                       np.asarray(out["assistant_masks"], bool))
     text, spans = assistant_spans(tokenizer, messages)
     # The Rust tokenizer directly: the Python wrapper costs more than the tokenization here.
     enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
@@ -63,6 +80,27 @@ def encode_chat(tokenizer, messages: Sequence[dict], completion_only: bool = Tru
         # the span's first character and special tokens with zero-width offsets inside it).
         trained |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
     return Encoded(ids, trained)
+
+
+def encode_prompt(tokenizer, messages: Sequence[dict]) -> np.ndarray:
+    """Token ids of a prompt followed by the template's generation prompt (GRPO, DPO)."""
+    text = _render(tokenizer, messages, add_generation_prompt=True)
+    return np.asarray(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids,
+                      np.int32)
+
+
+def encode_preference(tokenizer, prompt: Sequence[dict], chosen: Sequence[dict],
+                      rejected: Sequence[dict]) -> dict[str, np.ndarray]:
+    """prompt_ids, and chosen/rejected ids with their trained masks (completion tokens)."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    out = {"prompt_ids": prompt_ids}
+    for side, turns in (("chosen", chosen), ("rejected", rejected)):
+        enc = encode_chat(tokenizer, [*prompt, *turns])
+        n = len(prompt_ids)
+        if not np.array_equal(enc.ids[:n], prompt_ids):
+            raise TemplateMismatch("the prompt tokenizes differently once the answer follows")
+        out[f"{side}_ids"], out[f"{side}_mask"] = enc.ids[n:], enc.trained[n:]
+    return out
 
 
 def encode_text(tokenizer, text: str) -> Encoded:

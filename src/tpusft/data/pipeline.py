@@ -1,5 +1,9 @@
 """Hugging Face datasets -> grain: format, template, tokenize, mask, pack, batch.
 
+Each source (one data set, or each member of a weighted mixture) is read, cut to max_samples,
+split off an eval fraction, sharded by process, shuffled and repeated, then rows become
+examples (formats.py), examples become token ids with a loss mask (chat.py), over-length
+examples are truncated or dropped, bad rows are counted, and sources are mixed with grain.
 Local files load as map-style datasets (exact, cheap resume: the iterator state is an index);
 hub data sets are streamed (resume through the stream's own state_dict).
 Every batch has fixed shapes [batch, max_target_length]:
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +24,7 @@ from typing import Any
 
 import grain
 import grain.experimental as grain_exp
+import jinja2
 import numpy as np
 
 from tpusft.data import chat, formats
@@ -29,13 +36,44 @@ FILE_BUILDERS = ("json", "jsonl", "parquet", "csv", "arrow", "text")
 
 @dataclass
 class DataStats:
-    """Counts of rows seen and dropped, shared by the map functions of one pipeline."""
+    """Counts of rows read, bad (by reason, with the first example of each), truncated and
+    dropped as over-length; shared by the map functions of one pipeline (thread-safe)."""
 
     rows: int = 0
-    dropped: int = 0
     truncated: int = 0
-    dropped_example: str = ""
-    extra: dict = field(default_factory=dict)
+    bad: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.bad.values())
+
+    def count_row(self) -> None:
+        with self._lock:
+            self.rows += 1
+
+    def count_truncated(self) -> None:
+        with self._lock:
+            self.truncated += 1
+
+    def count_bad(self, reason: str, row: Any, detail: str = "") -> None:
+        with self._lock:
+            self.bad[reason] += 1
+            if reason not in self.examples:
+                self.examples[reason] = f"{detail + ' in ' if detail else ''}{str(row)[:160]}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.rows = self.truncated = 0
+            self.bad.clear()
+
+    def summary(self) -> str:
+        """One line per kind of bad row with its count and first example."""
+        lines = [f"{self.rows} rows read, {self.dropped} skipped, {self.truncated} truncated"]
+        for reason, n in self.bad.most_common():
+            lines.append(f"  {n} x {reason}: e.g. {self.examples[reason]}")
+        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------- sources
@@ -120,42 +158,46 @@ class StreamDataset(grain.IterDataset):
 
 # ------------------------------------------------------------------------- examples
 class ExampleEncoder:
-    """row -> {'inputs','targets','weights'} of one example, or None for a bad row."""
+    """row -> {'inputs','targets','weights'} of one example, or None for a skipped row."""
 
-    def __init__(self, tokenizer, fmt: str, columns: Sequence[str], max_length: int,
-                 completion_only: bool, stats: DataStats):
-        self.tokenizer, self.fmt, self.columns = tokenizer, fmt, list(columns)
-        self.max_length, self.completion_only, self.stats = max_length, completion_only, stats
+    def __init__(self, tokenizer, fmt: str, fields: dict[str, str], opts: DataOptions,
+                 stats: DataStats):
+        self.tokenizer, self.fmt, self.fields, self.opts, self.stats = (
+            tokenizer, fmt, fields, opts, stats)
+        self.kind = formats.FORMATS[fmt].kind
 
-    def _drop(self, row: Any, why: str) -> None:
-        self.stats.dropped += 1
-        if not self.stats.dropped_example:
-            self.stats.dropped_example = f"{why}: {str(row)[:200]}"
+    def _bad(self, row: Any, reason: str, detail: str = "") -> None:
+        if self.opts.bad_row_policy == "raise":
+            raise DataError(f"bad row ({reason}{': ' + detail if detail else ''}): "
+                            f"{str(row)[:200]}; fix the data or set bad_row_policy=skip")
+        self.stats.count_bad(reason, row, detail)
 
     def __call__(self, row: dict) -> dict | None:
-        self.stats.rows += 1
-        if self.fmt == "text":
-            text = formats.to_text(row, self.columns)
-            if text is None:
-                self._drop(row, "empty or non-text 'text'")
-                return None
-            enc = chat.encode_text(self.tokenizer, text)
-        else:
-            msgs = formats.to_messages(row, self.fmt, self.columns)
-            if msgs is None:
-                self._drop(row, f"not a valid {self.fmt} row")
-                return None
-            try:
-                enc = chat.encode_chat(self.tokenizer, msgs, self.completion_only)
-            except (chat.TemplateMismatch, ValueError, TypeError) as e:
-                self._drop(row, str(e))
-                return None
+        self.stats.count_row()
+        try:
+            ex = formats.parse_row(row, self.fmt, self.fields)
+            if ex.kind == "text":
+                enc = chat.encode_text(self.tokenizer, ex.text)
+            else:
+                enc = chat.encode_chat(self.tokenizer, ex.messages, self.opts.completion_only)
+        except formats.BadRow as e:
+            self._bad(row, e.reason, str(e).partition(": ")[2])
+            return None
+        except (chat.TemplateMismatch, ValueError, TypeError, jinja2.TemplateError) as e:
+            # Templates raise on what they do not support (a system turn on Gemma, ...).
+            self._bad(row, "rejected by the chat template", str(e).splitlines()[0][:120])
+            return None
         ids, trained = enc.ids, enc.trained
-        if len(ids) > self.max_length + 1:
-            self.stats.truncated += 1
-            ids, trained = ids[: self.max_length + 1], trained[: self.max_length + 1]
+        limit = self.opts.max_length + 1
+        if len(ids) > limit:
+            if self.opts.truncation == "drop":
+                self._bad(row, "over max_target_length", f"{len(ids) - 1} tokens")
+                return None
+            self.stats.count_truncated()
+            cut = slice(-limit, None) if self.opts.truncation == "left" else slice(0, limit)
+            ids, trained = ids[cut], trained[cut]
         if len(ids) < 2 or not trained[1:].any():
-            self._drop(row, "no trained token within max_target_length")
+            self._bad(row, "no trained token within max_target_length")
             return None
         return {"inputs": ids[:-1], "targets": ids[1:],
                 "weights": trained[1:].astype(np.float32)}
@@ -183,70 +225,157 @@ def _pad_batch(batch: dict, size: int) -> dict:
     return {k: np.pad(v, [(0, size - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
+def packing_efficiency(batch: dict) -> float:
+    """Fraction of the batch's token slots that hold a real token (not padding)."""
+    segs = batch["segment_ids"]
+    return float(np.count_nonzero(segs)) / segs.size
+
+
 # ------------------------------------------------------------------------- pipeline
 @dataclass
-class DataSpec:
-    """What the pipeline needs from the config (keeps this module free of the schema)."""
+class Source:
+    """One data set of a run (the run's hf_* keys, or a registry entry of a mixture)."""
 
+    name: str
     hf_path: str
-    split: str
-    data_files: str | list | None
-    hf_name: str | None
-    data_format: str
-    columns: Sequence[str] | None
-    max_length: int
-    packing: bool
-    completion_only: bool
-    seed: int
-    num_epochs: int | None
+    split: str = "train"
+    data_files: str | list | None = None
+    hf_name: str | None = None
+    data_format: str = "auto"
+    column_map: dict = field(default_factory=dict)
+    max_samples: int | None = None
+    weight: float = 1.0
     files_key: str = "hf_data_files"
 
 
-def build_dataset(spec: DataSpec, tokenizer, batch_size: int, *, train: bool,
-                  stats: DataStats | None = None) -> tuple[grain.IterDataset, DataStats]:
-    """A grain IterDataset of fixed-shape batches of `batch_size` sequences.
+@dataclass
+class DataOptions:
+    """What the pipeline needs from the config besides the sources."""
 
-    train=True: shuffled, repeated num_epochs times (forever when None), incomplete final
-    batch dropped. train=False: data order, one pass, the final batch padded with empty rows.
-    """
+    max_length: int
+    packing: bool = True
+    packing_strategy: str = "best_fit"
+    truncation: str = "right"
+    bad_row_policy: str = "skip"
+    completion_only: bool = True
+    seed: int = 0
+    num_epochs: int | None = None
+    eval_fraction: float = 0.0
+    shard_index: int | None = None  # None: jax.process_index()
+    shard_count: int | None = None
+
+
+def _shard(opts: DataOptions) -> tuple[int, int]:
+    if opts.shard_index is not None:
+        return opts.shard_index, opts.shard_count or 1
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def _read_source(src: Source, opts: DataOptions, part: str):
+    """The rows of `src` this process reads: part is 'train', 'eval' (eval_fraction's share of
+    the same split) or 'all'."""
     import datasets
 
-    stats = stats or DataStats()
-    source = load_split(spec.hf_path, spec.split, data_files=spec.data_files, name=spec.hf_name,
-                        key=spec.files_key)
-    where = f"data set {spec.hf_path!r} split {spec.split!r}"
-    columns = list(source.column_names) if source.column_names else None
+    data = load_split(src.hf_path, src.split, data_files=src.data_files, name=src.hf_name,
+                      key=src.files_key)
+    where = f"data set {src.name!r} (split {src.split!r})"
+    streamed = not isinstance(data, datasets.Dataset)
+    if not streamed and len(data) == 0:
+        raise DataError(f"{where} is empty (0 rows); check the file or split")
+    if src.max_samples:
+        data = (data.take(src.max_samples) if streamed
+                else data.select(range(min(src.max_samples, len(data)))))
+    if part != "all" and opts.eval_fraction:
+        if streamed:
+            raise DataError(f"eval_fraction needs a local data set; {where} is streamed from "
+                            f"the hub (set eval_split= instead)")
+        if len(data) < 2:
+            raise DataError(f"{where} has {len(data)} row(s); too few for eval_fraction")
+        halves = data.train_test_split(test_size=opts.eval_fraction, seed=opts.seed,
+                                       shuffle=True)
+        data = halves["train" if part == "train" else "test"]
+    index, count = _shard(opts)
+    if count > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        if streamed:
+            data = split_dataset_by_node(data, rank=index, world_size=count)
+        else:  # every process the same number of rows (steps stay in lockstep)
+            per = len(data) // count
+            if per == 0:
+                raise DataError(f"{where} has {len(data)} rows, fewer than the {count} "
+                                f"processes reading it")
+            data = data.select(range(index * per, (index + 1) * per))
+    columns = list(data.column_names) if data.column_names else None
     if columns is None:  # a stream whose features are unknown: peek at one row
         try:
-            columns = list(next(iter(source)).keys())
+            columns = list(next(iter(data)).keys())
         except StopIteration:
             raise DataError(f"{where} is empty") from None
-    fmt = formats.detect_format(columns, spec.data_format)
-    if fmt != "text" and not getattr(tokenizer, "chat_template", None):
+    return data, columns, streamed, where
+
+
+def _source_dataset(src: Source, opts: DataOptions, tokenizer, stats: DataStats, *,
+                    train: bool, part: str, batch_size: int) -> tuple[Any, bool]:
+    """(grain dataset of encoded examples, whether it is map-style before encoding)."""
+    data, columns, streamed, where = _read_source(src, opts, part)
+    fmt = formats.detect_format(columns, src.data_format, src.column_map, where)
+    kind = formats.FORMATS[fmt].kind
+    if kind not in ("chat", "text"):
+        raise DataError(f"{where} is in data_format={fmt}, which supervised fine-tuning cannot "
+                        f"train on (it is for {'DPO' if kind == 'preference' else 'GRPO'}); "
+                        f"choose a data set with responses, or set data_format=")
+    if kind == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"the tokenizer has no chat_template, needed for data_format={fmt}; "
                         f"use a chat/instruct tokenizer or data_format=text")
-    wanted = formats.check_columns(columns, fmt, spec.columns, where)
-    encoder = ExampleEncoder(tokenizer, fmt, wanted, spec.max_length, spec.completion_only, stats)
-
-    if isinstance(source, datasets.Dataset):
-        if len(source) == 0:
-            raise DataError(f"{where} is empty (0 rows); check the file or split")
-        ds = grain.MapDataset.source(source)
+    encoder = ExampleEncoder(tokenizer, fmt, formats.fields_of(fmt, columns, src.column_map),
+                             opts, stats)
+    if not streamed:
+        ds = grain.MapDataset.source(data)
         if train:
-            ds = ds.shuffle(seed=spec.seed).repeat(spec.num_epochs)
-        # Few threads: on small hosts the default 16 fight the trainer for the GIL.
-        ds = ds.map(encoder).filter(lambda x: x is not None).to_iter_dataset(
-            grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size))
+            ds = ds.shuffle(seed=opts.seed).repeat(opts.num_epochs)
+        return ds.map(encoder).filter(lambda x: x is not None), True
+    if train:
+        data = data.shuffle(seed=opts.seed, buffer_size=10_000)
+    return StreamDataset(data).map(encoder).filter(lambda x: x is not None), False
+
+
+def build_dataset(sources: Sequence[Source], opts: DataOptions, tokenizer, batch_size: int, *,
+                  train: bool, part: str = "all", stats: DataStats | None = None
+                  ) -> tuple[grain.IterDataset, DataStats]:
+    """A grain IterDataset of fixed-shape batches of `batch_size` sequences.
+
+    train=True: shuffled, repeated num_epochs times (forever when None), sources mixed by
+    weight, incomplete final batch dropped. train=False: data order, one pass, sources one
+    after another, the final batch padded with empty rows.
+    """
+    stats = stats or DataStats()
+    parts = [_source_dataset(s, opts, tokenizer, stats, train=train, part=part,
+                             batch_size=batch_size) for s in sources]
+    # Few threads: on small hosts the default 16 fight the trainer for the GIL.
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size)
+    if len(parts) == 1:
+        ds, mapped = parts[0]
+        ds = ds.to_iter_dataset(read) if mapped else ds
+    elif not train and all(m for _, m in parts):
+        ds = grain.MapDataset.concatenate([d for d, _ in parts]).to_iter_dataset(read)
     else:
-        if train:
-            source = source.shuffle(seed=spec.seed, buffer_size=10_000)
-        ds = StreamDataset(source).map(encoder).filter(lambda x: x is not None)
+        members = {s.name: (d.to_iter_dataset(read) if m else d)
+                   for s, (d, m) in zip(sources, parts)}
+        ds = grain.IterDataset.mix(members, {s.name: s.weight for s in sources})
 
-    length = spec.max_length
-    if spec.packing:
-        ds = grain_exp.FirstFitPackIterDataset(
-            ds, length_struct={k: length for k in FEATURES},
-            num_packing_bins=max(batch_size, 16), seed=spec.seed, shuffle_bins=train)
+    length = opts.max_length
+    if opts.packing:
+        lengths = {k: length for k in FEATURES}
+        if opts.packing_strategy == "concat_then_split":
+            ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct=lengths)
+        else:
+            pack = (grain_exp.BestFitPackIterDataset if opts.packing_strategy == "best_fit"
+                    else grain_exp.FirstFitPackIterDataset)
+            ds = pack(ds, length_struct=lengths, num_packing_bins=max(batch_size, 16),
+                      seed=opts.seed, shuffle_bins=train)
         ds = ds.map(_from_packed)
     else:
         ds = ds.map(lambda ex: _pad_example(ex, length))
@@ -259,34 +388,17 @@ def build_dataset(spec: DataSpec, tokenizer, batch_size: int, *, train: bool,
     return ds, stats
 
 
-def data_spec(cfg: Any, *, train: bool) -> DataSpec:
-    if not train and cfg.hf_path in FILE_BUILDERS and not cfg.hf_eval_files:
-        raise DataError(f"eval_split={cfg.eval_split!r} cannot select rows of hf_path="
-                        f"{cfg.hf_path!r} files; give the eval file(s) with hf_eval_files=")
-    split = cfg.train_split if train else (cfg.eval_split or cfg.train_split)
-    files = cfg.hf_data_files if train else (cfg.hf_eval_files or cfg.hf_data_files)
-    return DataSpec(
-        hf_path=cfg.hf_path, split=split, data_files=files, hf_name=cfg.hf_name,
-        data_format=cfg.data_format, columns=cfg.train_data_columns,
-        max_length=cfg.max_target_length, packing=cfg.packing,
-        completion_only=cfg.sft_train_on_completion_only, seed=cfg.shuffle_seed,
-        num_epochs=cfg.num_epochs if train else 1,
-        files_key="hf_data_files" if train or not cfg.hf_eval_files else "hf_eval_files")
-
-
-def has_eval_data(cfg: Any) -> bool:
-    return bool(cfg.eval_split or cfg.hf_eval_files)
-
-
 def first_batch_or_error(dataset, stats: DataStats | None, what: str) -> None:
-    """Reads one batch so an empty or fully-dropped data set fails before compilation."""
+    """Reads one batch so an empty or fully-skipped data set fails before compilation."""
     try:
         next(iter(dataset))
     except StopIteration:
         detail = ""
         if stats is not None and stats.dropped:
-            detail = f"; all {stats.dropped} rows were dropped (first: {stats.dropped_example})"
+            reason, _ = stats.bad.most_common(1)[0]
+            detail = (f"; all {stats.dropped} rows were skipped (most as {reason}: "
+                      f"{stats.examples[reason]})")
         raise DataError(f"the {what} data yields no batch{detail}; check the data set, "
                         f"data_format and max_target_length") from None
     if stats is not None:  # counts restart with the real iteration
-        stats.rows = stats.dropped = stats.truncated = 0
+        stats.reset()

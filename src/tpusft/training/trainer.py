@@ -12,6 +12,7 @@ profiler, Orbax checkpoints). tpusft adds, through Tunix's own hooks:
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -35,7 +36,7 @@ class BatchFeeder(tunix_hooks.DataHooks):
     """Pulls one optimizer step's batch from grain and hands it out as micro-batches."""
 
     def __init__(self, train_dataset, accumulation: int, eval_dataset=None,
-                 eval_steps: int | None = None):
+                 eval_steps: int | None = None, stats=None):
         self._train_iter = iter(train_dataset)
         self._accumulation = accumulation
         self._pending: list[dict] = []
@@ -44,6 +45,9 @@ class BatchFeeder(tunix_hooks.DataHooks):
         self._eval_iter = None
         self._eval_count = 0
         self.step_tokens: list[int] = []  # non-padding tokens of each optimizer step, in order
+        self.step_slots: list[int] = []   # token slots (batch x length) of each step
+        self.step_crc: list[int] = []     # CRC-32 of each step's input ids (exact-resume checks)
+        self.stats = stats                # the pipeline's DataStats (bad rows, truncation)
 
     # -- train
     def load_next_train_batch(self, train_ctx) -> dict | None:
@@ -57,6 +61,8 @@ class BatchFeeder(tunix_hooks.DataHooks):
                      for i in range(self._accumulation)]
             self._pending = loss_lib.add_loss_denominators(micro)
             self.step_tokens.append(int(np.count_nonzero(group["segment_ids"])))
+            self.step_slots.append(int(group["segment_ids"].size))
+            self.step_crc.append(zlib.crc32(np.ascontiguousarray(group["inputs"]).tobytes()))
         return self._pending.pop(0)
 
     def get_state(self) -> dict:
@@ -98,6 +104,7 @@ class Progress(tunix_hooks.TrainingHooks):
         self._window_start = None
         self._window_tokens = 0
         self._window_steps = 0
+        self._window_slots = 0
         self._steady_time = 0.0
         self._steady_steps = 0
         self._last_time = None
@@ -113,7 +120,8 @@ class Progress(tunix_hooks.TrainingHooks):
         now = time.perf_counter()
         step = int(train_step)
         index = step - 1 - (self._first_step or 0)
-        tokens = self.feeder.step_tokens[index] if 0 <= index < len(self.feeder.step_tokens) else 0
+        known = 0 <= index < len(self.feeder.step_tokens)
+        tokens = self.feeder.step_tokens[index] if known else 0
         dt = now - self._last_time
         self._last_time = now
         loss = float(train_loss)
@@ -124,7 +132,10 @@ class Progress(tunix_hooks.TrainingHooks):
             self._steady_steps += 1
             self._window_tokens += tokens
             self._window_steps += 1
+            self._window_slots += self.feeder.step_slots[index] if known else 0
         record = {"kind": "train", "step": step, "loss": loss}
+        if known:
+            record["batch_crc32"] = self.feeder.step_crc[index]
         lr = train_ctx._try_get_learning_rate()  # noqa: SLF001 - Tunix exposes no public getter
         if lr is not None:
             record["learning_rate"] = float(jax.device_get(lr))
@@ -134,19 +145,25 @@ class Progress(tunix_hooks.TrainingHooks):
                 tps = self._window_tokens / window_time
                 mfu = tps * self.flops_per_token / self.peak if self.peak else 0.0
                 step_time = window_time / self._window_steps
-                record.update(tokens_per_s=tps, mfu=mfu, step_time_s=step_time)
+                packing = self._window_tokens / max(self._window_slots, 1)
+                bad = self.feeder.stats.dropped if self.feeder.stats is not None else 0
+                record.update(tokens_per_s=tps, mfu=mfu, step_time_s=step_time,
+                              packing_efficiency=packing, bad_rows=bad)
                 for name, value in (("tokens_per_sec", tps), ("mfu", mfu),
-                                    ("step_time_sec", step_time)):
+                                    ("step_time_sec", step_time),
+                                    ("packing_efficiency", packing), ("bad_rows", bad)):
                     train_ctx.metrics_logger.log("", name, value, tunix_metrics.Mode.TRAIN, step)
                 eta = format_duration(step_time * (self.total_steps - step))
                 self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
                            f"lr {record.get('learning_rate', 0):.2e} | {tps:,.0f} tokens/s | "
-                           f"MFU {100 * mfu:.1f}% | {1000 * step_time:.0f} ms/step | ETA {eta}",
+                           f"MFU {100 * mfu:.1f}% | {1000 * step_time:.0f} ms/step | "
+                           f"packed {100 * packing:.0f}% | ETA {eta}",
                            flush=True)
             else:
                 self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
                            f"first step (compilation) {dt:.1f} s", flush=True)
             self._window_start, self._window_tokens, self._window_steps = now, 0, 0
+            self._window_slots = 0
         if self.jsonl is not None:
             self.jsonl.write(record)
             if step % self.log_period == 0 or step == self.total_steps:
