@@ -20,12 +20,12 @@ def test_base_yml_is_generated_from_schema():
 def test_chain_preset_and_overrides(tmp_path):
     cfg = load_config([SFT, *REQUIRED, "model_name=llama3.2-1b", "steps=7",
                        "learning_rate=1e-4", "packing=false",
-                       "train_data_columns=['messages']", "eval_split=null", "run_name=007",
+                       "column_map={messages: chat}", "eval_split=null", "run_name=007",
                        f"base_output_directory={tmp_path}"])
     assert cfg.steps == 7 and isinstance(cfg.steps, int)
     assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
     assert cfg.packing is False
-    assert cfg.train_data_columns == ["messages"]
+    assert cfg.column_map == {"messages": "chat"}
     assert cfg.eval_split is None
     assert cfg.run_name == "007"  # strings stay verbatim
     # sft.yml sets global_batch_size; the preset fills the architecture.
