@@ -63,6 +63,17 @@ def test_data_and_checkpoint_errors_exit_2(tmp_path, demo_assets):
                             f"load_parameters_path={tmp_path}/no-ckpt"), "does not exist")
 
 
+def test_data_inspection(tmp_path):
+    out = run_cli("tpusft.data", DEMO, f"base_output_directory={tmp_path}", "inspect_examples=2",
+                  "global_batch_size=8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("--- json example") == 2
+    assert "[[" in out.stdout and "token lengths of" in out.stdout
+    assert "rows: " in out.stdout and "packing: " in out.stdout
+    bad = run_cli("tpusft.data", DEMO, f"base_output_directory={tmp_path}", "truncaton=left")
+    _one_line_error(bad, "did you mean truncation")
+
+
 @pytest.mark.slow
 def test_resume_continues_at_the_exact_data_position(tmp_path):
     args = [DEMO, f"base_output_directory={tmp_path}", *SMALL, "steps=30",
@@ -86,8 +97,14 @@ def test_resume_continues_at_the_exact_data_position(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {max(saved)}" in resumed.stdout
 
-    ref = last_per_step(read_jsonl(str(tmp_path / "full" / "metrics.jsonl")), "train", "loss")
-    got = last_per_step(read_jsonl(str(tmp_path / "cut" / "metrics.jsonl")), "train", "loss")
+    ref_rows = read_jsonl(str(tmp_path / "full" / "metrics.jsonl"))
+    got_rows = read_jsonl(str(tmp_path / "cut" / "metrics.jsonl"))
+    ref = last_per_step(ref_rows, "train", "loss")
+    got = last_per_step(got_rows, "train", "loss")
+    # The resumed run is fed exactly the token ids of the uninterrupted run, step for step.
+    ref_ids = last_per_step(ref_rows, "train", "batch_crc32")
+    got_ids = last_per_step(got_rows, "train", "batch_crc32")
+    assert len(ref_ids) == 30 and all(got_ids[s] == ref_ids[s] for s in got_ids)
     assert list(ref) == list(range(1, 31))
     # Every step after the restart is logged by the resumed run; a step the killed run had
     # finished but not yet logged may be missing, which is why only logged steps compare.

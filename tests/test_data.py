@@ -286,3 +286,13 @@ def test_resumed_iterator_yields_exactly_the_same_batches(tmp_path, demo_tokeniz
     got = [next(resumed)["inputs"] for _ in range(30)]
     for a, b in zip(expected, got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_shipped_registry_is_valid():
+    from tpusft.data import formats
+
+    registry, _ = sources.load_registry("configs/datasets.yml")
+    assert {"alpaca", "gsm8k", "ultrachat_200k", "orca_dpo_pairs"} <= set(registry)
+    for entry in registry.values():
+        assert entry.get("data_format", "auto") in formats.DATA_FORMATS
+        formats.parse_column_map(entry.get("column_map"))

@@ -179,6 +179,9 @@ class Config:
     shuffle_seed: int = key(0, "Seed of the data order.")
     num_epochs: int | None = key(None, "Passes over the training data; null: repeat until "
                                  "`steps`.", minimum=1)
+    inspect_examples: int = key(
+        3, "Examples printed, with their trained tokens marked, by `python -m tpusft.data`.",
+        minimum=0)
     demo_task: str = key(
         "", "Embedded demo: 'arithmetic' generates a tokenizer and a chat data set under "
         "base_output_directory/demo_assets and reports exact-match answers before and after "

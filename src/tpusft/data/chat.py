@@ -73,11 +73,17 @@ def encode_chat(tokenizer, messages: Sequence[dict], completion_only: bool = Tru
     ids = np.asarray(enc.ids, np.int32)
     if not completion_only:
         return Encoded(ids, np.ones(len(ids), bool))
-    offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
     trained = np.zeros(len(ids), bool)
+    offsets = None
     for start, end in spans:
-        # A token belongs to the span when it ends inside it (covers tokens that start at
-        # the span's first character and special tokens with zero-width offsets inside it).
+        # A token is trained when its characters overlap the span: the tokens from the one
+        # holding the span's first character to the one holding its last.
+        first, last = enc.char_to_token(start), enc.char_to_token(end - 1)
+        if first is not None and last is not None:
+            trained[first:last + 1] = True
+            continue
+        if offsets is None:  # a normalizer dropped characters: compare offsets instead
+            offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
         trained |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
     return Encoded(ids, trained)
 

@@ -43,6 +43,7 @@ class DataStats:
     truncated: int = 0
     bad: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
+    lengths: list | None = None  # token length of every example before truncation, if a list
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -188,6 +189,8 @@ class ExampleEncoder:
             self._bad(row, "rejected by the chat template", str(e).splitlines()[0][:120])
             return None
         ids, trained = enc.ids, enc.trained
+        if self.stats.lengths is not None:
+            self.stats.lengths.append(len(ids))
         limit = self.opts.max_length + 1
         if len(ids) > limit:
             if self.opts.truncation == "drop":
@@ -354,8 +357,9 @@ def build_dataset(sources: Sequence[Source], opts: DataOptions, tokenizer, batch
     stats = stats or DataStats()
     parts = [_source_dataset(s, opts, tokenizer, stats, train=train, part=part,
                              batch_size=batch_size) for s in sources]
-    # Few threads: on small hosts the default 16 fight the trainer for the GIL.
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size)
+    # Rows are read and encoded in the prefetch thread below: tokenizing and rendering hold
+    # the GIL, so reader threads only contend with each other and with the trainer.
+    read = grain.ReadOptions(num_threads=0)
     if len(parts) == 1:
         ds, mapped = parts[0]
         ds = ds.to_iter_dataset(read) if mapped else ds
