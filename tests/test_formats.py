@@ -79,6 +79,9 @@ def test_text_preference_and_prompt_only():
     _, ex = _parse({"chosen": shared + [{"role": "assistant", "content": "a"}],
                     "rejected": shared + [{"role": "assistant", "content": "b"}]})
     assert ex.messages == shared and ex.chosen[0]["content"] == "a"
+    _, ex = _parse({"prompt": "q", "chosen": shared + [{"role": "assistant", "content": "a"}],
+                    "rejected": shared + [{"role": "assistant", "content": "b"}]})
+    assert ex.messages == shared and ex.rejected == [{"role": "assistant", "content": "b"}]
     fmt, ex = _parse({"question": "2+2?", "answer": "#### 4"}, fmt="prompt_only",
                      column_map={"prompt": "question"})
     assert fmt == "prompt_only" and ex.answer == "4" and ex.messages[-1]["content"] == "2+2?"

@@ -247,7 +247,8 @@ def parse_row(row: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> Ex
         chosen, rejected = _completion(get("chosen"), "chosen"), _completion(get("rejected"),
                                                                              "rejected")
         prompt = get("prompt") if get("prompt") is not None else get("question")
-        if prompt is None:  # conversations that share their prompt turns
+        if prompt is None or chosen[0]["role"] != "assistant":
+            # Whole conversations (UltraFeedback's chosen/rejected repeat the prompt turns).
             msgs, chosen, rejected = _split_shared_prompt(chosen, rejected)
             if not msgs:
                 raise BadRow("missing value", "prompt (no prompt column, and chosen and "
