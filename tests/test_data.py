@@ -151,7 +151,7 @@ def test_bad_rows_are_counted_with_an_example_or_raise(tmp_path):
     summary = stats.summary()
     assert "9 rows read, 3 skipped" in summary and "1 x invalid role order: e.g." in summary
     strict, _ = _build(path, batch=1, packing=False, bad_row_policy="raise")
-    with pytest.raises(Exception, match="bad row .*bad_row_policy=skip"):
+    with pytest.raises(DataError, match="bad row .*bad_row_policy=skip"):
         list(strict)
 
 

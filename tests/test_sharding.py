@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from tpusft.config import load_config
 from tpusft.config.loader import configs_root
-from tpusft.data import pipeline
+from tpusft.data import pipeline, sources
 from tpusft.models.decoder import ModelArgs, create_model
 from tpusft.models.sharding import make_mesh
 from tpusft.training import trainer as trainer_lib
@@ -33,8 +33,9 @@ def _norm(spec, ndim):
 def _train(cfg, tokenizer, devices):
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism, devices)
-    ds, _ = pipeline.build_dataset(pipeline.data_spec(cfg, train=True), tokenizer,
-                                   cfg.global_batch_size, train=True)
+    srcs, part = sources.sources(cfg, train=True)
+    ds, _ = pipeline.build_dataset(srcs, sources.options(cfg, train=True), tokenizer,
+                                   cfg.global_batch_size, train=True, part=part)
     with mesh:
         model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, seed=0)
         feeder = trainer_lib.BatchFeeder(ds, cfg.gradient_accumulation_steps)
