@@ -31,6 +31,7 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.data import pipeline, sources
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic
+    from tpusft.models import lora
     from tpusft.models.decoder import ModelArgs, create_model
     from tpusft.models.sharding import make_mesh
     from tpusft.training import trainer as trainer_lib
@@ -74,7 +75,8 @@ def main(argv: Sequence[str]) -> int:
     with mesh:
         model = create_model(args, mesh, cfg.logical_axis_rules, cfg.seed)
         resuming = existing_checkpoint(cfg)
-        if cfg.load_parameters_path and not resuming:
+        # A LoRA run's checkpoints hold only the adapters: the base is loaded every time.
+        if cfg.load_parameters_path and (not resuming or args.lora_rank):
             read = restore_params(model, cfg.load_parameters_path)
             print(f"loaded parameters from {read}")
 
@@ -89,6 +91,12 @@ def main(argv: Sequence[str]) -> int:
         print(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
               f"{args.num_layers} layers{' (scanned)' if args.scan_layers else ''}, "
               f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {cfg.remat_policy}")
+        if args.lora_rank:
+            adapter, total = lora.count(model)
+            print(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on "
+                  f"{', '.join(sorted(args.lora_targets))}: {adapter / 1e6:,.2f}M / "
+                  f"{(total - adapter) / 1e6:,.2f}M trainable, "
+                  f"{100 * adapter / (total - adapter):.2f}%")
         preloaded = "tcmalloc" in os.environ.get("LD_PRELOAD", "")
         allocator = "tcmalloc" if preloaded else "system malloc"
         print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "

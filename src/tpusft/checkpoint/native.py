@@ -61,7 +61,8 @@ def restore_params(model: nnx.Module, path: str) -> str:
     """Loads parameters into `model` (keeping its shardings); returns the directory read."""
     items, kind = resolve(path)
     items = items.absolute() if "://" not in str(items) else items
-    params = nnx.state(model, nnx.Param)
+    # The base weights only: LoRA adapters are not part of a base checkpoint.
+    params = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     pure = nnx.to_pure_dict(params)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pure)

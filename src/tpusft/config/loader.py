@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tpusft.config.schema import MODEL_KEYS, Config, user_fields
+from tpusft.config.schema import MODEL_KEYS, Config, flat_fields, sections
 from tpusft.errors import ConfigError
 
 
@@ -64,8 +64,23 @@ def _yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     return _yaml_chain(base_path, seen + (path,)) + [(path, data)]
 
 
-_FIELD_TYPES = typing.get_type_hints(Config)
-_FIELDS = {f.name: f for f in user_fields()}
+_FLAT = flat_fields()
+_FIELD_TYPES = {name: tp for name, (_, tp) in _FLAT.items()}
+_FIELDS = {name: f for name, (f, _) in _FLAT.items()}
+
+
+def _flatten(layer: dict[str, Any], source: str) -> dict[str, Any]:
+    """YAML `lora: {rank: 8}` -> {'lora.rank': 8}."""
+    out = {}
+    for name, value in layer.items():
+        if name in sections():
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {name} must be a mapping of {name}.* keys, e.g. "
+                                  f"{name}: {{...}}")
+            out.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            out[name] = value
+    return out
 
 
 def _allowed(name: str) -> tuple[type, ...]:
@@ -138,7 +153,7 @@ def _check_known(name: str, source: str) -> None:
 
 
 def _apply(values: dict[str, Any], layer: dict[str, Any], source: str) -> None:
-    for name, value in layer.items():
+    for name, value in _flatten(layer, source).items():
         _check_known(name, source)
         values[name] = coerce(name, value, source)
 
@@ -167,14 +182,15 @@ def load_preset(model_name: str) -> dict[str, Any]:
 
 def validate(cfg: Config) -> None:
     """Checks choices, minimums and relations between keys; raises ConfigError."""
-    for f in user_fields():
-        value = getattr(cfg, f.name)
+    for name, f in _FIELDS.items():
+        section, _, key = name.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, key)
         choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
         if choices is not None and value not in choices:
-            raise ConfigError(f"{f.name}={value!r} is not allowed; choose one of "
+            raise ConfigError(f"{name}={value!r} is not allowed; choose one of "
                               f"{', '.join(repr(c) for c in choices)}")
         if minimum is not None and value is not None and value < minimum:
-            raise ConfigError(f"{f.name}={value!r} is too small; expected a value >= {minimum:g}")
+            raise ConfigError(f"{name}={value!r} is too small; expected a value >= {minimum:g}")
     if cfg.global_batch_size % cfg.gradient_accumulation_steps:
         raise ConfigError(
             f"global_batch_size={cfg.global_batch_size} is not divisible by "
@@ -249,7 +265,9 @@ def load_config(argv: Sequence[str]) -> Config:
     values.update(load_preset(model_name))
     values.update(upper)
 
-    cfg = Config(**values)
+    nested = {name: cls(**{k.partition(".")[2]: v for k, v in values.items()
+                           if k.startswith(name + ".")}) for name, cls in sections().items()}
+    cfg = Config(**{k: v for k, v in values.items() if "." not in k}, **nested)
     validate(cfg)
     derive_paths(cfg)
     return cfg
@@ -264,11 +282,17 @@ def base_yaml_text() -> str:
     lines = ["# Every tpusft config key with its default. Generated from",
              "# src/tpusft/config/schema.py by `python -m tpusft.config --write-base`; edit the",
              "# schema, not this file. Task configs inherit it with `base_config: base.yml`.", ""]
-    for f in user_fields():
+    current = ""
+    for name, f in _FIELDS.items():
+        section, _, key = name.rpartition(".")
+        indent = "  " if section else ""
         if f.metadata.get("section"):
             lines += ["", f"# ---- {f.metadata['section']}"]
+        if section and section != current:
+            lines.append(f"{section}:")
+        current = section
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        lines.append(f"# {f.metadata['doc']}")
-        dumped = yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000).strip()
-        lines.append(dumped[1:-1] if dumped.startswith("{") else dumped)
+        lines.append(f"{indent}# {f.metadata['doc']}")
+        dumped = yaml.safe_dump({key: default}, default_flow_style=True, width=1000).strip()
+        lines.append(indent + (dumped[1:-1] if dumped.startswith("{") else dumped))
     return "\n".join(lines).lstrip("\n") + "\n"

@@ -41,6 +41,20 @@ DEFAULT_LOGICAL_AXIS_RULES = [
 
 
 @dataclass
+class LoraConfig:
+    """The `lora.` section: low-rank adapters on the frozen (optionally quantized) base."""
+
+    enable_lora: bool = key(False, "Train LoRA adapters instead of the whole model; only the "
+                            "adapters get gradients and optimizer state.", section="LoRA")
+    rank: int = key(16, "Rank of each adapter.", minimum=1)
+    alpha: float = key(32.0, "Adapter output scale is alpha / rank.", minimum=0)
+    target_modules: str | list = key(
+        "all-linear", "Projections that get adapters: a list of q_proj, k_proj, v_proj, "
+        "o_proj, gate_proj, up_proj, down_proj (or MaxText's query, key, value, out, wi_0, "
+        "wi_1, wo), or all-linear, attention, mlp.")
+
+
+@dataclass
 class Config:
     # ------------------------------------------------------------------ run
     run_name: str | None = key(
@@ -236,6 +250,9 @@ class Config:
     decode_temperature: float = key(0.0, "Sampling temperature; 0 is greedy.", minimum=0)
     decode_top_k: int = key(0, "Sample from the k most likely tokens (0: all).", minimum=0)
 
+    # ----------------------------------------------------------------- LoRA
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"nested": True})
+
     # ------------------------------------------------------- derived paths
     # Set by the loader, not by the user.
     run_directory: str = field(default="", metadata={"derived": True})
@@ -264,4 +281,24 @@ MODEL_KEYS = (
 
 
 def user_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(Config) if not f.metadata.get("derived")]
+    """Top-level keys (nested sections excluded; see flat_fields)."""
+    return [f for f in dataclasses.fields(Config)
+            if not f.metadata.get("derived") and not f.metadata.get("nested")]
+
+
+def sections() -> dict[str, type]:
+    """Nested sections: name -> dataclass (their keys are written `section.key`)."""
+    return {f.name: f.default_factory().__class__ for f in dataclasses.fields(Config)
+            if f.metadata.get("nested")}
+
+
+def flat_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Every user key, nested ones as `section.key`: name -> (field, type hint)."""
+    import typing
+
+    out = {f.name: (f, typing.get_type_hints(Config)[f.name]) for f in user_fields()}
+    for name, cls in sections().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f"{name}.{f.name}"] = (f, hints[f.name])
+    return out

@@ -20,9 +20,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from tpusft.errors import ConfigError
 from tpusft.models import attention as attn
+from tpusft.models import lora
 from tpusft.models.families import (
     ATTN_NORM,
     FAMILIES,
@@ -73,6 +76,9 @@ class ModelArgs:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention: str = "auto"
+    lora_rank: int = 0                  # 0: no adapters
+    lora_alpha: float = 0.0
+    lora_targets: frozenset = frozenset()  # native projection names (models/lora.py)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelArgs:
@@ -91,7 +97,12 @@ class ModelArgs:
             query_pre_attn_scalar=cfg.query_pre_attn_scalar,
             tie_embeddings=cfg.logits_via_embedding, dtype=cfg.dtype,
             weight_dtype=cfg.weight_dtype, scan_layers=cfg.scan_layers,
-            remat_policy=cfg.remat_policy, attention=cfg.attention)
+            remat_policy=cfg.remat_policy, attention=cfg.attention,
+            **lora_args(cfg))
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def fam(self) -> Family:
@@ -124,8 +135,20 @@ class ModelArgs:
         return self.vocab_size * e + self.num_layers * layer + e + out
 
 
+def lora_args(cfg: Any) -> dict[str, Any]:
+    """ModelArgs' LoRA fields from the config's lora section."""
+    if not cfg.lora.enable_lora:
+        return {}
+    try:
+        targets = lora.target_modules(cfg.lora.target_modules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {"lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "lora_targets": targets}
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None,
-           dtype: Any, rules: AxisRules | None, stacked: int | None) -> nnx.Param:
+           dtype: Any, rules: AxisRules | None, stacked: int | None,
+           cls: type = nnx.Param) -> nnx.Param:
     """A parameter, stacked at axis 1 for scanned layers, with its mesh sharding recorded."""
     if stacked is not None:
         shape = (shape[0], stacked, *shape[1:])
@@ -136,9 +159,9 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: f
         value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
                  ).astype(dtype)
     if rules is None or rules.mesh is None:
-        return nnx.Param(value, logical_axes=axes)
-    return nnx.Param(value, out_sharding=tuple(rules.spec(axes, shape)), mesh=rules.mesh,
-                     logical_axes=axes)
+        return cls(value, logical_axes=axes)
+    return cls(value, out_sharding=tuple(rules.spec(axes, shape)), mesh=rules.mesh,
+               logical_axes=axes)
 
 
 class Scale(nnx.Module):
@@ -147,25 +170,42 @@ class Scale(nnx.Module):
 
 
 class Kernel(nnx.Module):
-    def __init__(self, shape, axes, std, dtype, rules, stacked, rngs, bias_dims: int = 0):
+    def __init__(self, shape, axes, std, dtype, rules, stacked, rngs, bias_dims: int = 0,
+                 lora_in: int = 0, lora_rank: int = 0):
         self.kernel = _param(rngs, shape, axes, std, dtype, rules, stacked)
         if bias_dims:  # the output dims of the kernel (Qwen2's q/k/v bias)
             self.bias = _param(rngs, shape[-bias_dims:], axes[-bias_dims:], 0.0, dtype, rules,
                                stacked)
+        if lora_rank:  # an adapter: A random, B zero, so training starts at the base model
+            (a_shape, a_axes), (b_shape, b_axes) = lora.adapter_shapes(shape, axes, lora_in,
+                                                                       lora_rank)
+            fan_in = int(np.prod(shape[:lora_in]))
+            self.lora_a = _param(rngs, a_shape, a_axes, fan_in ** -0.5, dtype, rules, stacked,
+                                 nnx.LoRAParam)
+            self.lora_b = _param(rngs, b_shape, b_axes, 0.0, dtype, rules, stacked,
+                                 nnx.LoRAParam)
+
+
+def _kernel(a: ModelArgs, name: str, shape, axes, std, dtype, rules, stacked, rngs,
+            bias_dims: int = 0) -> Kernel:
+    """The projection `name`, with an adapter when LoRA targets it."""
+    rank = a.lora_rank if name in a.lora_targets else 0
+    return Kernel(shape, axes, std, dtype, rules, stacked, rngs, bias_dims,
+                  lora.PROJECTIONS[name][1], rank)
 
 
 class SelfAttention(nnx.Module):
     def __init__(self, a: ModelArgs, dtype, rules, stacked, rngs):
         e, h, kv, d = a.emb_dim, a.num_heads, a.num_kv_heads, a.head_dim
         b = 2 if a.fam.qkv_bias else 0
-        self.query = Kernel((e, h, d), ("embed", "heads", "head_dim"), e ** -0.5 * a.query_fold,
-                            dtype, rules, stacked, rngs, b)
-        self.key = Kernel((e, kv, d), ("embed", "kv_heads", "head_dim"), e ** -0.5, dtype, rules,
-                          stacked, rngs, b)
-        self.value = Kernel((e, kv, d), ("embed", "kv_heads", "head_dim"), e ** -0.5, dtype,
-                            rules, stacked, rngs, b)
-        self.out = Kernel((h, d, e), ("heads", "head_dim", "embed"), (h * d) ** -0.5, dtype,
-                          rules, stacked, rngs)
+        self.query = _kernel(a, "query", (e, h, d), ("embed", "heads", "head_dim"),
+                             e ** -0.5 * a.query_fold, dtype, rules, stacked, rngs, b)
+        self.key = _kernel(a, "key", (e, kv, d), ("embed", "kv_heads", "head_dim"), e ** -0.5,
+                           dtype, rules, stacked, rngs, b)
+        self.value = _kernel(a, "value", (e, kv, d), ("embed", "kv_heads", "head_dim"),
+                             e ** -0.5, dtype, rules, stacked, rngs, b)
+        self.out = _kernel(a, "out", (h, d, e), ("heads", "head_dim", "embed"), (h * d) ** -0.5,
+                           dtype, rules, stacked, rngs)
         if a.fam.qk_norm:
             self.query_norm = Scale(d, dtype, rules, stacked, rngs)
             self.key_norm = Scale(d, dtype, rules, stacked, rngs)
@@ -174,9 +214,12 @@ class SelfAttention(nnx.Module):
 class Mlp(nnx.Module):
     def __init__(self, a: ModelArgs, dtype, rules, stacked, rngs):
         e, m = a.emb_dim, a.mlp_dim
-        self.wi_0 = Kernel((e, m), ("embed", "mlp"), e ** -0.5, dtype, rules, stacked, rngs)
-        self.wi_1 = Kernel((e, m), ("embed", "mlp"), e ** -0.5, dtype, rules, stacked, rngs)
-        self.wo = Kernel((m, e), ("mlp", "embed"), m ** -0.5, dtype, rules, stacked, rngs)
+        self.wi_0 = _kernel(a, "wi_0", (e, m), ("embed", "mlp"), e ** -0.5, dtype, rules,
+                            stacked, rngs)
+        self.wi_1 = _kernel(a, "wi_1", (e, m), ("embed", "mlp"), e ** -0.5, dtype, rules,
+                            stacked, rngs)
+        self.wo = _kernel(a, "wo", (m, e), ("mlp", "embed"), m ** -0.5, dtype, rules, stacked,
+                          rngs)
 
 
 class DecoderLayer(nnx.Module):
@@ -236,8 +279,10 @@ def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
     w = jax.tree.map(lambda t: t.astype(dt), p)
     sa, mlp = w["self_attention"], w["mlp"]
 
+    scale = a.lora_scale
+
     def project(name, h):
-        y = jnp.einsum("bte,ehd->bthd", h, sa[name]["kernel"])
+        y = lora.project(h, sa[name], "bte,ehd->bthd", 1, scale)
         return y + sa[name]["bias"] if "bias" in sa[name] else y
 
     h = rms_norm(x, w[norms[ATTN_NORM]]["scale"], a.norm_eps)
@@ -260,17 +305,17 @@ def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
 
     o = attn.dot_product_attention(q, k, v, mask, a.attention_scale, a.attention,
                                    softcap=a.attn_softcap)
-    o = jnp.einsum("bthd,hde->bte", o, sa["out"]["kernel"])
+    o = lora.project(o, sa["out"], "bthd,hde->bte", 2, scale)
     if fam.sandwich_norms:
         o = rms_norm(o, w[norms[POST_ATTN_NORM]]["scale"], a.norm_eps)
     x = constrain(x + o, rules, BATCH_SEQ_EMBED)
 
     h = rms_norm(x, w[norms[MLP_NORM]]["scale"], a.norm_eps)
-    gate = jnp.einsum("bte,em->btm", h, mlp["wi_0"]["kernel"])
-    up = jnp.einsum("bte,em->btm", h, mlp["wi_1"]["kernel"])
+    gate = lora.project(h, mlp["wi_0"], "bte,em->btm", 1, scale)
+    up = lora.project(h, mlp["wi_1"], "bte,em->btm", 1, scale)
     act = constrain(_activation(fam.activation, gate) * up, rules,
                     ("activation_batch", "activation_length", "activation_mlp"))
-    y = jnp.einsum("btm,me->bte", act, mlp["wo"]["kernel"])
+    y = lora.project(act, mlp["wo"], "btm,me->bte", 1, scale)
     if fam.sandwich_norms:
         y = rms_norm(y, w[norms[POST_MLP_NORM]]["scale"], a.norm_eps)
     return constrain(x + y, rules, BATCH_SEQ_EMBED), new_cache

@@ -1,0 +1,105 @@
+"""LoRA adapters inside the decoder: which projections get them, their shapes and logical
+axes (sharded like the base kernel's input and output dims, stacked over layers like the
+rest), the adapted projection, and merging.
+
+A projection's kernel has input dims then output dims (query: embed | heads, head_dim;
+out: heads, head_dim | embed). Its adapter is lora_a [input dims..., rank] and lora_b [rank,
+output dims...], both nnx.LoRAParam, so Tunix's trainer trains exactly these; the output is
+x @ kernel + (alpha / rank) * (x @ lora_a) @ lora_b, and lora_b starts at zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# MaxText name -> (HF / PEFT name, number of input dims of the kernel)
+PROJECTIONS = {"query": ("q_proj", 1), "key": ("k_proj", 1), "value": ("v_proj", 1),
+               "out": ("o_proj", 2), "wi_0": ("gate_proj", 1), "wi_1": ("up_proj", 1),
+               "wo": ("down_proj", 1)}
+ATTENTION = ("query", "key", "value", "out")
+MLP = ("wi_0", "wi_1", "wo")
+RANK_AXIS = "lora_rank"  # no mesh axis: the rank dimension is replicated
+_BY_HF = {hf: native for native, (hf, _) in PROJECTIONS.items()}
+
+
+def target_modules(value: str | list) -> frozenset[str]:
+    """lora.target_modules -> native projection names; raises ValueError naming bad ones."""
+    items = [value] if isinstance(value, str) else list(value)
+    out: set[str] = set()
+    for item in items:
+        name = str(item).strip()
+        if name in ("all-linear", "all_linear"):
+            out.update(PROJECTIONS)
+        elif name == "attention":
+            out.update(ATTENTION)
+        elif name == "mlp":
+            out.update(MLP)
+        elif name in PROJECTIONS:
+            out.add(name)
+        elif name in _BY_HF:
+            out.add(_BY_HF[name])
+        else:
+            raise ValueError(f"lora.target_modules: unknown module {name!r}; use all-linear, "
+                             f"attention, mlp or {', '.join(p for p, _ in PROJECTIONS.values())}")
+    if not out:
+        raise ValueError("lora.target_modules names no module")
+    return frozenset(out)
+
+
+def adapter_shapes(kernel_shape: tuple[int, ...], axes: tuple[str, ...], n_in: int, rank: int):
+    """((a_shape, a_axes), (b_shape, b_axes)) of one (unstacked) kernel's adapter."""
+    return ((tuple(kernel_shape[:n_in]) + (rank,), tuple(axes[:n_in]) + (RANK_AXIS,)),
+            ((rank,) + tuple(kernel_shape[n_in:]), (RANK_AXIS,) + tuple(axes[n_in:])))
+
+
+def project(x: jax.Array, p: dict, spec: str, n_in: int, scale: float) -> jax.Array:
+    """einsum(spec) of x with p['kernel'], plus the adapter's low-rank update if p has one.
+
+    spec is "<x dims>,<kernel dims>-><out dims>", the kernel's first n_in dims contracted.
+    """
+    y = jnp.einsum(spec, x, p["kernel"])
+    if "lora_a" not in p:
+        return y
+    lhs, out = spec.split("->")
+    xs, ks = lhs.split(",")
+    k_in, k_out = ks[:n_in], ks[n_in:]
+    mid = "".join(c for c in xs if c not in k_in) + "r"
+    t = jnp.einsum(f"{xs},{k_in}r->{mid}", x, p["lora_a"])
+    return y + scale * jnp.einsum(f"{mid},r{k_out}->{out}", t, p["lora_b"])
+
+
+def delta(a: jax.Array, b: jax.Array, n_in: int, scale: float, stacked: bool) -> jax.Array:
+    """The kernel update scale * a @ b (stacked adapters keep the layer axis at 1)."""
+    if stacked:
+        a, b = jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)
+        return jnp.moveaxis(jax.vmap(lambda x, y: delta(x, y, n_in, scale, False))(a, b), 0, 1)
+    in_shape, out_shape = a.shape[:-1], b.shape[1:]
+    d = a.reshape(-1, a.shape[-1]).astype(jnp.float32) @ b.reshape(b.shape[0], -1).astype(
+        jnp.float32)
+    return scale * d.reshape(*in_shape, *out_shape)
+
+
+def adapters(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """(path, module) of every projection module that carries an adapter."""
+    return [(path, m) for path, m in nnx.iter_modules(model) if hasattr(m, "lora_a")]
+
+
+def count(model: nnx.Module) -> tuple[int, int]:
+    """(adapter parameters, all parameters)."""
+    def size(state) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(state))
+
+    return size(nnx.state(model, nnx.LoRAParam)), size(nnx.state(model, nnx.Param))
+
+
+def merge(model: nnx.Module, scale: float, scanned: bool) -> None:
+    """Folds every adapter into its kernel and deletes it (in place)."""
+    for path, m in adapters(model):
+        name = next(k for k in reversed(path) if k in PROJECTIONS)
+        n_in = PROJECTIONS[name][1]
+        k = m.kernel[...]
+        m.kernel[...] = (k.astype(jnp.float32) + delta(m.lora_a[...], m.lora_b[...], n_in, scale,
+                                                       scanned)).astype(k.dtype)
+        del m.lora_a, m.lora_b
