@@ -230,3 +230,40 @@ def native_leaves(a: ModelArgs, hf_prefix: str = "model.",
         leaves.append(Leaf(("decoder", "logits_dense", "kernel"), (e, v),
                            (Piece(lm_head, (v, e), None, *_transpose()),)))
     return leaves
+
+
+def adapter_transforms(a: ModelArgs, proj: str):
+    """(to_hf, to_native) of a LoRA adapter on projection `proj` (a native name).
+
+    Native: lora_a [input dims..., r], lora_b [r, output dims...] (one layer). PEFT: lora_A
+    [r, in], lora_B [out, r], with B @ A the HF kernel's update: the same head split, RoPE
+    order and query factor as the kernel itself, applied to B's output side.
+    """
+    h, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
+    if proj in ("query", "key", "value"):
+        heads = h if proj == "query" else kv
+        perm = _interleave(d) if a.fam.rope_interleaved and proj != "value" else None
+        inv = None if perm is None else np.argsort(perm)
+        scale = a.query_fold if proj == "query" else 1.0
+
+        def to_hf(la, lb):
+            r = lb.shape[0]
+            lb = lb if scale == 1.0 else _div(lb, scale)
+            lb = lb if inv is None else lb[..., inv]
+            return np.ascontiguousarray(la.T), np.ascontiguousarray(lb.reshape(r, -1).T)
+
+        def to_native(A, B):
+            r = A.shape[0]
+            lb = B.T.reshape(r, heads, d)
+            lb = lb if perm is None else lb[..., perm]
+            return np.ascontiguousarray(A.T), np.ascontiguousarray(
+                lb if scale == 1.0 else _mul(lb, scale))
+
+        return to_hf, to_native
+    if proj == "out":
+        return ((lambda la, lb: (np.ascontiguousarray(la.reshape(h * d, -1).T),
+                                 np.ascontiguousarray(lb.T))),
+                (lambda A, B: (np.ascontiguousarray(A.T.reshape(h, d, -1)),
+                               np.ascontiguousarray(B.T))))
+    return ((lambda la, lb: (np.ascontiguousarray(la.T), np.ascontiguousarray(lb.T))),
+            (lambda A, B: (np.ascontiguousarray(A.T), np.ascontiguousarray(B.T))))
