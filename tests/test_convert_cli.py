@@ -9,6 +9,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from conftest import REPO, run_cli
 from hf_oracle import build_hf_model, hf_logits, restored_model
 
@@ -116,6 +117,29 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     ours = np.asarray(model(jnp.asarray(tokens), pos)[0])
     ref = hf_logits(hf.eval(), tokens)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * float(ref.max() - ref.min()))
+
+    # LoRA on top of that checkpoint: the run saves adapters only; the export merges them
+    # into the base and writes the PEFT adapter, which peft loads on the exported base.
+    from peft import PeftModel
+
+    from tpusft.checkpoint.streaming import NativeReader
+
+    lora_run = run_cli("tpusft.train_sft", "configs/demo/sft_lora.yml",
+                       f"base_output_directory={tmp_path}", "run_name=l", "steps=6",
+                       "checkpoint_period=6", "global_batch_size=8", "max_target_length=64",
+                       "eval_steps=1", "async_checkpointing=false", "learning_rate=1e-2",
+                       f"load_parameters_path={ckpts}")
+    assert lora_run.returncode == 0, lora_run.stderr[-3000:]
+    assert "trainable" in lora_run.stdout and "LoRA rank 8" in lora_run.stdout
+    saved = NativeReader(epath.Path(tmp_path / "l" / "checkpoints" / "6" / "model_params"), ())
+    assert saved.entries and all(k[-1] in ("lora_a", "lora_b") for k in saved.entries)
+    proc = tool("native_to_hf", str(tmp_path / "l" / "checkpoints"), str(tmp_path / "hf-l"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-l").eval()
+    with_adapter = PeftModel.from_pretrained(hf, str(tmp_path / "hf-l" / "adapter")).eval()
+    got, want = hf_logits(merged, tokens), hf_logits(with_adapter, tokens)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(want.max() - want.min()))
+    assert np.abs(got - ref).max() > 1e-3  # the adapters changed the model
 
 
 @pytest.mark.slow

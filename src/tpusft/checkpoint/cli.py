@@ -123,6 +123,8 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
                    help="dtype of the safetensors (default: the checkpoint's)")
     p.add_argument("--max_shard_size_mb", type=int, default=512,
                    help="safetensors shard size (MiB)")
+    p.add_argument("--base", default="", help="a LoRA checkpoint's base model (native); "
+                   "default: the run's load_parameters_path")
     a = p.parse_args(argv)
     _reuse_freed_memory()
 
@@ -134,7 +136,8 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
 
     t0 = time.perf_counter()
     info = native_to_hf(a.native_path, a.output, keys=keys, assets=a.hf_assets or None,
-                        save_dtype=a.save_dtype, max_shard_bytes=a.max_shard_size_mb << 20)
+                        save_dtype=a.save_dtype, max_shard_bytes=a.max_shard_size_mb << 20,
+                        base=a.base or None)
     dt = time.perf_counter() - t0
     gb = info["bytes"] / 1e9
     read_gb = info["bytes_read"] / 1e9
@@ -142,4 +145,7 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
           f"{gb:.2f} GB in {dt:.1f} s ({gb / dt:.2f} GB/s; reading "
           f"{read_gb / max(info['read_seconds'], 1e-9):.2f} GB/s), "
           f"peak RSS {_peak_rss_gib():.2f} GiB")
+    if Path(a.output, "adapter").exists():
+        print(f"LoRA: merged into the base above; the adapter alone (PEFT format) is in "
+              f"{a.output}/adapter")
     return 0

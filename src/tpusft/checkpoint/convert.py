@@ -12,6 +12,7 @@ A converted native checkpoint directory holds, beside `0/items`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import numpy as np
 import yaml
 from etils import epath
 
-from tpusft.checkpoint import hf_config, hf_layout
+from tpusft.checkpoint import hf_config, hf_layout, peft_adapter
 from tpusft.checkpoint.native import resolve
 from tpusft.checkpoint.streaming import (
     NativeReader,
@@ -36,6 +37,7 @@ from tpusft.checkpoint.streaming import (
 )
 from tpusft.config.schema import MODEL_KEYS, Config
 from tpusft.errors import CheckpointError, ConfigError
+from tpusft.models import lora
 from tpusft.models.decoder import ModelArgs
 
 MODEL_FILE = "tpusft_model.yml"
@@ -190,6 +192,49 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
 
 
 # --------------------------------------------------------------------------- native -> HF
+def find_lora_run(native_path: str) -> dict[str, Any] | None:
+    """The config.yml of the LoRA training run that wrote `native_path`, if it is one."""
+    p = epath.Path(native_path)
+    for d in [p, *list(p.parents)[:4]]:
+        if (d / "config.yml").exists() and (d / "checkpoints").exists():
+            run = yaml.safe_load((d / "config.yml").read_text()) or {}
+            return run if (run.get("lora") or {}).get("enable_lora") else None
+    return None
+
+
+def _lora_export(native_path: str, lora_reader: NativeReader, base: str | None,
+                 keys: dict[str, Any]) -> tuple[NativeReader, dict[str, Any], str]:
+    """(base reader, ModelArgs' LoRA fields, base path) of a LoRA training checkpoint."""
+    run = find_lora_run(native_path) or {}
+    base = base or run.get("load_parameters_path")
+    if not base:
+        raise CheckpointError(f"{native_path} holds LoRA adapters only; give the base model's "
+                              f"native checkpoint with --base")
+    settings = run.get("lora") or {}
+    if not settings:
+        raise CheckpointError(f"{native_path}: no LoRA settings found (the run's config.yml "
+                              f"is missing)")
+    targets = lora.target_modules(settings.get("target_modules", "all-linear"))
+    fields = {"lora_rank": int(settings["rank"]), "lora_alpha": float(settings["alpha"]),
+              "lora_targets": targets}
+    items, kind = resolve(base)
+    reader = NativeReader(items, ("params", "params") if kind == "maxtext" else ())
+    if any(e[-1] == "lora_a" for e in reader.entries):
+        raise CheckpointError(f"--base {base} is itself a LoRA checkpoint; give the base model")
+    return reader, fields, base
+
+
+def _read_adapters(reader: NativeReader) -> dict:
+    tree: dict = {}
+    for rel in reader.entries:
+        if rel[-1] in ("lora_a", "lora_b"):
+            node = tree
+            for k in rel[:-1]:
+                node = node.setdefault(k, {})
+            node[rel[-1]] = reader.read(rel)
+    return tree
+
+
 def find_model_keys(native_path: str) -> tuple[dict[str, Any] | None, str | None]:
     """(model keys, hf_assets directory) recorded beside a native checkpoint or its run."""
     p = epath.Path(native_path)
@@ -228,12 +273,22 @@ def _plan_shards(reader: NativeReader, leaves: list[hf_layout.Leaf], dtype: np.d
     return shards
 
 
-def _hf_tensors(reader: NativeReader, pieces: list, dtype: np.dtype | None):
+def _hf_tensors(reader: NativeReader, pieces: list, dtype: np.dtype | None,
+                adapter: tuple[NativeReader, ModelArgs] | None = None):
     """Yields (HF name, HF tensor) for `pieces`, read layer by layer and transformed a few
-    pieces ahead on worker threads."""
+    pieces ahead on worker threads; with `adapter` (a LoRA checkpoint's reader and the model
+    args), targeted kernels come merged with their adapters."""
     def load(item):
         leaf, p = item
         t = np.ascontiguousarray(p.to_hf(reader.read(leaf.path, p.index)))
+        if adapter is not None and leaf.path[-1] == "kernel" and \
+                leaf.path[-2] in adapter[1].lora_targets:
+            lora_reader, args = adapter
+            module = leaf.path[:-1]
+            la, lb = (lora_reader.read((*module, k), p.index) for k in ("lora_a", "lora_b"))
+            A, B = hf_layout.adapter_transforms(args, leaf.path[-2])[0](la, lb)
+            update = np.float32(args.lora_scale) * (B.astype(np.float32) @ A.astype(np.float32))
+            t = (t.astype(np.float32) + update).astype(t.dtype)
         return p.hf_name, t.astype(dtype or t.dtype, copy=False)
 
     yield from ordered_prefetch(load, pieces, lambda it: int(np.prod(it[1].hf_shape)) * 4)
@@ -241,8 +296,14 @@ def _hf_tensors(reader: NativeReader, pieces: list, dtype: np.dtype | None):
 
 def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None = None,
                  assets: str | None = None, save_dtype: str | None = None,
-                 max_shard_bytes: int = 1 << 29, log=print) -> dict[str, Any]:
-    """Writes HF safetensors shards, index, config.json, generation_config.json, tokenizer."""
+                 max_shard_bytes: int = 1 << 29, base: str | None = None,
+                 log=print) -> dict[str, Any]:
+    """Writes HF safetensors shards, index, config.json, generation_config.json, tokenizer.
+
+    A LoRA run's checkpoint (adapters only) is merged into its base (`base`, or the run's
+    load_parameters_path), and the adapter alone is written in PEFT format to
+    <output>/adapter.
+    """
     from safetensors.numpy import save_file
 
     found_keys, found_assets = find_model_keys(native_path)
@@ -260,8 +321,14 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
     items, kind = resolve(native_path)
     prefix = ("params", "params") if kind == "maxtext" else ()
     reader = NativeReader(items, prefix)
+    adapter_reader, lora_fields = None, {}
+    if any(e[-1] == "lora_a" for e in reader.entries):
+        adapter_reader = reader
+        reader, lora_fields, base = _lora_export(native_path, reader, base, keys)
+        assets = assets or find_model_keys(base)[1]
     scanned = not any(e[:2] == ("decoder", "layers_0") for e in reader.entries)
-    args = model_args(keys, scanned)
+    args = dataclasses.replace(model_args(keys, scanned), **lora_fields)
+    adapter = (adapter_reader, args) if adapter_reader is not None else None
     leaves = hf_layout.native_leaves(args)
     for leaf in leaves:
         have = reader.shape(leaf.path)
@@ -278,7 +345,7 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
         shards: list[list[str]] = []
         total, count, first_dtype = 0, 0, None
         for pieces in _plan_shards(reader, leaves, want, max_shard_bytes):
-            current = dict(_hf_tensors(reader, pieces, want))
+            current = dict(_hf_tensors(reader, pieces, want, adapter))
             save_file(current, str(tmp / f"shard-{len(shards):05d}.safetensors"),
                       metadata={"format": "pt"})
             shards.append(list(current))
@@ -298,6 +365,10 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         _write_hf_metadata(tmp, keys, assets, str(first_dtype))
+        if adapter_reader is not None:
+            peft_adapter.save(tmp / "adapter", args, _read_adapters(adapter_reader),
+                              base_model=str(assets or base))
+            adapter_reader.close()
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()
