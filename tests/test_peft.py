@@ -11,9 +11,17 @@ from flax import nnx
 from hf_oracle import build_hf_model, hf_logits
 
 from tpusft.checkpoint import peft_adapter
-from tpusft.checkpoint.convert import find_model_keys, hf_to_native, model_args, native_to_hf
+from tpusft.checkpoint.convert import (
+    find_model_keys,
+    hf_to_native,
+    load_adapters,
+    model_args,
+    native_to_hf,
+    peft_to_native,
+)
 from tpusft.checkpoint.native import restore_params
 from tpusft.checkpoint.streaming import save_native
+from tpusft.errors import CheckpointError
 from tpusft.models import lora
 from tpusft.models.decoder import create_model
 
@@ -50,6 +58,19 @@ def test_peft_adapter_and_merged_export_match_tpusft(tmp_path, name, targets):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  back, jax.tree.map(np.asarray, adapters))
     assert peft_adapter.lora_settings(tmp_path / "adapter")["lora_targets"] == args.lora_targets
+
+    # Imported back for further training: from the PEFT directory itself, and from the native
+    # adapter checkpoint hf_to_native writes of it.
+    peft_to_native(str(tmp_path / "adapter"), str(tmp_path / "adapter-native"), keys=keys)
+    for source in ("adapter", "adapter-native"):
+        again = create_model(args, None, seed=5)
+        restore_params(again, str(tmp_path / "native"))
+        load_adapters(again, args, str(tmp_path / source))
+        got = np.asarray(again(jnp.asarray(tokens), jnp.asarray(positions))[0])
+        np.testing.assert_allclose(got, ours, rtol=0, atol=1e-5 * span, err_msg=source)
+    with pytest.raises(CheckpointError, match="has rank 4 but the run sets lora.rank=8"):
+        load_adapters(create_model(dataclasses.replace(args, lora_rank=8), None),
+                      dataclasses.replace(args, lora_rank=8), str(tmp_path / "adapter"))
 
     with_adapter = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
     theirs = hf_logits(with_adapter, tokens)

@@ -27,6 +27,7 @@ def main(argv: Sequence[str]) -> int:
     import jax
     from etils import epath
 
+    from tpusft.checkpoint.convert import load_adapters
     from tpusft.checkpoint.native import restore_params
     from tpusft.data import pipeline, sources
     from tpusft.data.chat import load_tokenizer
@@ -79,6 +80,9 @@ def main(argv: Sequence[str]) -> int:
         if cfg.load_parameters_path and (not resuming or args.lora_rank):
             read = restore_params(model, cfg.load_parameters_path)
             print(f"loaded parameters from {read}")
+        if cfg.lora.adapter_path and not resuming:
+            read = load_adapters(model, args, cfg.lora.adapter_path)
+            print(f"loaded LoRA adapters from {read}")
 
         feeder = trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
                                          cfg.eval_steps, stats)

@@ -74,7 +74,8 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
     p = _Parser(prog="hf_to_native.py", description=(
         "Convert a Hugging Face checkpoint (safetensors) to a native Orbax checkpoint at "
         "<output>/0/items, streaming one tensor at a time."))
-    p.add_argument("hf_path", help="local HF model directory, or a hub id when online")
+    p.add_argument("hf_path", help="local HF model directory (or a PEFT LoRA adapter "
+                   "directory), or a hub id when online")
     p.add_argument("output", help="output directory (local or gs://)")
     p.add_argument("--scan_layers", type=_bool, default=True,
                    help="stack layers for scanning (default true)")
@@ -94,6 +95,14 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
             raise ConfigError(f"{src} does not exist")
         src = _fetch_from_hub(src)
     preset = load_preset(a.model_name) if a.model_name else None
+    if Path(src, "adapter_config.json").exists():  # a PEFT LoRA adapter
+        from tpusft.checkpoint.convert import peft_to_native
+
+        info = peft_to_native(src, a.output, keys=preset, scan_layers=a.scan_layers)
+        print(f"wrote {info['items']}: LoRA adapters of {info['adapters']} projections; train "
+              f"on with lora.adapter_path={a.output} (and the same lora.rank, alpha, "
+              f"target_modules)")
+        return 0
     import transformers  # noqa: F401  (imported before the clock starts)
 
     t0 = time.perf_counter()

@@ -191,6 +191,81 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
             "largest_tensor_bytes": largest, "model_keys": meta}
 
 
+LORA_FILE = "tpusft_lora.yml"
+
+
+def peft_to_native(adapter_dir: str, output: str, *, keys: dict[str, Any] | None = None,
+                   scan_layers: bool = True) -> dict[str, Any]:
+    """A PEFT LoRA adapter -> a native adapter checkpoint (<output>/0/items, the adapters'
+    tree) with its model keys and LoRA settings beside it, for `lora.adapter_path`."""
+    settings = peft_adapter.lora_settings(adapter_dir)
+    if keys is None:
+        base = json.loads(Path(adapter_dir, peft_adapter.CONFIG).read_text()).get(
+            "base_model_name_or_path") or ""
+        if not Path(base, "config.json").exists():
+            raise CheckpointError(f"{adapter_dir}: its base model {base!r} is not a local "
+                                  f"directory with config.json; give --model_name")
+        keys = hf_config.model_keys(hf_config.load_hf_config(base))
+    args = dataclasses.replace(model_args(keys, scan_layers), **settings)
+    tree = peft_adapter.load(adapter_dir, args)
+    items = save_native(output, tree, scan_layers)
+    out = epath.Path(output)
+    (out / MODEL_FILE).write_text(yaml.safe_dump({k: keys[k] for k in MODEL_KEYS if k in keys}))
+    (out / LORA_FILE).write_text(yaml.safe_dump(lora_config(args)))
+    return {"items": items, "adapters": len(peft_adapter.adapter_pieces(args)),
+            "model_keys": keys}
+
+
+def lora_config(args: ModelArgs) -> dict[str, Any]:
+    """The `lora.` section that recreates args' adapters."""
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha,
+            "target_modules": sorted(lora.PROJECTIONS[p][0] for p in args.lora_targets)}
+
+
+def load_adapters(model, args: ModelArgs, path: str) -> str:
+    """Sets `model`'s adapters from a PEFT adapter directory or a native adapter checkpoint
+    (hf_to_native.py of a PEFT adapter); their rank, alpha and targets must match args."""
+    from flax import nnx
+
+    from tpusft.checkpoint.native import restore_params
+
+    p = epath.Path(path)
+    if (p / peft_adapter.CONFIG).exists():
+        have = peft_adapter.lora_settings(path)
+    else:
+        found = next((d / LORA_FILE for d in [p, *list(p.parents)[:3]]
+                      if (d / LORA_FILE).exists()), None)
+        if found is None:
+            raise CheckpointError(f"lora.adapter_path={path} is neither a PEFT adapter nor a "
+                                  f"native adapter checkpoint (no {LORA_FILE})")
+        s = yaml.safe_load(found.read_text())
+        have = {"lora_rank": s["rank"], "lora_alpha": float(s["alpha"]),
+                "lora_targets": lora.target_modules(s["target_modules"])}
+    want = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+            "lora_targets": args.lora_targets}
+    for k, v in want.items():
+        if have[k] != v:
+            name = k.replace("lora_", "").replace("targets", "target_modules")
+            shown = (lambda x: sorted(x)) if k == "lora_targets" else (lambda x: x)
+            raise CheckpointError(f"lora.adapter_path={path} has {name} {shown(have[k])} but "
+                                  f"the run sets lora.{name}={shown(v)}; make them match")
+    if (p / peft_adapter.CONFIG).exists():
+        tree = peft_adapter.load(path, args)
+        state = nnx.state(model, nnx.LoRAParam)
+        nnx.replace_by_pure_dict(state, jax_tree_like(nnx.to_pure_dict(state), tree))
+        nnx.update(model, state)
+        return path
+    return restore_params(model, path, lora_only=True)
+
+
+def jax_tree_like(target: dict, values: dict) -> dict:
+    """`values` placed with `target`'s shardings and dtypes."""
+    import jax
+
+    return jax.tree.map(lambda t, v: jax.device_put(np.asarray(v, t.dtype), t.sharding),
+                        target, values)
+
+
 # --------------------------------------------------------------------------- native -> HF
 def find_lora_run(native_path: str) -> dict[str, Any] | None:
     """The config.yml of the LoRA training run that wrote `native_path`, if it is one."""

@@ -57,12 +57,14 @@ def _flatten_shapes(tree: Any) -> dict[str, tuple]:
     return flat
 
 
-def restore_params(model: nnx.Module, path: str) -> str:
-    """Loads parameters into `model` (keeping its shardings); returns the directory read."""
+def restore_params(model: nnx.Module, path: str, lora_only: bool = False) -> str:
+    """Loads parameters into `model` (keeping its shardings); returns the directory read.
+    The base weights, or with `lora_only` the LoRA adapters (a native adapter checkpoint)."""
     items, kind = resolve(path)
     items = items.absolute() if "://" not in str(items) else items
     # The base weights only: LoRA adapters are not part of a base checkpoint.
-    params = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    params = nnx.state(model, nnx.LoRAParam if lora_only else
+                       nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     pure = nnx.to_pure_dict(params)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pure)
