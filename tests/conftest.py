@@ -46,6 +46,24 @@ def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(main, *args: str) -> subprocess.CompletedProcess:
+    """Runs a tpusft command's main(args) in this process through the same one-line error
+    wrapper as the command line (faster than a fresh interpreter for error checks)."""
+    import contextlib
+    import io
+
+    from tpusft.errors import run_cli as wrapper
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            wrapper(main, list(args))
+        except SystemExit as e:
+            code = e.code or 0
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture()
 def gcs_emulator(tmp_path):
     """A local GCS emulator (gcp-storage-emulator) on a free loopback port."""

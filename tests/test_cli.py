@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli, write_jsonl
+from conftest import REPO, run_cli, run_in_process, write_jsonl
 
 from tpusft.training.metrics import last_per_step, read_jsonl
 
@@ -44,23 +44,26 @@ def test_print_config():
 
 
 def test_data_and_checkpoint_errors_exit_2(tmp_path, demo_assets):
+    from tpusft.train_sft import main
+
     tok = f"tokenizer_path={demo_assets / 'tokenizer'}"
     common = [DEMO, "demo_task=", f"base_output_directory={tmp_path}", tok, "hf_path=json"]
+    # One through a real process (exit code and stderr of the interpreter itself) ...
     _one_line_error(run_cli("tpusft.train_sft", *common, f"hf_data_files={tmp_path}/none.jsonl"),
                     "no file matches")
+    # ... the rest through the same wrapper in this process.
     cols = write_jsonl(tmp_path / "cols.jsonl", [{"prompt": "a", "answer": "b"}])
-    _one_line_error(run_cli("tpusft.train_sft", *common, f"hf_data_files={cols}",
-                            "data_format=messages"), "has no column 'messages'")
+    _one_line_error(run_in_process(main, *common, f"hf_data_files={cols}",
+                                   "data_format=messages"), "has no column 'messages'")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    _one_line_error(run_cli("tpusft.train_sft", *common, f"hf_data_files={empty}"),
+    _one_line_error(run_in_process(main, *common, f"hf_data_files={empty}"),
                     "cannot load data set")
     good = demo_assets / "train.jsonl"
-    _one_line_error(run_cli("tpusft.train_sft", *common[:-2], "hf_path=json",
-                            f"hf_data_files={good}", "tokenizer_path=/no/such/tokenizer"),
-                    "cannot load a tokenizer")
-    _one_line_error(run_cli("tpusft.train_sft", *common, f"hf_data_files={good}",
-                            f"load_parameters_path={tmp_path}/no-ckpt"), "does not exist")
+    _one_line_error(run_in_process(main, *common[:-2], "hf_path=json", f"hf_data_files={good}",
+                                   "tokenizer_path=/no/such/tokenizer"), "cannot load a tokenizer")
+    _one_line_error(run_in_process(main, *common, f"hf_data_files={good}",
+                                   f"load_parameters_path={tmp_path}/no-ckpt"), "does not exist")
 
 
 def test_data_inspection(tmp_path):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_in_process
 from hf_oracle import build_hf_model, hf_logits, restored_model
 
 DEMO = "configs/demo/sft.yml"
@@ -20,6 +20,13 @@ def tool(name: str, *args: str):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.run([sys.executable, f"tools/convert_checkpoint/{name}.py", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def inproc(name: str, *args: str):
+    """A converter's main in this process, through the command-line error wrapper."""
+    from tpusft.checkpoint import cli
+
+    return run_in_process(getattr(cli, f"{name}_main"), *args)
 
 
 def _one_line_error(proc, fragment):
@@ -59,34 +66,34 @@ def test_errors_are_one_line_with_exit_2(tiny_hf, tmp_path):
     _one_line_error(tool("hf_to_native", str(bad), str(tmp_path / "o1")),
                     "GPT2LMHeadModel (model_type 'gpt2') is not supported")
     # Shape mismatch against the preset the user names.
-    _one_line_error(tool("hf_to_native", str(tiny_hf), str(tmp_path / "o2"), "--model_name",
-                         "llama3.2-1b"), "does not match preset llama3.2-1b")
+    _one_line_error(inproc("hf_to_native", str(tiny_hf), str(tmp_path / "o2"),
+                           "--model_name", "llama3.2-1b"), "does not match preset llama3.2-1b")
     # Missing shard.
     sharded = tmp_path / "sharded"
     build_hf_model("llama3").save_pretrained(sharded, max_shard_size="100KB")
     shards = sorted(sharded.glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[-1].unlink()
-    _one_line_error(tool("hf_to_native", str(sharded), str(tmp_path / "o3")),
+    _one_line_error(inproc("hf_to_native", str(sharded), str(tmp_path / "o3")),
                     f"shard {shards[-1].name} listed in model.safetensors.index.json is missing")
     # Not a native checkpoint.
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
-    _one_line_error(tool("native_to_hf", str(tmp_path / "junk"), str(tmp_path / "o4"),
-                         "--model_name", "demo-tiny"), "is not a native checkpoint")
+    _one_line_error(inproc("native_to_hf", str(tmp_path / "junk"), str(tmp_path / "o4"),
+                           "--model_name", "demo-tiny"), "is not a native checkpoint")
     # Wrong preset for a native checkpoint; an existing output directory is left alone.
-    assert tool("hf_to_native", str(tiny_hf), str(tmp_path / "n")).returncode == 0
-    _one_line_error(tool("native_to_hf", str(tmp_path / "n"), str(tmp_path / "o5"),
-                         "--model_name", "demo-tiny"), "but the model keys imply")
+    assert inproc("hf_to_native", str(tiny_hf), str(tmp_path / "n")).returncode == 0
+    _one_line_error(inproc("native_to_hf", str(tmp_path / "n"), str(tmp_path / "o5"),
+                           "--model_name", "demo-tiny"), "but the model keys imply")
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "mine.txt").write_text("precious")
     _one_line_error(tool("native_to_hf", str(tmp_path / "n"), str(tmp_path / "keep")),
                     "exists and is not empty")
     assert (tmp_path / "keep" / "mine.txt").read_text() == "precious"
     # Converting onto an existing checkpoint is refused too.
-    _one_line_error(tool("hf_to_native", str(tiny_hf), str(tmp_path / "n")), "already exists")
-    _one_line_error(tool("hf_to_native", str(tiny_hf), str(tmp_path / "o6"), "--scan_layers",
-                         "maybe"), "expected true or false")
+    _one_line_error(inproc("hf_to_native", str(tiny_hf), str(tmp_path / "n")), "already exists")
+    _one_line_error(inproc("hf_to_native", str(tiny_hf), str(tmp_path / "o6"), "--scan_layers",
+                           "maybe"), "expected true or false")
 
 
 @pytest.mark.slow
@@ -131,6 +138,13 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
                        f"load_parameters_path={ckpts}")
     assert lora_run.returncode == 0, lora_run.stderr[-3000:]
     assert "trainable" in lora_run.stdout and "LoRA rank 8" in lora_run.stdout
+    resumed = run_cli("tpusft.train_sft", "configs/demo/sft_lora.yml",
+                      f"base_output_directory={tmp_path}", "run_name=l", "steps=8",
+                      "checkpoint_period=6", "global_batch_size=8", "max_target_length=64",
+                      "eval_steps=1", "async_checkpointing=false", "learning_rate=1e-2",
+                      f"load_parameters_path={ckpts}")
+    assert resumed.returncode == 0 and "resuming from step 6" in resumed.stdout, \
+        resumed.stderr[-3000:]
     saved = NativeReader(epath.Path(tmp_path / "l" / "checkpoints" / "6" / "model_params"), ())
     assert saved.entries and all(k[-1] in ("lora_a", "lora_b") for k in saved.entries)
     proc = tool("native_to_hf", str(tmp_path / "l" / "checkpoints"), str(tmp_path / "hf-l"))

@@ -38,7 +38,7 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _reuse_freed_memory() -> None:
+def reuse_freed_memory() -> None:
     """Makes glibc keep freed buffers for the next tensor instead of returning them to the OS.
 
     A conversion allocates and frees one layer-sized buffer after another. By default glibc
@@ -47,6 +47,7 @@ def _reuse_freed_memory() -> None:
     itself (TensorStore reads ran at 0.4 GB/s that way, 2 GB/s with the buffers reused). One
     arena, no mmap'd blocks and no trimming keep the pages resident and reused; peak RSS stays
     the high-water mark of live buffers plus fragmentation. A no-op where malloc is not glibc.
+    Process-wide, so the converter scripts call it first thing.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -84,7 +85,6 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
     p.add_argument("--model_name", default="",
                    help="a preset the checkpoint must match (name or YAML path)")
     a = p.parse_args(argv)
-    _reuse_freed_memory()
 
     from tpusft.checkpoint.convert import hf_to_native
     from tpusft.config.loader import load_preset
@@ -135,7 +135,6 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
     p.add_argument("--base", default="", help="a LoRA checkpoint's base model (native); "
                    "default: the run's load_parameters_path")
     a = p.parse_args(argv)
-    _reuse_freed_memory()
 
     from tpusft.checkpoint.convert import native_to_hf
     from tpusft.config.loader import load_preset
