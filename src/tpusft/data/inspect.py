@@ -58,8 +58,8 @@ def main(argv: Sequence[str]) -> int:
     stats = pipeline.DataStats(lengths=[])
     shown = 0
     for src in srcs:
-        examples, mapped = pipeline._source_dataset(  # noqa: SLF001 - same module family
-            src, opts, tokenizer, stats, train=False, part=part, batch_size=1)
+        examples, mapped = pipeline.source_examples(src, opts, tokenizer, stats, train=False,
+                                                    part=part)
         examples = examples.to_iter_dataset() if mapped else examples
         for n, ex in enumerate(itertools.islice(examples, LENGTH_SAMPLE // len(srcs))):
             if n < cfg.inspect_examples:

@@ -320,8 +320,8 @@ def _read_source(src: Source, opts: DataOptions, part: str):
     return data, columns, streamed, where
 
 
-def _source_dataset(src: Source, opts: DataOptions, tokenizer, stats: DataStats, *,
-                    train: bool, part: str, batch_size: int) -> tuple[Any, bool]:
+def source_examples(src: Source, opts: DataOptions, tokenizer, stats: DataStats, *,
+                    train: bool, part: str) -> tuple[Any, bool]:
     """(grain dataset of encoded examples, whether it is map-style before encoding)."""
     data, columns, streamed, where = _read_source(src, opts, part)
     fmt = formats.detect_format(columns, src.data_format, src.column_map, where)
@@ -355,8 +355,8 @@ def build_dataset(sources: Sequence[Source], opts: DataOptions, tokenizer, batch
     after another, the final batch padded with empty rows.
     """
     stats = stats or DataStats()
-    parts = [_source_dataset(s, opts, tokenizer, stats, train=train, part=part,
-                             batch_size=batch_size) for s in sources]
+    parts = [source_examples(s, opts, tokenizer, stats, train=train, part=part)
+             for s in sources]
     # Rows are read and encoded in the prefetch thread below: tokenizing and rendering hold
     # the GIL, so reader threads only contend with each other and with the trainer.
     read = grain.ReadOptions(num_threads=0)
