@@ -77,6 +77,37 @@ def test_sharded_lora_training(tmp_path, demo_assets, demo_tokenizer):
     assert float(jnp.abs(adapted - merged).max()) < 1e-5 * max(scale, 1.0)
 
 
+def test_sharded_qlora_training(tmp_path, demo_assets, demo_tokenizer):
+    """nf4 base kernels (Qwix) stay frozen and quantized; the adapters learn."""
+    cfg = _cfg(tmp_path, demo_assets, "ici_fsdp_parallelism=4", "ici_tensor_parallelism=2",
+               "lora.enable_lora=true", "lora.rank=4", "lora.weight_qtype=nf4", "steps=8",
+               "learning_rate=1e-2", "warmup_steps_fraction=0", "base_emb_dim=128",
+               "base_mlp_dim=256")
+    args = ModelArgs.from_config(cfg)
+    sizes = {}
+
+    def quantize(model):
+        sizes["before"] = lora.weight_bytes(model)
+        assert lora.quantize_base(model, "nf4", args.scan_layers) == 7
+        sizes["after"] = lora.weight_bytes(model)
+        sizes["q"] = jax.tree.map(np.asarray, nnx.to_pure_dict(
+            nnx.state(model, lora.QuantizedWeight)))
+
+    model, trainer, losses = _train(cfg, demo_tokenizer, jax.devices(), quantize)
+    query = nnx.to_pure_dict(nnx.state(model, lora.QuantizedWeight))["decoder"]["layers"][
+        "self_attention"]["query"]
+    assert str(query["kernel_q"].dtype) == "uint4"
+    assert _norm(query["kernel_q"].sharding.spec, 4) == ("fsdp", None, "tensor", None)
+    jax.tree.map(np.testing.assert_array_equal, sizes["q"], jax.tree.map(
+        np.asarray, nnx.to_pure_dict(nnx.state(model, lora.QuantizedWeight))))
+    opt_paths = [str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        nnx.to_pure_dict(nnx.state(trainer.optimizer, nnx.optimizer.OptState)))[0]]
+    assert any("lora_b" in p for p in opt_paths) and not any("kernel" in p for p in opt_paths)
+    assert losses[-1] < losses[0] - 0.05, losses
+    # Layer kernels at 4 bits plus one f32 scale per 64 values; embedding and norms unchanged.
+    assert sizes["after"] < 0.5 * sizes["before"], sizes
+
+
 def test_target_modules():
     assert lora.target_modules("attention") == {"query", "key", "value", "out"}
     assert lora.target_modules(["q_proj", "down_proj"]) == {"query", "wo"}

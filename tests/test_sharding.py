@@ -30,7 +30,8 @@ def _norm(spec, ndim):
     return tuple(spec) + (None,) * (ndim - len(spec))
 
 
-def _train(cfg, tokenizer, devices):
+def _train(cfg, tokenizer, devices, prepare=None):
+    """Trains cfg.steps steps; `prepare(model)` runs between model creation and the trainer."""
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism, devices)
     srcs, part = sources.sources(cfg, train=True)
@@ -38,6 +39,8 @@ def _train(cfg, tokenizer, devices):
                                    cfg.global_batch_size, train=True, part=part)
     with mesh:
         model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, seed=0)
+        if prepare is not None:
+            prepare(model)
         feeder = trainer_lib.BatchFeeder(ds, cfg.gradient_accumulation_steps)
         trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
         losses = []

@@ -83,6 +83,12 @@ def main(argv: Sequence[str]) -> int:
         if cfg.lora.adapter_path and not resuming:
             read = load_adapters(model, args, cfg.lora.adapter_path)
             print(f"loaded LoRA adapters from {read}")
+        if args.lora_qtype:
+            before = lora.weight_bytes(model)
+            n = lora.quantize_base(model, args.lora_qtype, args.scan_layers)
+            print(f"QLoRA: {n} layer kernels stored as {args.lora_qtype} with Qwix "
+                  f"({lora.weight_bytes(model) / 2**30:.3f} GiB of weights, was "
+                  f"{before / 2**30:.3f} GiB)")
 
         feeder = trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
                                          cfg.eval_steps, stats)

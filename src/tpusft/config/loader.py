@@ -214,6 +214,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ici_*_parallelism must be positive or -1, got {parallel}")
     if cfg.warmup_steps_fraction > 1:
         raise ConfigError(f"warmup_steps_fraction={cfg.warmup_steps_fraction} must be in [0, 1]")
+    if cfg.lora.weight_qtype and not cfg.lora.enable_lora:
+        raise ConfigError(f"lora.weight_qtype={cfg.lora.weight_qtype} quantizes the frozen base "
+                          f"of a LoRA run; set lora.enable_lora=true too")
     if not cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction={cfg.eval_fraction} must be below 1")
     if not cfg.demo_task and not cfg.print_config:

@@ -52,6 +52,10 @@ class LoraConfig:
         "all-linear", "Projections that get adapters: a list of q_proj, k_proj, v_proj, "
         "o_proj, gate_proj, up_proj, down_proj (or MaxText's query, key, value, out, wi_0, "
         "wi_1, wo), or all-linear, attention, mlp.")
+    weight_qtype: str = key(
+        "", "QLoRA: store the frozen layer kernels quantized with Qwix, nf4 (4-bit NormalFloat, "
+        "blocks of 64) or int8; adapters stay in dtype. Empty: full precision.",
+        choices=("", "nf4", "int8"))
     adapter_path: str = key(
         "", "Start from these adapters: a PEFT adapter directory, or a native adapter "
         "checkpoint (hf_to_native.py of a PEFT adapter). Empty: new adapters.")

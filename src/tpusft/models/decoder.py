@@ -79,6 +79,7 @@ class ModelArgs:
     lora_rank: int = 0                  # 0: no adapters
     lora_alpha: float = 0.0
     lora_targets: frozenset = frozenset()  # native projection names (models/lora.py)
+    lora_qtype: str = ""                # QLoRA: frozen layer kernels stored as nf4 or int8
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelArgs:
@@ -143,7 +144,8 @@ def lora_args(cfg: Any) -> dict[str, Any]:
         targets = lora.target_modules(cfg.lora.target_modules)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return {"lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "lora_targets": targets}
+    return {"lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "lora_targets": targets,
+            "lora_qtype": cfg.lora.weight_qtype}
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None,
@@ -276,10 +278,11 @@ def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
     """
     dt = jnp.dtype(a.dtype)
     fam, norms = a.fam, a.fam.norms
-    w = jax.tree.map(lambda t: t.astype(dt), p)
+    # Quantized base weights (QLoRA) keep their integer values; dequantized per projection.
+    w = jax.tree.map(lambda t: t.astype(dt) if jnp.issubdtype(t.dtype, jnp.floating) else t, p)
     sa, mlp = w["self_attention"], w["mlp"]
 
-    scale = a.lora_scale
+    scale = (a.lora_scale, a.lora_qtype)
 
     def project(name, h):
         y = lora.project(h, sa[name], "bte,ehd->bthd", 1, scale)
@@ -432,7 +435,7 @@ class Transformer(nnx.Module):
             period = fam.period
             stacked = kv_in = None
             if blocks:
-                stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, nnx.Param))
+                stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, lora.WEIGHTS))
                 stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), stacked)
             if blocks and cache is not None:
                 n = blocks * period
@@ -449,7 +452,7 @@ class Transformer(nnx.Module):
                 k_parts.append(kvs[0].reshape(-1, *kvs[0].shape[2:]))
                 v_parts.append(kvs[1].reshape(-1, *kvs[1].shape[2:]))
             if rest:
-                p = nnx.to_pure_dict(nnx.state(self.decoder.layers_remainder, nnx.Param))
+                p = nnx.to_pure_dict(nnx.state(self.decoder.layers_remainder, lora.WEIGHTS))
                 first = blocks * period
                 kv = (cache["k"][first:], cache["v"][first:]) if cache is not None else None
                 x, kv = run_unit(x, p, True, first, kv)
@@ -459,7 +462,8 @@ class Transformer(nnx.Module):
         else:
             per_unit = len(GEMMA2_SUFFIXES) if fam.block_style == "suffix" else 1
             for u in range(a.num_layers // per_unit):
-                p = nnx.to_pure_dict(nnx.state(getattr(self.decoder, f"layers_{u}"), nnx.Param))
+                p = nnx.to_pure_dict(nnx.state(getattr(self.decoder, f"layers_{u}"),
+                                               lora.WEIGHTS))
                 first = u * per_unit
                 kv = None
                 if cache is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
 # MaxText name -> (HF / PEFT name, number of input dims of the kernel)
@@ -22,6 +23,16 @@ ATTENTION = ("query", "key", "value", "out")
 MLP = ("wi_0", "wi_1", "wo")
 RANK_AXIS = "lora_rank"  # no mesh axis: the rank dimension is replicated
 _BY_HF = {hf: native for native, (hf, _) in PROJECTIONS.items()}
+QTYPES = {"nf4": "nf4", "int8": jnp.int8}
+BLOCK = 64  # quantization block along a kernel's first input dim (bitsandbytes' NF4 block)
+
+
+class QuantizedWeight(nnx.Variable):
+    """A frozen base kernel in quantized form (QLoRA): no gradient, no optimizer state."""
+
+
+# What the forward pass reads: parameters (adapters included) and quantized base kernels.
+WEIGHTS = nnx.Any(nnx.Param, QuantizedWeight)
 
 
 def target_modules(value: str | list) -> frozenset[str]:
@@ -54,12 +65,19 @@ def adapter_shapes(kernel_shape: tuple[int, ...], axes: tuple[str, ...], n_in: i
             ((rank,) + tuple(kernel_shape[n_in:]), (RANK_AXIS,) + tuple(axes[n_in:])))
 
 
-def project(x: jax.Array, p: dict, spec: str, n_in: int, scale: float) -> jax.Array:
-    """einsum(spec) of x with p['kernel'], plus the adapter's low-rank update if p has one.
+def project(x: jax.Array, p: dict, spec: str, n_in: int, lora: tuple[float, str]) -> jax.Array:
+    """einsum(spec) of x with p's kernel (dequantized with Qwix when stored quantized), plus
+    the adapter's low-rank update if p has one. `lora` is (alpha / rank, qtype).
 
     spec is "<x dims>,<kernel dims>-><out dims>", the kernel's first n_in dims contracted.
     """
-    y = jnp.einsum(spec, x, p["kernel"])
+    scale, qtype = lora
+    if "kernel" in p:
+        kernel = p["kernel"]
+    else:
+        kernel = qwix.dequantize(qwix.QArray(p["kernel_q"], p["kernel_scale"], None,
+                                             QTYPES[qtype])).astype(x.dtype)
+    y = jnp.einsum(spec, x, kernel)
     if "lora_a" not in p:
         return y
     lhs, out = spec.split("->")
@@ -103,3 +121,37 @@ def merge(model: nnx.Module, scale: float, scanned: bool) -> None:
         m.kernel[...] = (k.astype(jnp.float32) + delta(m.lora_a[...], m.lora_b[...], n_in, scale,
                                                        scanned)).astype(k.dtype)
         del m.lora_a, m.lora_b
+
+
+def weight_bytes(model: nnx.Module) -> int:
+    """Bytes of the base weights as stored (quantized values at their bit width)."""
+    total = 0
+    for x in jax.tree.leaves(nnx.state(model, nnx.All(WEIGHTS, nnx.Not(nnx.LoRAParam)))):
+        total += x.size * jnp.iinfo(x.dtype).bits // 8 if jnp.issubdtype(x.dtype, jnp.integer) \
+            else x.size * x.dtype.itemsize
+    return int(total)
+
+
+def quantize_base(model: nnx.Module, qtype: str, scanned: bool) -> int:
+    """Replaces every decoder-layer kernel by its Qwix quantization (blocks of BLOCK along the
+    first input dim, a scale per block and output channel), in place; returns the number of
+    kernels quantized. The embedding, output projection and norms stay as they are."""
+    count = 0
+    for path, m in nnx.iter_modules(model):
+        if not hasattr(m, "kernel") or "decoder" not in path or "logits_dense" in path:
+            continue
+        k = m.kernel[...]
+        layer_axis = {1} if scanned and "layers" in path else set()
+        channels = tuple(i for i in range(1, k.ndim) if i not in layer_axis) + tuple(layer_axis)
+        tiled = {0: BLOCK} if k.shape[0] % BLOCK == 0 and k.shape[0] > BLOCK else {}
+        if not tiled:
+            channels = tuple(i for i in range(1, k.ndim))
+        q = qwix.quantize(k, QTYPES[qtype], channelwise_axes=channels, tiled_axes=tiled,
+                          scale_dtype=jnp.float32)
+        sharding = getattr(k, "sharding", None)
+        qvalue = q.qvalue if sharding is None else jax.device_put(q.qvalue, sharding)
+        m.kernel_q = QuantizedWeight(qvalue)
+        m.kernel_scale = QuantizedWeight(q.scale)
+        del m.kernel
+        count += 1
+    return count
