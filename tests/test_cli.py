@@ -145,12 +145,7 @@ def test_demo_learns_and_generates(tmp_path):
     assert (run / "checkpoints" / "600" / "model_params").is_dir()
     meta = json.loads((run / "checkpoints" / "600" / "_CHECKPOINT_METADATA").read_text())
     assert meta["custom_metadata"]["tpusft_data_state"]
-
-    gen = run_cli("tpusft.generate", DEMO, f"base_output_directory={tmp_path}",
-                  f"load_parameters_path={run / 'checkpoints'}", "prompt=12+30=",
-                  "max_decode_length=4")
-    assert gen.returncode == 0, gen.stderr[-2000:]
-    assert re.fullmatch(r"\d+", gen.stdout.strip().splitlines()[-1]), gen.stdout
+    # (python -m tpusft.generate on a checkpoint: test_gcs_output_directory.)
 
 
 @pytest.mark.slow

@@ -108,7 +108,7 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
                   "max_target_length=64", "eval_steps=1", "async_checkpointing=false")
     assert run.returncode == 0, run.stderr[-3000:]
     ckpts = tmp_path / "r" / "checkpoints"
-    proc = tool("native_to_hf", str(ckpts), str(tmp_path / "hf"))
+    proc = inproc("native_to_hf", str(ckpts), str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", output_loading_info=True)
@@ -147,7 +147,7 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
         resumed.stderr[-3000:]
     saved = NativeReader(epath.Path(tmp_path / "l" / "checkpoints" / "6" / "model_params"), ())
     assert saved.entries and all(k[-1] in ("lora_a", "lora_b") for k in saved.entries)
-    proc = tool("native_to_hf", str(tmp_path / "l" / "checkpoints"), str(tmp_path / "hf-l"))
+    proc = inproc("native_to_hf", str(tmp_path / "l" / "checkpoints"), str(tmp_path / "hf-l"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-l").eval()
     with_adapter = PeftModel.from_pretrained(hf, str(tmp_path / "hf-l" / "adapter")).eval()
