@@ -26,7 +26,6 @@ def test_sharded_lora_training(tmp_path, demo_assets, demo_tokenizer):
                "learning_rate=1e-2", "warmup_steps_fraction=0")
     args = ModelArgs.from_config(cfg)
     assert args.lora_targets == frozenset(lora.PROJECTIONS)
-    base_before = None
 
     def snapshot(model):
         base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))

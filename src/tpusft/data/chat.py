@@ -10,6 +10,7 @@ an assistant span. A token is never split at a turn boundary.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,8 +58,14 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tupl
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
+@functools.lru_cache(maxsize=8)
+def _tagged(template: str) -> bool:
+    return bool(GENERATION_TAG.search(template))
+
+
 def has_generation_tags(tokenizer) -> bool:
-    return bool(GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""))
+    """Whether the chat template marks the generated text (checked once per template)."""
+    return _tagged(getattr(tokenizer, "chat_template", None) or "")
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], completion_only: bool = True) -> Encoded:
