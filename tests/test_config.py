@@ -67,6 +67,8 @@ def test_gcs_output_paths():
     (["ici_fsdp_parallelism=-1", "ici_tensor_parallelism=-1"], "at most one"),
     (["hf_path="], "hf_path is empty"),
     (["steps"], "is not key=value"),
+    (["lora.dropout=1"], "lora.dropout=1.0 must be below 1"),
+    (["lora.dropout=-0.1"], "lora.dropout=-0.1 is too small"),
 ])
 def test_config_errors(args, message):
     with pytest.raises(ConfigError, match=None) as e:

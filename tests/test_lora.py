@@ -2,6 +2,8 @@
 only adapters trained (and given optimizer state), the loss decreases, and merging the
 adapters into the kernels gives the unmerged model's logits."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from test_sharding import _cfg, _norm, _train
 
 from tpusft.models import lora
-from tpusft.models.decoder import ModelArgs, create_model
+from tpusft.models.decoder import ModelArgs, Transformer, create_model
 
 
 def _leaf(tree, path):
@@ -22,10 +24,10 @@ def _leaf(tree, path):
 
 def test_sharded_lora_training(tmp_path, demo_assets, demo_tokenizer):
     cfg = _cfg(tmp_path, demo_assets, "ici_fsdp_parallelism=4", "ici_tensor_parallelism=2",
-               "lora.enable_lora=true", "lora.rank=4", "lora.alpha=8", "steps=8",
-               "learning_rate=1e-2", "warmup_steps_fraction=0")
+               "lora.enable_lora=true", "lora.rank=4", "lora.alpha=8", "lora.dropout=0.1",
+               "steps=8", "learning_rate=1e-2", "warmup_steps_fraction=0")
     args = ModelArgs.from_config(cfg)
-    assert args.lora_targets == frozenset(lora.PROJECTIONS)
+    assert args.lora_targets == frozenset(lora.PROJECTIONS) and args.lora_dropout == 0.1
 
     def snapshot(model):
         base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
@@ -38,6 +40,7 @@ def test_sharded_lora_training(tmp_path, demo_assets, demo_tokenizer):
     with mesh:
         base_before = snapshot(create_model(args, mesh, cfg.logical_axis_rules, seed=0))
     model, trainer, losses = _train(cfg, demo_tokenizer, jax.devices())
+    assert trainer.feeder.dropout  # training micro-batches carried their dropout step
 
     layers = nnx.to_pure_dict(nnx.state(model, nnx.Param))["decoder"]["layers"]
     expect = {  # adapter dims follow the kernel's input (A) and output (B) dims; rank replicated
@@ -112,3 +115,101 @@ def test_target_modules():
     assert lora.target_modules(["q_proj", "down_proj"]) == {"query", "wo"}
     with pytest.raises(ValueError, match="unknown module 'qproj'"):
         lora.target_modules(["qproj"])
+
+
+ARGS = ModelArgs(family="llama3", vocab_size=64, emb_dim=32, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-5, rope_theta=1e4,
+                 lora_rank=4, lora_alpha=8.0, lora_targets=frozenset({"query", "out", "wi_1"}),
+                 lora_dropout=0.3)
+TOKENS = jnp.arange(40).reshape(2, 20) % 64
+POS = jnp.broadcast_to(jnp.arange(20), (2, 20))
+
+
+def _numpy_model(args):
+    """A model with random weights and nonzero adapters drawn by numpy (no threefry programs to
+    compile), so that the adapters and their dropout change the output."""
+    model = nnx.eval_shape(lambda: Transformer(args, None, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    rng = np.random.default_rng(7)
+    state = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                         state)
+    nnx.update(model, state)
+    return model
+
+
+def test_dropout_is_pefts_inverted_dropout():
+    x = jnp.full((200, 500), 2.0)
+    y = np.asarray(lora.dropout(x, 0.25, jax.random.key(0)))
+    assert abs(np.mean(y == 0) - 0.25) < 0.01
+    np.testing.assert_allclose(y[y != 0], 2.0 / 0.75, rtol=1e-6)
+    # Only the adapter's input is dropped: a zero adapter leaves the projection exact.
+    p = {"kernel": jax.random.normal(jax.random.key(1), (32, 16)),
+         "lora_a": jax.random.normal(jax.random.key(2), (32, 4)), "lora_b": jnp.zeros((4, 16))}
+    h = jax.random.normal(jax.random.key(3), (2, 5, 32))
+    drop = (0.5, jax.random.key(4))
+    np.testing.assert_array_equal(lora.project(h, p, "bte,em->btm", 1, (2.0, ""), drop),
+                                  jnp.einsum("bte,em->btm", h, p["kernel"]))
+    # The expectation over masks is the undropped projection (dropout before a linear map).
+    p["lora_b"] = jax.random.normal(jax.random.key(5), (4, 16))
+    clean = lora.project(h, p, "bte,em->btm", 1, (2.0, ""))
+    mean = jnp.mean(jax.vmap(lambda k: lora.project(h, p, "bte,em->btm", 1, (2.0, ""),
+                                                    (0.5, k)))(jax.random.split(drop[1], 4000)),
+                    axis=0)
+    assert float(jnp.abs(mean - clean).max()) < 0.05 * float(jnp.abs(clean).max())
+
+
+@nnx.jit
+def _logits(model, key):
+    return model(TOKENS, POS, dropout_key=key)[0]
+
+
+def test_dropout_keyed_per_step_and_layer_off_without_key():
+    model = _numpy_model(ARGS)
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    plain = _logits(model, None)
+    a1 = _logits(model, k1)
+    assert float(jnp.abs(a1 - plain).max()) > 1e-3           # dropout acts in training calls
+    np.testing.assert_array_equal(a1, _logits(model, k1))    # same key, same masks
+    assert float(jnp.abs(a1 - _logits(model, k2)).max()) > 1e-3
+    # lora.dropout=0 ignores the key.
+    m0 = _numpy_model(dataclasses.replace(ARGS, lora_dropout=0.0))
+    np.testing.assert_array_equal(_logits(m0, k1), plain)
+
+    # Scanned and unrolled layers draw the same mask for the same layer.
+    unrolled = _numpy_model(dataclasses.replace(ARGS, scan_layers=False))
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    dec = dict(p["decoder"])
+    layers = dec.pop("layers")
+    for i in range(ARGS.num_layers):
+        dec[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[:, i], layers)
+    state = nnx.state(unrolled, nnx.Param)
+    nnx.replace_by_pure_dict(state, {"token_embedder": p["token_embedder"], "decoder": dec})
+    nnx.update(unrolled, state)
+    np.testing.assert_allclose(_logits(unrolled, k1), a1, rtol=1e-4, atol=1e-4)
+
+
+def test_sft_loss_and_feeder_key_dropout_by_training_step():
+    from tpusft.training import loss as loss_lib
+    from tpusft.training.trainer import BatchFeeder
+
+    model = _numpy_model(ARGS)
+    batch = {"inputs": np.asarray(TOKENS), "targets": np.asarray(TOKENS),
+             "weights": np.ones((2, 20), np.float32), "segment_ids": np.ones((2, 20), np.int32),
+             "positions": np.asarray(POS)}
+    feeder = BatchFeeder(iter([batch, batch]), 2)
+    feeder.dropout = True
+
+    class Ctx:
+        iter_steps = 5
+
+    micro = feeder.load_next_train_batch(Ctx)
+    assert int(micro["dropout_step"]) == 5 and micro["inputs"].shape == (1, 20)
+    micro.update(loss_denominator=np.float32(20.0))
+    loss = nnx.jit(loss_lib.sft_loss, static_argnames="seed")
+
+    def at(step, seed=0):
+        return float(loss(model, **{**micro, "dropout_step": step}, seed=seed))
+
+    assert at(np.int32(5)) == at(np.int32(5))
+    assert at(np.int32(5)) != at(np.int32(6)) and at(np.int32(5)) != at(np.int32(5), seed=1)
+    assert at(np.int32(5)) != at(None)  # evaluation batches have no step: no dropout

@@ -218,13 +218,14 @@ def peft_to_native(adapter_dir: str, output: str, *, keys: dict[str, Any] | None
 
 def lora_config(args: ModelArgs) -> dict[str, Any]:
     """The `lora.` section that recreates args' adapters."""
-    return {"rank": args.lora_rank, "alpha": args.lora_alpha,
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
             "target_modules": sorted(lora.PROJECTIONS[p][0] for p in args.lora_targets)}
 
 
 def load_adapters(model, args: ModelArgs, path: str) -> str:
     """Sets `model`'s adapters from a PEFT adapter directory or a native adapter checkpoint
-    (hf_to_native.py of a PEFT adapter); their rank, alpha and targets must match args."""
+    (hf_to_native.py of a PEFT adapter); their rank, alpha and targets must match args
+    (dropout is a training setting and may differ)."""
     from flax import nnx
 
     from tpusft.checkpoint.native import restore_params
@@ -291,7 +292,7 @@ def _lora_export(native_path: str, lora_reader: NativeReader, base: str | None,
                               f"is missing)")
     targets = lora.target_modules(settings.get("target_modules", "all-linear"))
     fields = {"lora_rank": int(settings["rank"]), "lora_alpha": float(settings["alpha"]),
-              "lora_targets": targets}
+              "lora_targets": targets, "lora_dropout": float(settings.get("dropout") or 0.0)}
     items, kind = resolve(base)
     reader = NativeReader(items, ("params", "params") if kind == "maxtext" else ())
     if any(e[-1] == "lora_a" for e in reader.entries):

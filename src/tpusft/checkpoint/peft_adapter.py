@@ -83,7 +83,7 @@ def from_peft(args: ModelArgs, tensors: dict[str, np.ndarray]) -> dict:
 def peft_config(args: ModelArgs, base_model: str) -> dict[str, Any]:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": 0.0,
+        "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
         "target_modules": sorted(lora.PROJECTIONS[p][0] for p in args.lora_targets),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
@@ -115,7 +115,7 @@ def lora_settings(directory: str | Path) -> dict[str, Any]:
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     return {"lora_rank": int(cfg["r"]), "lora_alpha": float(cfg["lora_alpha"]),
-            "lora_targets": targets}
+            "lora_targets": targets, "lora_dropout": float(cfg.get("lora_dropout") or 0.0)}
 
 
 def load(directory: str | Path, args: ModelArgs) -> dict:

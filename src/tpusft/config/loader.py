@@ -217,6 +217,8 @@ def validate(cfg: Config) -> None:
     if cfg.lora.weight_qtype and not cfg.lora.enable_lora:
         raise ConfigError(f"lora.weight_qtype={cfg.lora.weight_qtype} quantizes the frozen base "
                           f"of a LoRA run; set lora.enable_lora=true too")
+    if not cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout={cfg.lora.dropout} must be below 1")
     if not cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction={cfg.eval_fraction} must be below 1")
     if not cfg.demo_task and not cfg.print_config:

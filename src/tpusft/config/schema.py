@@ -48,6 +48,8 @@ class LoraConfig:
                             "adapters get gradients and optimizer state.", section="LoRA")
     rank: int = key(16, "Rank of each adapter.", minimum=1)
     alpha: float = key(32.0, "Adapter output scale is alpha / rank.", minimum=0)
+    dropout: float = key(0.0, "Dropout on each adapter's input in training steps (PEFT's "
+                         "lora_dropout); evaluation and generation use none.", minimum=0)
     target_modules: str | list = key(
         "all-linear", "Projections that get adapters: a list of q_proj, k_proj, v_proj, "
         "o_proj, gate_proj, up_proj, down_proj (or MaxText's query, key, value, out, wi_0, "

@@ -40,6 +40,8 @@ from tpusft.models.sharding import AxisRules, constrain
 
 BATCH_SEQ_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
+_PROJECTION_INDEX = {name: i for i, name in enumerate(lora.PROJECTIONS)}  # dropout key streams
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -78,6 +80,7 @@ class ModelArgs:
     attention: str = "auto"
     lora_rank: int = 0                  # 0: no adapters
     lora_alpha: float = 0.0
+    lora_dropout: float = 0.0           # on each adapter's input, in training steps only
     lora_targets: frozenset = frozenset()  # native projection names (models/lora.py)
     lora_qtype: str = ""                # QLoRA: frozen layer kernels stored as nf4 or int8
 
@@ -145,7 +148,7 @@ def lora_args(cfg: Any) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return {"lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "lora_targets": targets,
-            "lora_qtype": cfg.lora.weight_qtype}
+            "lora_qtype": cfg.lora.weight_qtype, "lora_dropout": cfg.lora.dropout}
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None,
@@ -270,11 +273,13 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
 
 def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
                   kv_cache: tuple[jax.Array, jax.Array] | None, end_index: jax.Array | None,
-                  a: ModelArgs, inv_freq: jax.Array, rules: AxisRules | None):
+                  a: ModelArgs, inv_freq: jax.Array, rules: AxisRules | None,
+                  dropout_key: jax.Array | None = None):
     """One pre-norm transformer layer on plain arrays `p` (one layer's parameter dict).
 
     `mask` is this layer's [B, T, S] mask (sliding-window layers get the narrowed one) and
-    `inv_freq` its RoPE frequencies.
+    `inv_freq` its RoPE frequencies. With `dropout_key` (training) and lora_dropout > 0, each
+    adapter drops its input with a mask of its own.
     """
     dt = jnp.dtype(a.dtype)
     fam, norms = a.fam, a.fam.norms
@@ -284,8 +289,13 @@ def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
 
     scale = (a.lora_scale, a.lora_qtype)
 
+    def drop(name):
+        if dropout_key is None or not a.lora_dropout:
+            return None
+        return a.lora_dropout, jax.random.fold_in(dropout_key, _PROJECTION_INDEX[name])
+
     def project(name, h):
-        y = lora.project(h, sa[name], "bte,ehd->bthd", 1, scale)
+        y = lora.project(h, sa[name], "bte,ehd->bthd", 1, scale, drop(name))
         return y + sa[name]["bias"] if "bias" in sa[name] else y
 
     h = rms_norm(x, w[norms[ATTN_NORM]]["scale"], a.norm_eps)
@@ -308,17 +318,17 @@ def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
 
     o = attn.dot_product_attention(q, k, v, mask, a.attention_scale, a.attention,
                                    softcap=a.attn_softcap)
-    o = lora.project(o, sa["out"], "bthd,hde->bte", 2, scale)
+    o = lora.project(o, sa["out"], "bthd,hde->bte", 2, scale, drop("out"))
     if fam.sandwich_norms:
         o = rms_norm(o, w[norms[POST_ATTN_NORM]]["scale"], a.norm_eps)
     x = constrain(x + o, rules, BATCH_SEQ_EMBED)
 
     h = rms_norm(x, w[norms[MLP_NORM]]["scale"], a.norm_eps)
-    gate = lora.project(h, mlp["wi_0"], "bte,em->btm", 1, scale)
-    up = lora.project(h, mlp["wi_1"], "bte,em->btm", 1, scale)
+    gate = lora.project(h, mlp["wi_0"], "bte,em->btm", 1, scale, drop("wi_0"))
+    up = lora.project(h, mlp["wi_1"], "bte,em->btm", 1, scale, drop("wi_1"))
     act = constrain(_activation(fam.activation, gate) * up, rules,
                     ("activation_batch", "activation_length", "activation_mlp"))
-    y = lora.project(act, mlp["wo"], "btm,me->bte", 1, scale)
+    y = lora.project(act, mlp["wo"], "btm,me->bte", 1, scale, drop("wo"))
     if fam.sandwich_norms:
         y = rms_norm(y, w[norms[POST_MLP_NORM]]["scale"], a.norm_eps)
     return constrain(x + y, rules, BATCH_SEQ_EMBED), new_cache
@@ -383,7 +393,10 @@ class Transformer(nnx.Module):
     # ----------------------------------------------------------------- forward
     def __call__(self, input_tokens: jax.Array, positions: jax.Array, cache: dict | None = None,
                  attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 *, return_hidden: bool = False, decode_only_last_token: bool = False):
+                 *, return_hidden: bool = False, decode_only_last_token: bool = False,
+                 dropout_key: jax.Array | None = None):
+        """`dropout_key` (a typed PRNG key) turns on lora_dropout for this call: training
+        passes one per step; evaluation and decoding pass none and are deterministic."""
         a = self.args
         if attention_mask is None:
             if segment_ids is None:
@@ -405,10 +418,15 @@ class Transformer(nnx.Module):
         x = jnp.take(embedding, input_tokens, axis=0).astype(jnp.dtype(a.dtype))
         x = constrain(x, self.rules, BATCH_SEQ_EMBED)
 
+        # One dropout key per layer, or none.
+        layer_keys = None
+        if dropout_key is not None and a.lora_rank and a.lora_dropout:
+            layer_keys = jax.random.split(dropout_key, a.num_layers)
+
         def make_body(local: bool):
-            def body(x, p, kv):
+            def body(x, p, kv, key):
                 return layer_forward(p, x, positions, local_mask if local else attention_mask,
-                                     kv, end_index, a, inv_freq[local], self.rules)
+                                     kv, end_index, a, inv_freq[local], self.rules, key)
             if a.remat_policy != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[a.remat_policy],
                                       prevent_cse=not a.scan_layers)
@@ -416,12 +434,14 @@ class Transformer(nnx.Module):
 
         bodies = {False: make_body(False), True: make_body(True)}
 
-        def run_unit(x, p, group, first_layer, kvs):
-            """Runs the layers of one stored unit; kvs is (k, v) [n, B, S, KV, D] or None."""
+        def run_unit(x, p, group, first_layer, kvs, keys):
+            """Runs the layers of one stored unit; kvs is (k, v) [n, B, S, KV, D] or None,
+            keys its layers' dropout keys [n] or None."""
             out_k, out_v = [], []
             for j, lp in enumerate(unit_layers(a, p, group)):
                 kv = (kvs[0][j], kvs[1][j]) if kvs is not None else None
-                x, kv = bodies[a.is_local(first_layer + j)](x, lp, kv)
+                key = keys[j] if keys is not None else None
+                x, kv = bodies[a.is_local(first_layer + j)](x, lp, kv, key)
                 if kv is not None:
                     out_k.append(kv[0])
                     out_v.append(kv[1])
@@ -433,7 +453,7 @@ class Transformer(nnx.Module):
         if a.scan_layers:
             blocks, rest = block_counts(fam, a.num_layers)
             period = fam.period
-            stacked = kv_in = None
+            stacked = kv_in = keys_in = None
             if blocks:
                 stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, lora.WEIGHTS))
                 stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), stacked)
@@ -441,13 +461,15 @@ class Transformer(nnx.Module):
                 n = blocks * period
                 kv_in = tuple(cache[c][:n].reshape(blocks, period, *cache[c].shape[1:])
                               for c in ("k", "v"))
+            if blocks and layer_keys is not None:
+                keys_in = layer_keys[:blocks * period].reshape(blocks, period)
 
             def scan_fn(x, inp):
-                p, kv = inp
-                return run_unit(x, p, group, 0, kv)
+                p, kv, keys = inp
+                return run_unit(x, p, group, 0, kv, keys)
 
             if blocks:
-                x, kvs = jax.lax.scan(scan_fn, x, (stacked, kv_in))
+                x, kvs = jax.lax.scan(scan_fn, x, (stacked, kv_in, keys_in))
             if blocks and cache is not None:
                 k_parts.append(kvs[0].reshape(-1, *kvs[0].shape[2:]))
                 v_parts.append(kvs[1].reshape(-1, *kvs[1].shape[2:]))
@@ -455,7 +477,8 @@ class Transformer(nnx.Module):
                 p = nnx.to_pure_dict(nnx.state(self.decoder.layers_remainder, lora.WEIGHTS))
                 first = blocks * period
                 kv = (cache["k"][first:], cache["v"][first:]) if cache is not None else None
-                x, kv = run_unit(x, p, True, first, kv)
+                keys = layer_keys[first:] if layer_keys is not None else None
+                x, kv = run_unit(x, p, True, first, kv, keys)
                 if kv is not None:
                     k_parts.append(kv[0])
                     v_parts.append(kv[1])
@@ -468,7 +491,8 @@ class Transformer(nnx.Module):
                 kv = None
                 if cache is not None:
                     kv = (cache["k"][first:first + per_unit], cache["v"][first:first + per_unit])
-                x, kv = run_unit(x, p, False, first, kv)
+                keys = layer_keys[first:first + per_unit] if layer_keys is not None else None
+                x, kv = run_unit(x, p, False, first, kv, keys)
                 if kv is not None:
                     k_parts.append(kv[0])
                     v_parts.append(kv[1])

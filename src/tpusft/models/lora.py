@@ -5,7 +5,7 @@ rest), the adapted projection, and merging.
 A projection's kernel has input dims then output dims (query: embed | heads, head_dim;
 out: heads, head_dim | embed). Its adapter is lora_a [input dims..., rank] and lora_b [rank,
 output dims...], both nnx.LoRAParam, so Tunix's trainer trains exactly these; the output is
-x @ kernel + (alpha / rank) * (x @ lora_a) @ lora_b, and lora_b starts at zero.
+x @ kernel + (alpha / rank) * (dropout(x) @ lora_a) @ lora_b, and lora_b starts at zero.
 """
 
 from __future__ import annotations
@@ -65,9 +65,19 @@ def adapter_shapes(kernel_shape: tuple[int, ...], axes: tuple[str, ...], n_in: i
             ((rank,) + tuple(kernel_shape[n_in:]), (RANK_AXIS,) + tuple(axes[n_in:])))
 
 
-def project(x: jax.Array, p: dict, spec: str, n_in: int, lora: tuple[float, str]) -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout (PEFT's lora_dropout, torch.nn.Dropout): each element is zeroed with
+    probability `rate` and the rest are divided by 1 - rate, so the expectation is x."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def project(x: jax.Array, p: dict, spec: str, n_in: int, lora: tuple[float, str],
+            drop: tuple[float, jax.Array] | None = None) -> jax.Array:
     """einsum(spec) of x with p's kernel (dequantized with Qwix when stored quantized), plus
-    the adapter's low-rank update if p has one. `lora` is (alpha / rank, qtype).
+    the adapter's low-rank update if p has one. `lora` is (alpha / rank, qtype); `drop`, when
+    given, is (rate, key) of the dropout on the adapter's input (training only; the base
+    projection always sees x itself).
 
     spec is "<x dims>,<kernel dims>-><out dims>", the kernel's first n_in dims contracted.
     """
@@ -84,6 +94,8 @@ def project(x: jax.Array, p: dict, spec: str, n_in: int, lora: tuple[float, str]
     xs, ks = lhs.split(",")
     k_in, k_out = ks[:n_in], ks[n_in:]
     mid = "".join(c for c in xs if c not in k_in) + "r"
+    if drop is not None:
+        x = dropout(x, *drop)
     t = jnp.einsum(f"{xs},{k_in}r->{mid}", x, p["lora_a"])
     return y + scale * jnp.einsum(f"{mid},r{k_out}->{out}", t, p["lora_b"])
 

@@ -48,6 +48,7 @@ class BatchFeeder(tunix_hooks.DataHooks):
         self.step_slots: list[int] = []   # token slots (batch x length) of each step
         self.step_crc: list[int] = []     # CRC-32 of each step's input ids (exact-resume checks)
         self.stats = stats                # the pipeline's DataStats (bad rows, truncation)
+        self.dropout = False              # tag training micro-batches with their step number
 
     # -- train
     def load_next_train_batch(self, train_ctx) -> dict | None:
@@ -63,7 +64,10 @@ class BatchFeeder(tunix_hooks.DataHooks):
             self.step_tokens.append(int(np.count_nonzero(group["segment_ids"])))
             self.step_slots.append(int(group["segment_ids"].size))
             self.step_crc.append(zlib.crc32(np.ascontiguousarray(group["inputs"]).tobytes()))
-        return self._pending.pop(0)
+        batch = self._pending.pop(0)
+        if self.dropout:  # the micro-batch counter keys the dropout masks (same after resume)
+            batch = dict(batch, dropout_step=np.int32(train_ctx.iter_steps))
+        return batch
 
     def get_state(self) -> dict:
         return self._train_iter.get_state()
@@ -241,7 +245,9 @@ def build_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cf
                   feeder: BatchFeeder) -> SftTrainer:
     """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
     trainer = SftTrainer(model, optimizer, training_config(cfg))
-    trainer.with_loss_fn(loss_lib.sft_loss).with_gen_model_input_fn(lambda batch: batch)
+    trainer.with_loss_fn(loss_lib.seeded_sft_loss(cfg.seed))
+    trainer.with_gen_model_input_fn(lambda batch: batch)
+    feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
     trainer.with_data_hooks(feeder)
     trainer.feeder = feeder
     state = trainer.restored_metadata.get(DATA_STATE_KEY)
