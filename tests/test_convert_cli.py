@@ -9,8 +9,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from etils import epath
 from conftest import REPO, run_cli, run_in_process
+from etils import epath
 from hf_oracle import build_hf_model, hf_logits, restored_model
 
 DEMO = "configs/demo/sft.yml"

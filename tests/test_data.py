@@ -284,7 +284,7 @@ def test_resumed_iterator_yields_exactly_the_same_batches(tmp_path, demo_tokeniz
     resumed = fresh()
     resumed.set_state(state)
     got = [next(resumed)["inputs"] for _ in range(30)]
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -48,9 +48,14 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (and `python -m tpusft.generate`): one-line errors, tcmalloc when installed."""
     from tpusft.errors import run_cli
     from tpusft.launch import reexec_with_tcmalloc
 
     reexec_with_tcmalloc("tpusft.generate")
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -27,13 +27,11 @@ def main(argv: Sequence[str]) -> int:
     import jax
     from etils import epath
 
-    from tpusft.checkpoint.convert import load_adapters
-    from tpusft.checkpoint.native import restore_params
     from tpusft.data import pipeline, sources
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic
     from tpusft.models import lora
-    from tpusft.models.decoder import ModelArgs, create_model
+    from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import make_mesh
     from tpusft.training import trainer as trainer_lib
     from tpusft.training.metrics import (
@@ -43,7 +41,7 @@ def main(argv: Sequence[str]) -> int:
         write_loss_curve,
     )
     from tpusft.training.optimizer import make_optimizer
-    from tpusft.training.setup import check_batch, check_vocab, existing_checkpoint
+    from tpusft.training.setup import build_model, check_batch, check_vocab, existing_checkpoint
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     if cfg.demo_task:
@@ -74,21 +72,7 @@ def main(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yml").write_text(resolved_yaml(cfg))
     with mesh:
-        model = create_model(args, mesh, cfg.logical_axis_rules, cfg.seed)
-        resuming = existing_checkpoint(cfg)
-        # A LoRA run's checkpoints hold only the adapters: the base is loaded every time.
-        if cfg.load_parameters_path and (not resuming or args.lora_rank):
-            read = restore_params(model, cfg.load_parameters_path)
-            print(f"loaded parameters from {read}")
-        if cfg.lora.adapter_path and not resuming:
-            read = load_adapters(model, args, cfg.lora.adapter_path)
-            print(f"loaded LoRA adapters from {read}")
-        if args.lora_qtype:
-            before = lora.weight_bytes(model)
-            n = lora.quantize_base(model, args.lora_qtype, args.scan_layers)
-            print(f"QLoRA: {n} layer kernels stored as {args.lora_qtype} with Qwix "
-                  f"({lora.weight_bytes(model) / 2**30:.3f} GiB of weights, was "
-                  f"{before / 2**30:.3f} GiB)")
+        model = build_model(cfg, args, mesh, existing_checkpoint(cfg))
 
         feeder = trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
                                          cfg.eval_steps, stats)
@@ -158,9 +142,14 @@ def _demo_score(model, tokenizer, cfg, when: str, show: int = 0) -> float:
     return score
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (and `python -m tpusft.train_sft`): one-line errors, tcmalloc when installed."""
     from tpusft.errors import run_cli
     from tpusft.launch import reexec_with_tcmalloc
 
     reexec_with_tcmalloc("tpusft.train_sft")
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

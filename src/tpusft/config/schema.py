@@ -259,6 +259,45 @@ class Config:
     decode_temperature: float = key(0.0, "Sampling temperature; 0 is greedy.", minimum=0)
     decode_top_k: int = key(0, "Sample from the k most likely tokens (0: all).", minimum=0)
 
+    # ----------------------------------------------------------------- GRPO
+    loss_algo: str = key(
+        "grpo", "GRPO variant (Tunix's learners): grpo, gspo-token (sequence-level importance "
+        "ratio), drgrpo (Dr. GRPO: no std normalisation, length-unbiased loss), dapo (clip-"
+        "higher, token-mean loss, no KL term).", choices=("grpo", "gspo-token", "drgrpo", "dapo"),
+        section="GRPO")
+    num_generations: int = key(4, "Completions sampled per prompt (the group G).", minimum=2)
+    num_iterations: int = key(1, "Policy updates per batch of rollouts (mu).", minimum=1)
+    beta: float = key(0.04, "Weight of the KL penalty to the reference model (0: no reference "
+                      "model is kept).", minimum=0)
+    epsilon: float = key(0.2, "Clipping range of the importance ratio.", minimum=0)
+    epsilon_high: float = key(0.28, "DAPO: upper clipping range (clip-higher).", minimum=0)
+    temperature: float = key(1.0, "Rollout sampling temperature.", minimum=0)
+    top_p: float = key(1.0, "Rollout nucleus sampling (1: off).", minimum=0)
+    top_k: int = key(0, "Rollouts sample from the k most likely tokens (0: all).", minimum=0)
+    max_prompt_length: int = key(
+        256, "Prompt tokens; longer prompts are cut from the left, or dropped with "
+        "truncation=drop (counted either way).", minimum=1)
+    max_completion_length: int = key(256, "Tokens generated per completion.", minimum=1)
+    rollout_engine: str = key("vanilla", "Rollout engine: Tunix's sampler driving tpusft's "
+                              "model and KV cache (every backend).", choices=("vanilla",))
+    reward_functions: list = key(
+        ["answer_correct"], "Rewards, summed with reward_weights: answer_correct, "
+        "answer_format, length_penalty, or 'module:function' with the signature "
+        "fn(prompts, completions, **columns) -> list[float] (columns: answer, mode).")
+    reward_weights: list = key([], "One weight per reward function (empty: all 1).")
+    format_pattern: str = key(
+        r"<reasoning>.+</reasoning>\s*<answer>.+</answer>",
+        "answer_format: regular expression a whole completion must match.")
+    length_penalty_start: int = key(
+        0, "length_penalty: tokens allowed before the penalty starts (0: half of "
+        "max_completion_length).", minimum=0)
+    system_prompt: str = key("", "GRPO: system message added to every prompt (empty: none).")
+    prompt_template: str = key("{prompt}", "GRPO: the user turn, with {prompt} replaced by "
+                               "the data set's prompt or question.")
+    eval_prompts: int = key(128, "GRPO: held-out prompts decoded greedily for accuracy before "
+                            "training, every eval_interval steps and at the end (0: none).",
+                            minimum=0)
+
     # ----------------------------------------------------------------- LoRA
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"nested": True})
 

@@ -19,7 +19,8 @@ PACKING_BATCHES = 20   # batches measured for packing efficiency
 def mark_trained(tokenizer, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
     """The decoded tokens, with runs of trained tokens in green (tty) or [[...]]."""
     out = []
-    for flag, run in itertools.groupby(zip(ids.tolist(), trained.tolist()), key=lambda t: t[1]):
+    pairs = zip(ids.tolist(), trained.tolist(), strict=True)
+    for flag, run in itertools.groupby(pairs, key=lambda t: t[1]):
         text = tokenizer.decode([i for i, _ in run], skip_special_tokens=False)
         if flag:
             text = f"\x1b[30;42m{text}\x1b[0m" if color else f"[[{text}]]"

@@ -276,7 +276,7 @@ def _shard(opts: DataOptions) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def _read_source(src: Source, opts: DataOptions, part: str):
+def read_source(src: Source, opts: DataOptions, part: str):
     """The rows of `src` this process reads: part is 'train', 'eval' (eval_fraction's share of
     the same split) or 'all'."""
     import datasets
@@ -323,7 +323,7 @@ def _read_source(src: Source, opts: DataOptions, part: str):
 def source_examples(src: Source, opts: DataOptions, tokenizer, stats: DataStats, *,
                     train: bool, part: str) -> tuple[Any, bool]:
     """(grain dataset of encoded examples, whether it is map-style before encoding)."""
-    data, columns, streamed, where = _read_source(src, opts, part)
+    data, columns, streamed, where = read_source(src, opts, part)
     fmt = formats.detect_format(columns, src.data_format, src.column_map, where)
     kind = formats.FORMATS[fmt].kind
     if kind not in ("chat", "text"):
@@ -367,7 +367,7 @@ def build_dataset(sources: Sequence[Source], opts: DataOptions, tokenizer, batch
         ds = grain.MapDataset.concatenate([d for d, _ in parts]).to_iter_dataset(read)
     else:
         members = {s.name: (d.to_iter_dataset(read) if m else d)
-                   for s, (d, m) in zip(sources, parts)}
+                   for s, (d, m) in zip(sources, parts, strict=True)}
         ds = grain.IterDataset.mix(members, {s.name: s.weight for s in sources})
 
     length = opts.max_length

@@ -374,6 +374,12 @@ class Transformer(nnx.Module):
         self.token_embedder = Embedder(args, dtype, rules, rngs)
         self.decoder = DecoderStack(args, dtype, rules, rngs)
 
+    @property
+    def config(self) -> ModelArgs:
+        """The architecture (Tunix's sampler and RL cluster read num_layers, num_kv_heads,
+        head_dim and dtype from here)."""
+        return self.args
+
     # -------------------------------------------------------------- decoding cache
     def init_cache(self, batch_size: int, cache_size: int, dtype: Any = None) -> dict:
         a = self.args

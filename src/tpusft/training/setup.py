@@ -1,4 +1,5 @@
-"""Checks made before anything is compiled: vocabulary, batch layout, existing checkpoints."""
+"""What every trainer does before compiling: checks of vocabulary, batch layout and existing
+checkpoints, and the model built from the config (weights, adapters, quantized base)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,36 @@ def check_batch(cfg: Any, mesh) -> None:
             f"split over the {ways} devices of the data and fsdp axes; use a multiple of {ways}")
 
 
-def existing_checkpoint(cfg: Any) -> bool:
-    """True when run_name already has a checkpoint step (the run will resume)."""
+def existing_checkpoint(cfg: Any, sub: str = "") -> bool:
+    """True when run_name already has a checkpoint step (the run will resume); `sub` is the
+    trainer's folder inside checkpoint_directory (GRPO's actor)."""
     if not cfg.enable_checkpointing:
         return False
-    root = epath.Path(cfg.checkpoint_directory)
+    root = epath.Path(cfg.checkpoint_directory) / sub if sub else epath.Path(
+        cfg.checkpoint_directory)
     return root.exists() and any(p.name.isdigit() for p in root.iterdir())
+
+
+def build_model(cfg: Any, args, mesh, resuming: bool, print_fn=print):
+    """The sharded model: load_parameters_path's weights (a LoRA run's base every time, since
+    its checkpoints hold only adapters), lora.adapter_path's adapters, and the QLoRA base
+    quantized. A resumed full fine-tune gets its weights from the trainer's checkpoint."""
+    from tpusft.checkpoint.convert import load_adapters
+    from tpusft.checkpoint.native import restore_params
+    from tpusft.models import lora
+    from tpusft.models.decoder import create_model
+
+    model = create_model(args, mesh, cfg.logical_axis_rules, cfg.seed)
+    if cfg.load_parameters_path and (not resuming or args.lora_rank):
+        read = restore_params(model, cfg.load_parameters_path)
+        print_fn(f"loaded parameters from {read}")
+    if cfg.lora.adapter_path and not resuming:
+        read = load_adapters(model, args, cfg.lora.adapter_path)
+        print_fn(f"loaded LoRA adapters from {read}")
+    if args.lora_qtype:
+        before = lora.weight_bytes(model)
+        n = lora.quantize_base(model, args.lora_qtype, args.scan_layers)
+        print_fn(f"QLoRA: {n} layer kernels stored as {args.lora_qtype} with Qwix "
+                 f"({lora.weight_bytes(model) / 2**30:.3f} GiB of weights, was "
+                 f"{before / 2**30:.3f} GiB)")
+    return model

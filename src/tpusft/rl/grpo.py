@@ -1,0 +1,326 @@
+"""The one place tpusft talks to Tunix's RL stack.
+
+Tunix's RLCluster holds the actor (trained), reference (KL anchor) and rollout roles on one
+mesh; its GRPO learners (GRPO, GSPO-token, Dr. GRPO, DAPO) run the loop: rollouts, rewards,
+group advantages, clipped policy updates, Orbax checkpoints. tpusft supplies:
+  * the model: the same decoder as SFT, whose KV cache Tunix's vanilla sampler drives;
+  * the reference: with LoRA, the actor's own base weights without the adapters (shared
+    arrays, no copy); otherwise a copy of the starting weights; none when beta=0;
+  * per-step rollout seeds, timings (rollout and train tokens/s), per-reward mean/std,
+    accuracy, held-out greedy accuracy every eval_interval steps, the progress line and
+    metrics.jsonl (Progress below).
+
+The rollout engine is chosen in `rollout_engine()`: Tunix's vanilla sampler everywhere; a
+vLLM engine on TPU plugs in there without touching the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from tunix.rl import rl_cluster as rl_cluster_lib
+from tunix.rl.grpo import dapo_learner, drgrpo_learner, grpo_learner
+from tunix.rl.rollout import base_rollout
+from tunix.sft import hooks as tunix_hooks
+from tunix.sft import metrics_logger as tunix_metrics
+
+from tpusft.demo import evaluate
+from tpusft.errors import ConfigError
+from tpusft.models import lora, sampling
+from tpusft.models.sharding import BATCH_AXES
+from tpusft.rl import rewards as rewards_lib
+from tpusft.training.metrics import JsonlWriter, format_duration
+from tpusft.training.optimizer import make_optimizer
+
+Role = rl_cluster_lib.Role
+
+# loss_algo -> (Tunix learner, its config class, fixed config fields)
+ALGORITHMS = {
+    "grpo": (grpo_learner.GRPOLearner, grpo_learner.GRPOConfig, {"loss_algo": "grpo"}),
+    "gspo-token": (grpo_learner.GRPOLearner, grpo_learner.GRPOConfig,
+                   {"loss_algo": "gspo-token"}),
+    "drgrpo": (drgrpo_learner.DrGRPOLearner, drgrpo_learner.DrGRPOConfig, {}),
+    "dapo": (dapo_learner.DAPOLearner, dapo_learner.DAPOConfig, {}),
+}
+
+
+def algorithm_config(cfg: Any):
+    """(learner class, its algorithm config) for loss_algo."""
+    learner, config_cls, fixed = ALGORITHMS[cfg.loss_algo]
+    kw = dict(num_generations=cfg.num_generations, num_iterations=cfg.num_iterations,
+              epsilon=cfg.epsilon, **fixed)
+    if cfg.loss_algo == "dapo":  # no KL term; clip-higher; overlong shaping: length_penalty
+        kw.update(epsilon_high=cfg.epsilon_high, overlong_buffer=None)
+    else:
+        kw["beta"] = cfg.beta
+    return learner, config_cls(**kw)
+
+
+def needs_reference(cfg: Any) -> bool:
+    """Tunix computes reference log-probs whenever beta != 0 (DAPO: always, for its KL log)."""
+    return cfg.loss_algo == "dapo" or cfg.beta != 0.0
+
+
+def reference_model(actor: nnx.Module) -> nnx.Module:
+    """The KL reference. A LoRA actor's reference is the same module graph without adapters,
+    sharing the actor's (frozen) base arrays; a full fine-tune's is a copy of the weights."""
+    graphdef, state = nnx.split(actor)
+    if lora.adapters(actor):
+        ref = nnx.merge(graphdef, state)  # the same Variables: no second copy of the base
+        for _, module in lora.adapters(ref):
+            del module.lora_a, module.lora_b
+        return ref
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def rollout_engine(cfg: Any) -> str:
+    """Tunix's rollout engine name. The vanilla sampler drives tpusft's decoder and KV cache
+    on CPU, GPU and TPU; another engine (vLLM on TPU) is selected here."""
+    if cfg.rollout_engine == "vanilla":
+        return "vanilla"
+    raise ConfigError(f"rollout_engine={cfg.rollout_engine} is not available in this install; "
+                      f"use rollout_engine=vanilla")
+
+
+def rollout_config(cfg: Any, tokenizer) -> base_rollout.RolloutConfig:
+    return base_rollout.RolloutConfig(
+        max_tokens_to_generate=cfg.max_completion_length, temperature=cfg.temperature,
+        top_p=cfg.top_p, top_k=cfg.top_k or None, max_prompt_length=cfg.max_prompt_length,
+        kv_cache_size=cfg.max_prompt_length + cfg.max_completion_length,
+        eos_tokens=evaluate.eos_ids(tokenizer), seed=jax.random.key_data(jax.random.key(cfg.seed)))
+
+
+def training_config(cfg: Any) -> rl_cluster_lib.RLTrainingConfig:
+    checkpointing = None
+    if cfg.enable_checkpointing:
+        policies = ocp.checkpoint_managers
+        checkpointing = ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(cfg.checkpoint_period),
+                policies.SpecificStepsPolicy([cfg.steps])]),
+            max_to_keep=cfg.max_num_checkpoints_to_keep,
+            enable_async_checkpointing=cfg.async_checkpointing, create=True)
+    return rl_cluster_lib.RLTrainingConfig(
+        actor_optimizer=make_optimizer(cfg),
+        eval_every_n_steps=cfg.steps + 1,  # held-out accuracy is tpusft's (Progress)
+        max_steps=cfg.steps,
+        # Checkpoints go to checkpoint_directory/actor/<step>.
+        checkpoint_root_directory=cfg.checkpoint_directory if cfg.enable_checkpointing else None,
+        checkpointing_options=checkpointing,
+        metrics_logging_options=tunix_metrics.MetricsLoggerOptions(
+            log_dir=cfg.tensorboard_directory, flush_every_n_steps=cfg.log_period),
+        data_sharding_axis=(BATCH_AXES,),
+        pbar_description=None,
+    )
+
+
+def build_cluster(actor: nnx.Module, tokenizer, mesh, cfg: Any) -> rl_cluster_lib.RLCluster:
+    reference = reference_model(actor) if needs_reference(cfg) else None
+    return rl_cluster_lib.RLCluster(
+        actor=actor, reference=reference, tokenizer=tokenizer,
+        cluster_config=rl_cluster_lib.ClusterConfig(
+            role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh},
+            rollout_engine=rollout_engine(cfg), offload_to_cpu=False,
+            training_config=training_config(cfg),
+            rollout_config=rollout_config(cfg, tokenizer)))
+
+
+class Timings:
+    """What each optimizer step saw: the rollout before it (time, tokens, completion lengths,
+    each reward's values) and its own update time and tokens, keyed by the step number."""
+
+    def __init__(self):
+        self.rollout_s = 0.0
+        self.rollout_tokens = self.batch_tokens = 0
+        self.completion_lengths: list[int] = []
+        self.steps: dict[int, dict] = {}
+        self.excluded_s = 0.0  # held-out evaluation run from inside an update (not training)
+
+    def rollout(self, seconds: float, lengths: list[int], prompt_tokens: int) -> None:
+        self.rollout_s += seconds
+        self.rollout_tokens += sum(lengths)
+        self.completion_lengths = lengths
+        self.batch_tokens = sum(lengths) + prompt_tokens
+
+    def update(self, step: int, seconds: float, rewards: list[rewards_lib.Reward],
+               examples: int) -> None:
+        """One actor update of `examples` of the last rollout's completions."""
+        n = max(len(self.completion_lengths), 1)
+        self.steps[step] = {
+            "rollout_s": self.rollout_s, "rollout_tokens": self.rollout_tokens,
+            "update_s": seconds, "train_tokens": self.batch_tokens * examples / n,
+            "lengths": list(self.completion_lengths),
+            "rewards": {r.name: (r.weight, r.last.copy()) for r in rewards}}
+        self.rollout_s, self.rollout_tokens = 0.0, 0  # counted once, by the first update
+
+
+def build_learner(cluster, cfg: Any, rewards: list[rewards_lib.Reward], timings: Timings):
+    learner_cls, algo = algorithm_config(cfg)
+
+    class Learner(learner_cls):
+        """Tunix's learner, with a fresh rollout seed per step and rollouts/updates timed."""
+
+        def _generate_and_compute_advantage(self, training_input, mode=rl_cluster_lib.Mode.TRAIN):
+            rc = self.rl_cluster.cluster_config.rollout_config
+            rc.seed = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed),
+                                                             self.rl_cluster.global_steps))
+            return super()._generate_and_compute_advantage(training_input, mode)
+
+    generate, update = cluster.generate, cluster.update_actor
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        prompt = int(np.count_nonzero(np.asarray(out.left_padded_prompt_tokens)
+                                      != cluster.rollout.pad_id()))
+        timings.rollout(time.perf_counter() - start, [len(t) for t in out.tokens], prompt)
+        return out
+
+    def timed_update(train_examples, *args, **kwargs):
+        start, excluded = time.perf_counter(), timings.excluded_s
+        update(train_examples, *args, **kwargs)
+        examples = sum(len(e.completion_ids) for e in train_examples)
+        seconds = time.perf_counter() - start - (timings.excluded_s - excluded)
+        timings.update(cluster.actor_trainer.train_steps, seconds, rewards, examples)
+
+    cluster.generate, cluster.update_actor = timed_generate, timed_update
+    return Learner(cluster, algo, rewards)
+
+
+def held_out_accuracy(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int,
+                      batch: int = 64) -> tuple[float, list[tuple[str, str, str]]]:
+    """Greedy decoding on (rendered prompt, reference) pairs; (accuracy, rows)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []
+    for i in range(0, len(problems), batch):
+        chunk = problems[i:i + batch]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in chunk]
+        new = sampling.generate(model, ids, max_new_tokens=max_new_tokens, pad_id=pad,
+                                eos_ids=evaluate.eos_ids(tokenizer),
+                                prefill_length=max(len(x) for x in ids))
+        for (prompt, want), toks in zip(chunk, new, strict=True):
+            got = tokenizer.decode(toks, skip_special_tokens=True).strip()
+            rows.append((prompt, want, got))
+    correct = sum(rewards_lib.answers_equal(rewards_lib.extract_answer(g), w)
+                  for _, w, g in rows)
+    return correct / max(len(rows), 1), rows
+
+
+class Progress(tunix_hooks.TrainingHooks):
+    """After each optimizer step: rewards (mean and std of each), accuracy, completion length,
+    KL, clip fraction, rollout and train tokens/s, ETA to the progress line (every log_period
+    steps), metrics.jsonl and TensorBoard; held-out greedy accuracy every eval_interval."""
+
+    def __init__(self, cfg: Any, rewards: list[rewards_lib.Reward], timings: Timings,
+                 evaluate_fn, jsonl: JsonlWriter, print_fn=print):
+        self.cfg, self.rewards, self.timings = cfg, rewards, timings
+        self.evaluate_fn, self.jsonl, self.print = evaluate_fn, jsonl, print_fn
+        self.start_time = None
+        self.start_step = None
+        self.history: list[tuple[int, float]] = []
+        self.evals: list[tuple[int, float]] = []
+
+    def on_train_start(self, train_ctx):  # Tunix calls this once per global step
+        if self.start_time is None:
+            self.start_time, self.start_step = time.perf_counter(), train_ctx.train_steps
+
+    def on_train_end(self, train_ctx):
+        pass
+
+    def on_train_step_start(self, train_ctx):
+        pass
+
+    def on_eval_step_start(self, train_ctx):
+        pass
+
+    def on_eval_step_end(self, train_ctx, eval_loss):
+        pass
+
+    def _tunix_metric(self, train_ctx, name: str) -> float | None:
+        logger = train_ctx.metrics_logger
+        for mode in ("train", tunix_metrics.Mode.TRAIN):
+            if logger.metric_exists("actor", name, mode):
+                return float(logger.get_metric_history("actor", name, mode)[-1])
+        return None
+
+    def record(self, step: int, loss: float, train_ctx=None) -> dict:
+        rec: dict[str, Any] = {"kind": "train", "step": step, "loss": loss}
+        seen = self.timings.steps.pop(step, None)
+        if seen is None:
+            return rec
+        total = 0.0
+        for name, (weight, values) in seen["rewards"].items():
+            if len(values):
+                rec[f"reward/{name}/mean"] = float(np.mean(values))
+                rec[f"reward/{name}/std"] = float(np.std(values))
+                total = total + weight * values
+                if name == "answer_correct":
+                    rec["accuracy"] = float(np.mean(values))
+        if not np.isscalar(total):
+            rec["reward"], rec["reward_std"] = float(np.mean(total)), float(np.std(total))
+        if seen["lengths"]:
+            rec["completion_length"] = float(np.mean(seen["lengths"]))
+        if seen["rollout_s"]:
+            rec["rollout_tokens_per_s"] = seen["rollout_tokens"] / seen["rollout_s"]
+        if seen["update_s"]:
+            rec["train_tokens_per_s"] = seen["train_tokens"] / seen["update_s"]
+        if train_ctx is not None:
+            for name in ("kl", "pg_clipfrac"):
+                value = self._tunix_metric(train_ctx, name)
+                if value is not None:
+                    rec["clip_fraction" if name == "pg_clipfrac" else name] = value
+        return rec
+
+    def on_train_step_end(self, train_ctx, train_step, train_loss):
+        # Tunix reports step `train_step` one step late (after the next update, or at close).
+        step = int(train_step)
+        if self.history and step <= self.history[-1][0]:
+            return
+        loss = float(train_loss)
+        rec = self.record(step, loss, train_ctx)
+        self.history.append((step, loss))
+        self.jsonl.write(rec)
+        logger = train_ctx.metrics_logger
+        for key, value in rec.items():
+            if key not in ("kind", "step", "loss"):
+                logger.log("tpusft", key, value, "train", step)
+        if step % self.cfg.log_period == 0 or step == self.cfg.steps:
+            elapsed = time.perf_counter() - self.start_time
+            done = step - self.start_step
+            eta = elapsed / max(done, 1) * (self.cfg.steps - step)
+            parts = [f"step {step}/{self.cfg.steps}", f"loss {loss:.4f}"]
+            for key, fmt in (("reward", "reward {:.3f}"), ("accuracy", "acc {:.1%}"),
+                             ("completion_length", "len {:.1f}"), ("kl", "kl {:.4f}"),
+                             ("clip_fraction", "clip {:.3f}"),
+                             ("rollout_tokens_per_s", "rollout {:,.0f} tok/s"),
+                             ("train_tokens_per_s", "train {:,.0f} tok/s")):
+                if key in rec:
+                    parts.append(fmt.format(rec[key]))
+            parts.append(f"ETA {format_duration(eta)}")
+            self.print(" | ".join(parts), flush=True)
+            self.jsonl.flush()
+        interval = self.cfg.eval_interval
+        if interval and step % interval == 0 and step != self.cfg.steps:
+            self.evaluate(step, train_ctx)
+
+    def evaluate(self, step: int, train_ctx=None) -> float | None:
+        start = time.perf_counter()
+        result = self.evaluate_fn()
+        self.timings.excluded_s += time.perf_counter() - start
+        if result is None:
+            return None
+        accuracy, n = result
+        self.evals.append((step, accuracy))
+        self.print(f"held-out accuracy at step {step}: {100 * accuracy:.1f}% of {n} (greedy)",
+                   flush=True)
+        self.jsonl.write({"kind": "eval", "step": step, "accuracy": accuracy})
+        self.jsonl.flush()
+        if train_ctx is not None:
+            train_ctx.metrics_logger.log("tpusft", "heldout_accuracy", accuracy, "eval", step)
+        return accuracy

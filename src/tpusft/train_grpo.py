@@ -1,0 +1,148 @@
+"""GRPO (and the variants Tunix offers) with verifiable rewards.
+
+    python -m tpusft.train_grpo configs/grpo.yml key=value ...
+
+Top to bottom: config -> tokenizer, prompts and rewards -> mesh and model (weights from
+load_parameters_path, LoRA and QLoRA as for SFT) -> Tunix RLCluster and learner (restored
+from run_name's last checkpoint if there is one) -> held-out accuracy, train, held-out accuracy
+-> loss curve.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv: Sequence[str]) -> int:
+    from tpusft.config import load_config, resolved_yaml
+
+    cfg = load_config(argv)
+    if cfg.print_config:
+        sys.stdout.write(resolved_yaml(cfg))
+        return 0
+
+    import jax
+    from etils import epath
+
+    from tpusft.data import sources
+    from tpusft.data.chat import load_tokenizer
+    from tpusft.data.pipeline import DataStats
+    from tpusft.demo import arithmetic
+    from tpusft.errors import DataError
+    from tpusft.models import lora
+    from tpusft.models.decoder import ModelArgs
+    from tpusft.models.sharding import make_mesh
+    from tpusft.rl import grpo, prompts
+    from tpusft.rl import rewards as rewards_lib
+    from tpusft.training.metrics import JsonlWriter, write_loss_curve
+    from tpusft.training.setup import build_model, check_batch, check_vocab, existing_checkpoint
+
+    warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
+    if cfg.demo_task:
+        arithmetic.apply_to_config(cfg)
+
+    # ---- prompts and rewards
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    check_vocab(cfg, tokenizer)
+    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
+                     cfg.ici_tensor_parallelism)
+    check_batch(cfg, mesh)
+    popts = prompts.PromptOptions.from_config(cfg)
+    train_sources, part = sources.sources(cfg, train=True)
+    stats = DataStats()
+    train_ds = prompts.train_batches(train_sources, popts, sources.options(cfg, train=True),
+                                     tokenizer, cfg.global_batch_size, part, stats)
+    try:
+        next(iter(train_ds))
+    except StopIteration:
+        raise DataError(f"no usable prompts in the training data ({stats.summary()})") from None
+    problems = []
+    eval_sources, eval_part = sources.sources(cfg, train=False)
+    if eval_sources and cfg.eval_prompts:
+        problems = prompts.held_out(eval_sources, popts, sources.options(cfg, train=False),
+                                    tokenizer, cfg.eval_prompts, eval_part)
+    rewards = rewards_lib.build(
+        cfg.reward_functions, cfg.reward_weights, tokenizer=tokenizer,
+        format_pattern=cfg.format_pattern,
+        length_penalty_start=cfg.length_penalty_start or cfg.max_completion_length // 2,
+        max_completion_length=cfg.max_completion_length)
+
+    # ---- model and Tunix's RL cluster
+    args = ModelArgs.from_config(cfg)
+    out = epath.Path(cfg.run_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yml").write_text(resolved_yaml(cfg))
+    with mesh:
+        model = build_model(cfg, args, mesh, existing_checkpoint(cfg, "actor"))
+        cluster = grpo.build_cluster(model, tokenizer, mesh, cfg)
+        timings = grpo.Timings()
+        learner = grpo.build_learner(cluster, cfg, rewards, timings)
+        actor = cluster.actor_trainer.model
+        start = cluster.actor_trainer.train_steps
+
+        print(f"tpusft GRPO ({cfg.loss_algo}) | run {cfg.run_directory}")
+        print(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
+              f"{args.num_layers} layers, dtype {cfg.dtype}")
+        if args.lora_rank:
+            adapter, total = lora.count(actor)
+            print(f"LoRA rank {args.lora_rank}: {adapter / 1e6:,.2f}M / "
+                  f"{(total - adapter) / 1e6:,.2f}M trainable, "
+                  f"{100 * adapter / (total - adapter):.2f}%; the reference is the base "
+                  f"without adapters (shared weights)")
+        ref = "none (beta=0)" if not grpo.needs_reference(cfg) else (
+            "the base weights" if args.lora_rank else "a copy of the starting weights")
+        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+              f"device(s); reference model: {ref}; rollouts: {cfg.rollout_engine} sampler")
+        print(f"{cfg.global_batch_size} prompts x {cfg.num_generations} completions per step, "
+              f"prompt <= {cfg.max_prompt_length}, completion <= {cfg.max_completion_length} "
+              f"tokens, temperature {cfg.temperature:g}; {cfg.steps} steps; rewards: "
+              + ", ".join(f"{r.name} x{r.weight:g}" for r in rewards))
+        if start:
+            print(f"resuming from step {start} (checkpoint in {cfg.checkpoint_directory})")
+
+        def evaluate():
+            if not problems:
+                return None
+            acc, rows = grpo.held_out_accuracy(actor, tokenizer, problems,
+                                               cfg.max_completion_length)
+            return acc, len(rows)
+
+        progress = grpo.Progress(cfg, rewards, timings, evaluate,
+                                 JsonlWriter(str(out / "metrics.jsonl")))
+        cluster.actor_trainer.with_training_hooks(progress)
+        before = progress.evaluate(start, cluster.actor_trainer)
+        if start < cfg.steps:
+            learner.train(train_ds)
+        else:
+            cluster.close()
+            print(f"run already complete at step {start}; nothing to train")
+        after = progress.evaluate(cluster.actor_trainer.train_steps)
+        if before is not None and after is not None:
+            print(f"held-out accuracy: {100 * before:.1f}% before -> {100 * after:.1f}% after "
+                  f"({len(problems)} prompts, greedy)")
+
+    print(f"data: {stats.summary()}")
+    png = str(out / "loss_curve.png")
+    if write_loss_curve(str(out / "metrics.jsonl"), png, f"tpusft GRPO: {cfg.run_name}"):
+        print(f"loss curve: {png}")
+    print(f"checkpoints: {cfg.checkpoint_directory}/actor\n"
+          f"tensorboard: {cfg.tensorboard_directory}")
+    return 0
+
+
+def cli() -> None:
+    """The console script (and `python -m tpusft.train_grpo`): one-line errors, tcmalloc when installed."""
+    from tpusft.errors import run_cli
+    from tpusft.launch import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc("tpusft.train_grpo")
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
