@@ -173,5 +173,6 @@ def test_prompts_over_max_prompt_length_are_cut_or_dropped(demo_tokenizer):
         else:
             assert stats.truncated == 1
             ids = demo_tokenizer(out[1]["prompts"], add_special_tokens=False)["input_ids"]
-            assert len(ids) == limit and out[1]["prompts"].endswith("assistant<|end_header_id|>\n\n")
+            assert len(ids) == limit
+            assert out[1]["prompts"].endswith("assistant<|end_header_id|>\n\n")
             assert out[1]["answer"] == "1234"

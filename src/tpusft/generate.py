@@ -49,7 +49,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def cli() -> None:
-    """The console script (and `python -m tpusft.generate`): one-line errors, tcmalloc when installed."""
+    """Console script and `python -m tpusft.generate` entry: one-line errors, tcmalloc."""
     from tpusft.errors import run_cli
     from tpusft.launch import reexec_with_tcmalloc
 

@@ -143,7 +143,7 @@ def _demo_score(model, tokenizer, cfg, when: str, show: int = 0) -> float:
 
 
 def cli() -> None:
-    """The console script (and `python -m tpusft.train_sft`): one-line errors, tcmalloc when installed."""
+    """Console script and `python -m tpusft.train_sft` entry: one-line errors, tcmalloc."""
     from tpusft.errors import run_cli
     from tpusft.launch import reexec_with_tcmalloc
 
