@@ -179,10 +179,9 @@ def test_gcs_output_directory(tmp_path, gcs_emulator, monkeypatch):
 
 
 @pytest.mark.slow
-def test_grpo_runs_resumes_exports_and_names_a_broken_reward(tmp_path):
+def test_grpo_runs_resumes_and_exports(tmp_path):
     """GRPO on the demo task (a random model: wiring, not learning): per-step metrics,
-    held-out accuracy, native checkpoints that resume and convert to HF, and a reward function
-    that raises stopping the run with a one-line error naming it."""
+    held-out accuracy, native checkpoints that resume and convert to HF."""
     args = ["configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
             "load_parameters_path=", "global_batch_size=4", "num_generations=2",
             "max_completion_length=4", "eval_prompts=8", "eval_interval=2", "log_period=1",
@@ -215,8 +214,18 @@ def test_grpo_runs_resumes_exports_and_names_a_broken_reward(tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
 
-    (tmp_path / "bad_reward.py").write_text(
-        "def ratio(prompts, completions, **kw):\n    return [1 / 0 for _ in completions]\n")
-    bad = run_cli("tpusft.train_grpo", *args, "steps=1", "run_name=bad", "eval_prompts=0",
-                  "reward_functions=[bad_reward:ratio]", env={"PYTHONPATH": str(tmp_path)})
-    _one_line_error(bad, "reward function ratio raised ZeroDivisionError")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return [1 / 0 for _ in completions]", "reward function fn raised ZeroDivisionError"),
+    ("return [1.0]", "reward function fn returned shape (1,) for 8 completions"),
+])
+def test_grpo_broken_reward_is_a_one_line_error(tmp_path, monkeypatch, body, message):
+    from tpusft.train_grpo import main
+
+    (tmp_path / "bad_reward.py").write_text(f"def fn(prompts, completions, **kw):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bad_reward", raising=False)
+    proc = run_in_process(main, "configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
+                          "global_batch_size=8", "reward_functions=[bad_reward:fn]")
+    _one_line_error(proc, message)

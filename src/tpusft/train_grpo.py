@@ -58,7 +58,7 @@ def main(argv: Sequence[str]) -> int:
     train_ds = prompts.train_batches(train_sources, popts, sources.options(cfg, train=True),
                                      tokenizer, cfg.global_batch_size, part, stats)
     try:
-        next(iter(train_ds))
+        first = next(iter(train_ds))
     except StopIteration:
         raise DataError(f"no usable prompts in the training data ({stats.summary()})") from None
     problems = []
@@ -71,6 +71,7 @@ def main(argv: Sequence[str]) -> int:
         format_pattern=cfg.format_pattern,
         length_penalty_start=cfg.length_penalty_start or cfg.max_completion_length // 2,
         max_completion_length=cfg.max_completion_length)
+    rewards_lib.check(rewards, first)  # a broken reward fails now, not after compiling
 
     # ---- model and Tunix's RL cluster
     args = ModelArgs.from_config(cfg)

@@ -216,3 +216,15 @@ def build(names: Sequence[str], weights: Sequence[float], *, tokenizer, format_p
             name = name.partition(":")[2]
         out.append(Reward(name, fn, float(weights[i]) if weights else 1.0))
     return out
+
+
+def check(rewards: Sequence[Reward], batch: dict) -> None:
+    """Calls every reward once on a data batch, with the reference answers as completions,
+    so that one which raises or returns the wrong shape stops the run before the model is
+    built and compiled (RewardError naming it)."""
+    prompts = [str(p) for p in batch["prompts"]]
+    completions = [str(a) for a in batch.get("answer", [""] * len(prompts))]
+    columns = {k: v for k, v in batch.items() if k != "prompts"}
+    for r in rewards:
+        r(prompts, completions, mode="train", **columns)
+        r.last = np.zeros(0)
