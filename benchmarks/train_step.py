@@ -1,0 +1,400 @@
+"""SFT training step side by side: tpusft against Tunix's own model, TRL and a plain PyTorch
+loop, on the same Llama shape, batch, sequence length and data, in one invocation.
+
+    .venv/bin/python benchmarks/train_step.py [--layers 12] [--emb 768] [--batch 4] [--seq 512]
+        [--steps 6] [--only tpusft,tunix,torch,trl] [--dtype float32]
+
+Contenders (each in a fresh process, so peak memory is its own):
+  tpusft-packed    tpusft's trainer (Tunix PeftTrainer + tpusft's loss, data feeding, scanned
+                   decoder) on rows packed full of examples of random length;
+  tpusft-unpacked  the same on one example per row, padded (same examples' length law);
+  tunix            Tunix's PeftTrainer with Tunix's own Llama 3 model and default loss, rows
+                   full of tokens (causal mask), the same AdamW;
+  torch            transformers' LlamaForCausalLM in a plain PyTorch loop, the same AdamW;
+  trl              TRL's SFTTrainer on the same model and pre-tokenized rows.
+Tokens/s counts real (non-padding) tokens. The step time is the median of the steps after the
+first; "first step" includes compilation for the JAX contenders (and the compile time XLA
+reported is listed beside it). MFU is training FLOPs (6 x matmul parameters + causal
+attention) per second over the device's peak: on CPU a large matmul of the compute dtype,
+measured in this run; on GPU/TPU the chip's published bf16 peak. Peak memory is the process's
+peak RSS (host) and, on accelerators, the device's peak bytes in use. Writes the table to
+stdout and JSON to benchmarks/results/train_step-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONTENDERS = ("tpusft-packed", "tpusft-unpacked", "tunix", "torch", "trl")
+
+
+# ------------------------------------------------------------------------- data
+def make_rows(n_rows: int, seq: int, vocab: int, packed: bool, seed: int = 0) -> list[dict]:
+    """Rows of examples whose lengths follow one law (uniform in [seq/8, seq]): packed fills
+    each row with several examples (segment ids, restarting positions); unpacked holds one
+    example per row, padded with 0."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        ids = np.zeros(seq + 1, np.int32)
+        seg = np.zeros(seq + 1, np.int32)
+        pos = np.zeros(seq + 1, np.int32)
+        at, k = 0, 0
+        while at < seq + 1:
+            length = int(rng.integers(seq // 8, seq + 1))
+            length = min(length, seq + 1 - at)
+            k += 1
+            ids[at:at + length] = rng.integers(1, vocab, length)
+            seg[at:at + length] = k
+            pos[at:at + length] = np.arange(length)
+            at += length
+            if not packed:
+                break
+        same = seg[1:] == seg[:-1]
+        rows.append({"inputs": ids[:-1], "targets": ids[1:], "segment_ids": seg[:-1],
+                     "positions": pos[:-1],
+                     "weights": ((seg[1:] > 0) & same).astype(np.float32)})
+    return rows
+
+
+def batches(rows: list[dict], batch: int) -> list[dict]:
+    return [{k: np.stack([r[k] for r in rows[i:i + batch]]) for k in rows[0]}
+            for i in range(0, len(rows) - batch + 1, batch)]
+
+
+# ---------------------------------------------------------------------- workers
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _device_peak_gib() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2**30 if peak else None
+
+
+class _CompileCounter:
+    """Counts XLA compilations and their seconds (jax.monitoring)."""
+
+    def __init__(self):
+        import jax
+
+        self.events: list[tuple[float, float]] = []  # (wall time, seconds)
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.events.append((time.perf_counter(), duration))
+
+
+def _jax_hooks(times: list[float]):
+    from tunix.sft import hooks
+
+    class Times(hooks.TrainingHooks):
+        def on_train_start(self, ctx): pass
+        def on_train_end(self, ctx): pass
+        def on_train_step_start(self, ctx): times.append(time.perf_counter())
+        def on_train_step_end(self, ctx, step, loss): pass
+        def on_eval_step_start(self, ctx): pass
+        def on_eval_step_end(self, ctx, loss): pass
+    return Times()
+
+
+def _cfg(a, steps: int):
+    from tpusft.config import load_config
+    from tpusft.config.loader import configs_root
+
+    tmp = tempfile.mkdtemp()
+    return load_config([
+        str(configs_root() / "demo" / "sft.yml"), f"base_output_directory={tmp}",
+        "enable_checkpointing=false", "model_family=llama3", f"vocab_size={a.vocab}",
+        f"base_emb_dim={a.emb}", f"base_num_decoder_layers={a.layers}",
+        f"base_num_query_heads={a.heads}", f"base_num_kv_heads={a.heads}",
+        f"head_dim={a.emb // a.heads}", f"base_mlp_dim={a.mlp}", "logits_via_embedding=false",
+        "rope_max_timescale=10000", f"dtype={a.dtype}", f"weight_dtype={a.dtype}",
+        f"remat_policy={a.remat}", f"global_batch_size={a.batch}",
+        f"max_target_length={a.seq}", f"steps={steps}", "log_period=1000", "eval_interval=0",
+        "warmup_steps_fraction=0", "learning_rate=1e-4", "adam_weight_decay=0.0",
+        "ici_fsdp_parallelism=1", "ici_data_parallelism=-1"])
+
+
+def run_tpusft(a, packed: bool) -> dict:
+    import grain
+    import jax
+
+    from tpusft.models.decoder import ModelArgs, create_model
+    from tpusft.models.sharding import make_mesh
+    from tpusft.training import trainer as trainer_lib
+    from tpusft.training.optimizer import make_optimizer
+
+    cfg = _cfg(a, a.steps)
+    data = batches(make_rows(a.batch * a.steps, a.seq, a.vocab, packed), a.batch)
+    tokens = [int(np.count_nonzero(b["segment_ids"])) for b in data]
+    counter = _CompileCounter()
+    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
+                     cfg.ici_tensor_parallelism)
+    times: list[float] = []
+    with mesh:
+        model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, 0)
+        jax.block_until_ready(jax.tree.leaves(nnx_state(model)))
+        feeder = trainer_lib.BatchFeeder(grain.MapDataset.source(data).to_iter_dataset(), 1)
+        trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
+        trainer.with_training_hooks(_jax_hooks(times))
+        start = time.perf_counter()
+        trainer.train([])
+        jax.block_until_ready(jax.tree.leaves(nnx_state(model)))
+        end = time.perf_counter()
+    return _jax_result(times, start, end, tokens, counter)
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model)
+
+
+def _jax_result(times, start, end, tokens, counter) -> dict:
+    """Step k's time is from its start to step k+1's start (the loop waits for the previous
+    step before dispatching more); the last ends when training returns."""
+    bounds = [*times, end]
+    steps = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    first_end = bounds[1]
+    later = [s for t, s in counter.events if t > first_end]
+    return {"first_step_s": bounds[1] - start, "step_s": statistics.median(steps[1:]),
+            "tokens_per_step": statistics.mean(tokens[1:]),
+            "compile_s": sum(s for t, s in counter.events if t > start),
+            "compiles_after_first_step": len(later), "steps": len(steps)}
+
+
+def run_tunix(a) -> dict:
+    import grain
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from tunix.models.llama3 import model as llama
+    from tunix.sft import peft_trainer
+    from tunix.sft import utils as sft_utils
+
+    from tpusft.training.optimizer import make_optimizer
+
+    cfg = _cfg(a, a.steps)
+    rows = make_rows(a.batch * a.steps, a.seq, a.vocab, packed=True)
+    data = [{"input_tokens": np.stack([r["inputs"] for r in rows[i:i + a.batch]]),
+             "input_mask": np.ones((a.batch, a.seq), bool)}
+            for i in range(0, len(rows), a.batch)]
+    tokens = [a.batch * a.seq] * len(data)
+    counter = _CompileCounter()
+    auto = jax.sharding.AxisType.Auto  # Tunix's Llama shards over ("fsdp", "tp")
+    mesh = jax.make_mesh((jax.device_count(), 1), ("fsdp", "tp"), axis_types=(auto, auto))
+    config = llama.ModelConfig(num_layers=a.layers, vocab_size=a.vocab, embed_dim=a.emb,
+                               hidden_dim=a.mlp, num_heads=a.heads, head_dim=a.emb // a.heads,
+                               num_kv_heads=a.heads, rope_theta=10000, norm_eps=1e-5)
+    times: list[float] = []
+    with mesh:
+        model = llama.Llama3(config, rngs=nnx.Rngs(0))
+        if a.dtype != "float32":
+            state = nnx.state(model)
+            nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.dtype(a.dtype)), state))
+
+        def model_input(batch):
+            mask = batch["input_mask"]
+            return {"input_tokens": batch["input_tokens"], "input_mask": mask,
+                    "positions": sft_utils.build_positions_from_mask(mask),
+                    "attention_mask": sft_utils.make_causal_attn_mask(mask)}
+
+        trainer = peft_trainer.PeftTrainer(model, make_optimizer(cfg), peft_trainer.TrainingConfig(
+            eval_every_n_steps=a.steps + 1, max_steps=a.steps, pbar_description=None))
+        trainer.with_gen_model_input_fn(model_input)
+        trainer.with_training_hooks(_jax_hooks(times))
+        start = time.perf_counter()
+        trainer.train(grain.MapDataset.source(data).to_iter_dataset())
+        jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+        end = time.perf_counter()
+    return _jax_result(times, start, end, tokens, counter)
+
+
+def _hf_model(a):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.emb, intermediate_size=a.mlp,
+                         num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                         num_key_value_heads=a.heads, max_position_embeddings=a.seq,
+                         rope_theta=10000.0, tie_word_embeddings=False)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def run_torch(a) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = _hf_model(a)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, eps=1e-8)
+    rows = make_rows(a.batch * a.steps, a.seq, a.vocab, packed=True)
+    times = []
+    for i in range(a.steps):
+        ids = torch.tensor(np.stack([r["inputs"] for r in rows[i * a.batch:(i + 1) * a.batch]]),
+                           dtype=torch.long)
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return {"first_step_s": times[0], "step_s": statistics.median(times[1:]),
+            "tokens_per_step": a.batch * a.seq, "steps": len(times)}
+
+
+def _word_tokenizer(vocab: int):
+    """A tokenizer with `vocab` tokens (TRL wants one for padding and end of sequence)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", eos_token="t1",
+                                   unk_token="t2")
+
+
+def run_trl(a) -> dict:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = make_rows(a.batch * a.steps, a.seq, a.vocab, packed=True)
+    ds = datasets.Dataset.from_dict({"input_ids": [r["inputs"].tolist() for r in rows]})
+    times: list[float] = []
+
+    class Times(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            times[-1] = time.perf_counter() - times[-1]
+
+    out = tempfile.mkdtemp()
+    tokenizer = _word_tokenizer(a.vocab)
+    config = SFTConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch,
+                       max_length=a.seq, packing=False, learning_rate=1e-4, weight_decay=0.0,
+                       lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
+                       report_to=[], use_cpu=True, bf16=a.dtype == "bfloat16",
+                       dataloader_num_workers=0, disable_tqdm=True)
+    trainer = SFTTrainer(model=_hf_model(a), args=config, train_dataset=ds,
+                         processing_class=tokenizer, callbacks=[Times()])
+    trainer.train()
+    return {"first_step_s": times[0], "step_s": statistics.median(times[1:]),
+            "tokens_per_step": a.batch * a.seq, "steps": len(times)}
+
+
+def worker(a) -> None:
+    name = a.worker
+    if name.startswith("tpusft"):
+        result = run_tpusft(a, packed=name == "tpusft-packed")
+    else:
+        result = {"tunix": run_tunix, "torch": run_torch, "trl": run_trl}[name](a)
+    result["peak_rss_gib"] = _rss_gib()
+    if name.startswith("tpusft") or name == "tunix":
+        result["device_peak_gib"] = _device_peak_gib()
+    Path(a.out).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------- main
+def flops_per_token(a) -> float:
+    per_layer = 4 * a.emb * a.emb + 3 * a.emb * a.mlp
+    matmul = a.layers * per_layer + a.emb * a.vocab  # the output projection
+    attention = 6 * a.layers * a.emb * a.seq  # causal scores and values, forward + backward
+    return 6.0 * matmul + attention
+
+
+def num_params(a) -> int:
+    return a.layers * (4 * a.emb * a.emb + 3 * a.emb * a.mlp + 2 * a.emb) + 2 * a.vocab * a.emb \
+        + a.emb
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--emb", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--mlp", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--remat", default="none", choices=("none", "minimal", "full"))
+    p.add_argument("--only", default=",".join(CONTENDERS))
+    p.add_argument("--worker", default="")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    if a.worker:
+        worker(a)
+        return
+
+    import jax
+
+    from tpusft.training.metrics import peak_tflops_per_device
+
+    peak, source = peak_tflops_per_device(None, a.dtype)
+    device = jax.devices()[0].device_kind
+    print(f"shape: Llama, {num_params(a) / 1e6:.1f}M parameters ({a.layers} layers, emb "
+          f"{a.emb}, mlp {a.mlp}, vocab {a.vocab}), batch {a.batch} x {a.seq}, {a.dtype}, "
+          f"{a.steps} steps; peak {peak:.3f} TFLOP/s ({source}); {os.cpu_count()} CPU cores")
+    results = {}
+    base = [sys.executable, __file__] + [f"--{k}={v}" for k, v in vars(a).items()
+                                          if k not in ("worker", "out", "only")]
+    for name in a.only.split(","):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            proc = subprocess.run([*base, f"--worker={name}", f"--out={f.name}"], cwd=REPO,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: failed\n{proc.stderr[-2000:]}")
+                continue
+            r = json.loads(Path(f.name).read_text())
+        r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
+        r["mfu"] = r["tokens_per_s"] * flops_per_token(a) / (peak * 1e12)
+        results[name] = r
+        print(f"  {name}: {r['tokens_per_s']:.0f} tokens/s", flush=True)
+
+    ref = results.get("tpusft-packed")
+    header = ("contender", "tokens/s", "step s", "first step s", "compile s", "recompiles",
+              "peak RSS GiB", "MFU", "tpusft-packed x")
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name, r in results.items():
+        ratio = ref["tokens_per_s"] / r["tokens_per_s"] if ref else float("nan")
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | "
+              f"{r['first_step_s']:.1f} | {r.get('compile_s', float('nan')):.1f} | "
+              f"{r.get('compiles_after_first_step', '-')} | {r['peak_rss_gib']:.2f} | "
+              f"{100 * r['mfu']:.1f}% | {ratio:.2f} |")
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    slug = device.lower().replace(" ", "-")
+    path = out / f"train_step-{slug}.json"
+    path.write_text(json.dumps({"device": device, "cpu_cores": os.cpu_count(),
+                                "peak_tflops": peak, "peak_source": source,
+                                "settings": {k: v for k, v in vars(a).items()
+                                             if k not in ("worker", "out")},
+                                "params": num_params(a), "results": results}, indent=2))
+    print(f"\nwrote {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
