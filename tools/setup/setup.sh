@@ -4,6 +4,7 @@
 #   bash tools/setup/setup.sh --tpu      # TPU VM (jax[tpu])
 #   bash tools/setup/setup.sh --cuda     # NVIDIA GPU (jax[cuda12])
 #   bash tools/setup/setup.sh --test     # add the test tools (combine with the above)
+#   bash tools/setup/setup.sh --bench    # add what benchmarks/ compares against (TRL)
 # PYTHON=/path/to/python picks the interpreter; otherwise 3.11 is preferred, 3.12 accepted
 # (the test extra's CPU PyTorch, used as the logits oracle, is a small wheel on 3.11).
 set -euo pipefail
@@ -15,8 +16,9 @@ for arg in "$@"; do
     --tpu) extras+=(tpu) ;;
     --cuda) extras+=(cuda) ;;
     --test) extras+=(test) ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option $arg (use --tpu, --cuda, --test)" >&2; exit 2 ;;
+    --bench) extras+=(test bench) ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option $arg (use --tpu, --cuda, --test, --bench)" >&2; exit 2 ;;
   esac
 done
 
