@@ -67,13 +67,15 @@ def test_data_and_checkpoint_errors_exit_2(tmp_path, demo_assets):
 
 
 def test_data_inspection(tmp_path):
-    out = run_cli("tpusft.data", DEMO, f"base_output_directory={tmp_path}", "inspect_examples=2",
-                  "global_batch_size=8")
+    from tpusft.data.inspect import main
+
+    out = run_in_process(main, DEMO, f"base_output_directory={tmp_path}", "inspect_examples=2",
+                         "global_batch_size=8")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("--- json example") == 2
     assert "[[" in out.stdout and "token lengths of" in out.stdout
     assert "rows: " in out.stdout and "packing: " in out.stdout
-    bad = run_cli("tpusft.data", DEMO, f"base_output_directory={tmp_path}", "truncaton=left")
+    bad = run_in_process(main, DEMO, f"base_output_directory={tmp_path}", "truncaton=left")
     _one_line_error(bad, "did you mean truncation")
 
 
@@ -81,8 +83,12 @@ def test_data_inspection(tmp_path):
 def test_resume_continues_at_the_exact_data_position(tmp_path):
     args = [DEMO, f"base_output_directory={tmp_path}", *SMALL, "steps=30",
             "checkpoint_period=10", "async_checkpointing=false"]
-    full = run_cli("tpusft.train_sft", *args, "run_name=full")
+    # The uninterrupted run also captures an xplane trace of steps 3-4 (profiler=xplane).
+    full = run_cli("tpusft.train_sft", *args, "run_name=full", "profiler=xplane",
+                   "skip_first_n_steps_for_profiler=2", "profiler_steps=2")
     assert full.returncode == 0, full.stderr[-3000:]
+    traces = glob.glob(str(tmp_path / "full" / "profile" / "**" / "*.xplane.pb"), recursive=True)
+    assert traces and Path(traces[0]).stat().st_size > 0
 
     cmd = [sys.executable, "-m", "tpusft.train_sft", *args, "run_name=cut"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,16 +122,6 @@ def test_resume_continues_at_the_exact_data_position(tmp_path):
     steps = sorted(got)
     np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=1e-5,
                                atol=1e-6)
-
-
-@pytest.mark.slow
-def test_xplane_trace_is_written(tmp_path):
-    proc = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={tmp_path}", *SMALL,
-                   "steps=6", "profiler=xplane", "skip_first_n_steps_for_profiler=2",
-                   "profiler_steps=2", "run_name=prof", "enable_checkpointing=false")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    traces = glob.glob(str(tmp_path / "prof" / "profile" / "**" / "*.xplane.pb"), recursive=True)
-    assert traces and Path(traces[0]).stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -184,7 +180,7 @@ def test_grpo_runs_resumes_and_exports(tmp_path):
     held-out accuracy, native checkpoints that resume and convert to HF."""
     args = ["configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
             "load_parameters_path=", "global_batch_size=4", "num_generations=2",
-            "max_completion_length=4", "eval_prompts=8", "eval_interval=2", "log_period=1",
+            "max_completion_length=4", "eval_prompts=4", "eval_interval=2", "log_period=1",
             "checkpoint_period=2", "async_checkpointing=false", "beta=0.04", "run_name=g"]
     first = run_cli("tpusft.train_grpo", *args, "steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -207,10 +203,10 @@ def test_grpo_runs_resumes_and_exports(tmp_path):
     assert sorted(r["step"] for r in rows if r["kind"] == "eval") == [0, 2, 2, 3]
     assert (run / "loss_curve.png").stat().st_size > 1000
 
+    from tpusft.checkpoint.cli import native_to_hf_main
+
     out = tmp_path / "hf"
-    export = subprocess.run([sys.executable, "tools/convert_checkpoint/native_to_hf.py",
-                             str(run / "checkpoints"), str(out)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    export = run_in_process(native_to_hf_main, str(run / "checkpoints"), str(out))
     assert export.returncode == 0, export.stderr[-3000:]
     assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
 
