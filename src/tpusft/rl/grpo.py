@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import dapo_learner, drgrpo_learner, grpo_learner
@@ -37,6 +36,7 @@ from tpusft.models.sharding import BATCH_AXES
 from tpusft.rl import rewards as rewards_lib
 from tpusft.training.metrics import JsonlWriter, format_duration
 from tpusft.training.optimizer import make_optimizer
+from tpusft.training.trainer import checkpoint_options
 
 Role = rl_cluster_lib.Role
 
@@ -97,22 +97,13 @@ def rollout_config(cfg: Any, tokenizer) -> base_rollout.RolloutConfig:
 
 
 def training_config(cfg: Any) -> rl_cluster_lib.RLTrainingConfig:
-    checkpointing = None
-    if cfg.enable_checkpointing:
-        policies = ocp.checkpoint_managers
-        checkpointing = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(cfg.checkpoint_period),
-                policies.SpecificStepsPolicy([cfg.steps])]),
-            max_to_keep=cfg.max_num_checkpoints_to_keep,
-            enable_async_checkpointing=cfg.async_checkpointing, create=True)
     return rl_cluster_lib.RLTrainingConfig(
         actor_optimizer=make_optimizer(cfg),
         eval_every_n_steps=cfg.steps + 1,  # held-out accuracy is tpusft's (Progress)
         max_steps=cfg.steps,
         # Checkpoints go to checkpoint_directory/actor/<step>.
         checkpoint_root_directory=cfg.checkpoint_directory if cfg.enable_checkpointing else None,
-        checkpointing_options=checkpointing,
+        checkpointing_options=checkpoint_options(cfg),
         metrics_logging_options=tunix_metrics.MetricsLoggerOptions(
             log_dir=cfg.tensorboard_directory, flush_every_n_steps=cfg.log_period),
         data_sharding_axis=(BATCH_AXES,),

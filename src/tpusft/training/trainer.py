@@ -208,17 +208,22 @@ class SftTrainer(peft_trainer.PeftTrainer):
         return self._restored_custom_metadata or {}
 
 
+def checkpoint_options(cfg: Any) -> ocp.CheckpointManagerOptions | None:
+    """Orbax's options for a trainer's checkpoints (None when checkpointing is off)."""
+    if not cfg.enable_checkpointing:
+        return None
+    policies = ocp.checkpoint_managers
+    return ocp.CheckpointManagerOptions(
+        # Every checkpoint_period steps and the last step; no extra save at the first step.
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(cfg.checkpoint_period),
+            policies.SpecificStepsPolicy([cfg.steps])]),
+        max_to_keep=cfg.max_num_checkpoints_to_keep,
+        enable_async_checkpointing=cfg.async_checkpointing, create=True)
+
+
 def training_config(cfg: Any) -> peft_trainer.TrainingConfig:
-    checkpointing = None
-    if cfg.enable_checkpointing:
-        policies = ocp.checkpoint_managers
-        checkpointing = ocp.CheckpointManagerOptions(
-            # Every checkpoint_period steps and the last step; no extra save at the first step.
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(cfg.checkpoint_period),
-                policies.SpecificStepsPolicy([cfg.steps])]),
-            max_to_keep=cfg.max_num_checkpoints_to_keep,
-            enable_async_checkpointing=cfg.async_checkpointing, create=True)
+    checkpointing = checkpoint_options(cfg)
     profiler = None
     if cfg.profiler == "xplane":
         profiler = tunix_profiler.ProfilerOptions(
