@@ -158,6 +158,14 @@ class StreamDataset(grain.IterDataset):
 
 
 # ------------------------------------------------------------------------- examples
+def bad_row(policy: str, stats: DataStats, row: Any, reason: str, detail: str = "") -> None:
+    """A row that cannot be used: raises DataError (bad_row_policy=raise) or counts it."""
+    if policy == "raise":
+        raise DataError(f"bad row ({reason}{': ' + detail if detail else ''}): "
+                        f"{str(row)[:200]}; fix the data or set bad_row_policy=skip")
+    stats.count_bad(reason, row, detail)
+
+
 class ExampleEncoder:
     """row -> {'inputs','targets','weights'} of one example, or None for a skipped row."""
 
@@ -168,10 +176,7 @@ class ExampleEncoder:
         self.kind = formats.FORMATS[fmt].kind
 
     def _bad(self, row: Any, reason: str, detail: str = "") -> None:
-        if self.opts.bad_row_policy == "raise":
-            raise DataError(f"bad row ({reason}{': ' + detail if detail else ''}): "
-                            f"{str(row)[:200]}; fix the data or set bad_row_policy=skip")
-        self.stats.count_bad(reason, row, detail)
+        bad_row(self.opts.bad_row_policy, self.stats, row, reason, detail)
 
     def __call__(self, row: dict) -> dict | None:
         self.stats.count_row()

@@ -43,10 +43,7 @@ class PromptEncoder:
             tokenizer, fmt, fields, opts, stats)
 
     def _bad(self, row: Any, reason: str, detail: str = "") -> None:
-        if self.opts.bad_row_policy == "raise":
-            raise DataError(f"bad row ({reason}{': ' + detail if detail else ''}): "
-                            f"{str(row)[:200]}; fix the data or set bad_row_policy=skip")
-        self.stats.count_bad(reason, row, detail)
+        pipeline.bad_row(self.opts.bad_row_policy, self.stats, row, reason, detail)
 
     def messages(self, row: dict) -> tuple[list[dict], str]:
         """The prompt turns and the reference answer of a row; raises formats.BadRow."""
