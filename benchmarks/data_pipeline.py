@@ -94,7 +94,7 @@ def datasets_map_speed(rows: Path, tokenizer) -> float:
     ds = datasets.load_dataset("json", data_files=str(rows), split="train")
     t0 = time.perf_counter()
     out = ds.map(lambda b: tokenizer([f"{i}\n\n{x}\n\n{o}" for i, x, o in
-                                      zip(b["instruction"], b["input"], b["output"])]),
+                                      zip(b["instruction"], b["input"], b["output"], strict=True)]),
                  batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
                  keep_in_memory=True)
     tokens = sum(len(x) for x in out["input_ids"])

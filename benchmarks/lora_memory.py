@@ -115,8 +115,8 @@ def main() -> None:
             cells = "".join(f"{r[key] / gib:9.3f} GiB ({r[key] / full[key]:5.3f})"
                             for r in runs.values())
             print(f"{label:24}{cells}")
-    print(f"{'step time':24}" + "".join(f"{r['step_s']:10.2f} s   ({r['step_s'] / full['step_s']:5.3f})"
-                                       for r in runs.values()))
+    print(f"{'step time':24}" + "".join(
+        f"{r['step_s']:10.2f} s   ({r['step_s'] / full['step_s']:5.3f})" for r in runs.values()))
     print("(ratios to full fine-tuning in parentheses; full trains float32 weights)")
     ratio = runs[f"LoRA r{a.rank}"]["opt_state"] / full["opt_state"]
     print(f"LoRA optimizer state = {100 * ratio:.2f}% of full (target < 5%: "

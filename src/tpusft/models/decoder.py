@@ -384,8 +384,9 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, cache_size: int, dtype: Any = None) -> dict:
         a = self.args
         dtype = jnp.dtype(dtype or a.dtype)
-        shape = (a.num_layers, batch_size, cache_size, a.num_kv_heads, a.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        shape = (batch_size, cache_size, a.num_kv_heads, a.head_dim)
+        return {"k": [jnp.zeros(shape, dtype) for _ in range(a.num_layers)],
+                "v": [jnp.zeros(shape, dtype) for _ in range(a.num_layers)],
                 "end_index": jnp.zeros((batch_size,), jnp.int32)}
 
     def _rope(self, local: bool) -> jax.Array:
@@ -440,73 +441,55 @@ class Transformer(nnx.Module):
 
         bodies = {False: make_body(False), True: make_body(True)}
 
-        def run_unit(x, p, group, first_layer, kvs, keys):
-            """Runs the layers of one stored unit; kvs is (k, v) [n, B, S, KV, D] or None,
-            keys its layers' dropout keys [n] or None."""
-            out_k, out_v = [], []
+        def run_unit(x, p, group, first_layer, keys):
+            """Runs the layers of one stored unit; keys are its layers' dropout keys or None."""
             for j, lp in enumerate(unit_layers(a, p, group)):
-                kv = (kvs[0][j], kvs[1][j]) if kvs is not None else None
                 key = keys[j] if keys is not None else None
-                x, kv = bodies[a.is_local(first_layer + j)](x, lp, kv, key)
-                if kv is not None:
-                    out_k.append(kv[0])
-                    out_v.append(kv[1])
-            return x, ((jnp.stack(out_k), jnp.stack(out_v)) if kvs is not None else None)
+                x, _ = bodies[a.is_local(first_layer + j)](x, lp, None, key)
+            return x
 
         fam = a.fam
         group = fam.block_style == "nested"
-        k_parts, v_parts = [], []
-        if a.scan_layers:
+        new_cache = None
+        if cache is not None:
+            # Decoding: one layer after another on each layer's own weights and cache buffers,
+            # so a step reads the weights once and writes only the new tokens' keys and values.
+            ks, vs = [], []
+            for i, lp in enumerate(self.layer_params()):
+                mask = local_mask if a.is_local(i) else attention_mask
+                x, (k, v) = layer_forward(lp, x, positions, mask, (cache["k"][i], cache["v"][i]),
+                                          end_index, a, inv_freq[a.is_local(i)], self.rules)
+                ks.append(k)
+                vs.append(v)
+            new_cache = {"k": ks, "v": vs, "end_index": end_index + input_tokens.shape[1]}
+        elif a.scan_layers:
             blocks, rest = block_counts(fam, a.num_layers)
             period = fam.period
-            stacked = kv_in = keys_in = None
             if blocks:
                 stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, lora.WEIGHTS))
                 stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), stacked)
-            if blocks and cache is not None:
-                n = blocks * period
-                kv_in = tuple(cache[c][:n].reshape(blocks, period, *cache[c].shape[1:])
-                              for c in ("k", "v"))
-            if blocks and layer_keys is not None:
-                keys_in = layer_keys[:blocks * period].reshape(blocks, period)
+                keys_in = None
+                if layer_keys is not None:
+                    keys_in = layer_keys[:blocks * period].reshape(blocks, period)
 
-            def scan_fn(x, inp):
-                p, kv, keys = inp
-                return run_unit(x, p, group, 0, kv, keys)
+                def scan_fn(x, inp):
+                    p, keys = inp
+                    return run_unit(x, p, group, 0, keys), None
 
-            if blocks:
-                x, kvs = jax.lax.scan(scan_fn, x, (stacked, kv_in, keys_in))
-            if blocks and cache is not None:
-                k_parts.append(kvs[0].reshape(-1, *kvs[0].shape[2:]))
-                v_parts.append(kvs[1].reshape(-1, *kvs[1].shape[2:]))
+                x, _ = jax.lax.scan(scan_fn, x, (stacked, keys_in))
             if rest:
                 p = nnx.to_pure_dict(nnx.state(self.decoder.layers_remainder, lora.WEIGHTS))
                 first = blocks * period
-                kv = (cache["k"][first:], cache["v"][first:]) if cache is not None else None
                 keys = layer_keys[first:] if layer_keys is not None else None
-                x, kv = run_unit(x, p, True, first, kv, keys)
-                if kv is not None:
-                    k_parts.append(kv[0])
-                    v_parts.append(kv[1])
+                x = run_unit(x, p, True, first, keys)
         else:
             per_unit = len(GEMMA2_SUFFIXES) if fam.block_style == "suffix" else 1
             for u in range(a.num_layers // per_unit):
                 p = nnx.to_pure_dict(nnx.state(getattr(self.decoder, f"layers_{u}"),
                                                lora.WEIGHTS))
                 first = u * per_unit
-                kv = None
-                if cache is not None:
-                    kv = (cache["k"][first:first + per_unit], cache["v"][first:first + per_unit])
                 keys = layer_keys[first:first + per_unit] if layer_keys is not None else None
-                x, kv = run_unit(x, p, False, first, kv, keys)
-                if kv is not None:
-                    k_parts.append(kv[0])
-                    v_parts.append(kv[1])
-
-        new_cache = None
-        if cache is not None:
-            new_cache = {"k": jnp.concatenate(k_parts), "v": jnp.concatenate(v_parts),
-                         "end_index": cache["end_index"] + input_tokens.shape[1]}
+                x = run_unit(x, p, False, first, keys)
 
         x = rms_norm(x, self.decoder.decoder_norm.scale[...], a.norm_eps)
         if decode_only_last_token:
@@ -514,6 +497,29 @@ class Transformer(nnx.Module):
         if return_hidden:
             return x, new_cache
         return self.logits(x), new_cache
+
+    def layer_params(self) -> list[dict]:
+        """Each layer's parameter dict, in layer order (slices of the stacked arrays for
+        scanned layers)."""
+        a = self.args
+        fam = a.fam
+        group = fam.block_style == "nested"
+        out = []
+        if a.scan_layers:
+            blocks, rest = block_counts(fam, a.num_layers)
+            if blocks:
+                stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, lora.WEIGHTS))
+                for b in range(blocks):
+                    out += unit_layers(a, jax.tree.map(lambda t, b=b: t[:, b], stacked), group)
+            if rest:
+                p = nnx.to_pure_dict(nnx.state(self.decoder.layers_remainder, lora.WEIGHTS))
+                out += unit_layers(a, p, True)
+        else:
+            per_unit = len(GEMMA2_SUFFIXES) if fam.block_style == "suffix" else 1
+            for u in range(a.num_layers // per_unit):
+                out += unit_layers(a, nnx.to_pure_dict(
+                    nnx.state(getattr(self.decoder, f"layers_{u}"), lora.WEIGHTS)), False)
+        return out
 
     def output_kernel(self) -> jax.Array:
         """[embed, vocab] output projection (the embedding's transpose when tied)."""
