@@ -2,14 +2,16 @@
 loop, on the same Llama shape, batch, sequence length and data, in one invocation.
 
     .venv/bin/python benchmarks/train_step.py [--layers 12] [--emb 768] [--batch 4] [--seq 512]
-        [--steps 6] [--only tpusft,tunix,torch,trl] [--dtype float32]
+        [--steps 6] [--remat full] [--only tpusft-packed,tunix,torch,trl] [--dtype float32]
 
 Contenders (each in a fresh process, so peak memory is its own):
   tpusft-packed    tpusft's trainer (Tunix PeftTrainer + tpusft's loss, data feeding, scanned
-                   decoder) on rows packed full of examples of random length;
+                   decoder, remat_policy --remat, default full as in configs/base.yml) on rows
+                   packed full of examples of random length;
   tpusft-unpacked  the same on one example per row, padded (same examples' length law);
   tunix            Tunix's PeftTrainer with Tunix's own Llama 3 model and default loss, rows
-                   full of tokens (causal mask), the same AdamW;
+                   full of tokens (causal mask), the same AdamW, and its rematerialisation
+                   closest to --remat (full: the whole decoder layer);
   torch            transformers' LlamaForCausalLM in a plain PyTorch loop, the same AdamW;
   trl              TRL's SFTTrainer on the same model and pre-tokenized rows.
 Tokens/s counts real (non-padding) tokens. The step time is the median of the steps after the
@@ -38,6 +40,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENDERS = ("tpusft-packed", "tpusft-unpacked", "tunix", "torch", "trl")
+# Tunix's Llama 3 rematerialisation closest to tpusft's remat_policy: full keeps each layer's
+# input only (Tunix: the whole decoder layer), minimal keeps matmul outputs (Tunix: per block).
+TUNIX_REMAT = {"none": "NONE", "minimal": "BLOCK", "full": "DECODER"}
 
 
 # ------------------------------------------------------------------------- data
@@ -172,9 +177,11 @@ def _jax_result(times, start, end, tokens, counter) -> dict:
     step before dispatching more); the last ends when training returns."""
     bounds = [*times, end]
     steps = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    first_end = bounds[1]
-    later = [s for t, s in counter.events if t > first_end]
-    return {"first_step_s": bounds[1] - start, "step_s": statistics.median(steps[1:]),
+    later = [s for t, s in counter.events if t > bounds[1]]
+    step = statistics.median(steps[1:])
+    # Steps are dispatched ahead of the device, so the first step's own time is what the whole
+    # run took beyond the steady-state steps.
+    return {"first_step_s": end - start - step * (len(steps) - 1), "step_s": step,
             "tokens_per_step": statistics.mean(tokens[1:]),
             "compile_s": sum(s for t, s in counter.events if t > start),
             "compiles_after_first_step": len(later), "steps": len(steps)}
@@ -202,7 +209,8 @@ def run_tunix(a) -> dict:
     mesh = jax.make_mesh((jax.device_count(), 1), ("fsdp", "tp"), axis_types=(auto, auto))
     config = llama.ModelConfig(num_layers=a.layers, vocab_size=a.vocab, embed_dim=a.emb,
                                hidden_dim=a.mlp, num_heads=a.heads, head_dim=a.emb // a.heads,
-                               num_kv_heads=a.heads, rope_theta=10000, norm_eps=1e-5)
+                               num_kv_heads=a.heads, rope_theta=10000, norm_eps=1e-5,
+                               remat_config=llama.RematConfig[TUNIX_REMAT[a.remat]])
     times: list[float] = []
     with mesh:
         model = llama.Llama3(config, rngs=nnx.Rngs(0))
@@ -340,7 +348,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--remat", default="none", choices=("none", "minimal", "full"))
+    p.add_argument("--remat", default="full", choices=("none", "minimal", "full"),
+                   help="tpusft's remat_policy (its default: full)")
     p.add_argument("--only", default=",".join(CONTENDERS))
     p.add_argument("--worker", default="")
     p.add_argument("--out", default="")
@@ -357,7 +366,8 @@ def main() -> None:
     device = jax.devices()[0].device_kind
     print(f"shape: Llama, {num_params(a) / 1e6:.1f}M parameters ({a.layers} layers, emb "
           f"{a.emb}, mlp {a.mlp}, vocab {a.vocab}), batch {a.batch} x {a.seq}, {a.dtype}, "
-          f"{a.steps} steps; peak {peak:.3f} TFLOP/s ({source}); {os.cpu_count()} CPU cores")
+          f"{a.steps} steps, remat {a.remat}; peak {peak:.3f} TFLOP/s ({source}); "
+          f"{os.cpu_count()} CPU cores")
     results = {}
     base = [sys.executable, __file__] + [f"--{k}={v}" for k, v in vars(a).items()
                                           if k not in ("worker", "out", "only")]

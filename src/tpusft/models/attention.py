@@ -75,14 +75,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
                                             implementation="cudnn")
+    return einsum_attention(q, k, v, mask, scale, softcap)
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                     softcap: float = 0.0, k_layout: str = "bskd",
+                     v_layout: str = "bskd") -> jax.Array:
+    """Grouped-query attention as two einsums with a float32 softmax. k and v may be laid out
+    otherwise than [B, S, KV, D] (the KV cache keeps keys as [B, KV, D, S] and values as
+    [B, KV, S, D], the operand layouts the CPU matmul reads without a transposed copy)."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[k_layout.index("k")]
     qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{k_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{v_layout}->btkgd", probs, v)
     return out.reshape(b, t, h, d)

@@ -309,15 +309,19 @@ def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
 
     new_cache = None
     if kv_cache is not None:
+        # The cache holds keys as [B, KV, D, S] and values as [B, KV, S, D].
         ck, cv = kv_cache
-        start = (0, end_index[0], 0, 0)
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        end = end_index[0]
+        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype),
+                                          (0, 0, 0, end))
+        cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
+                                          (0, 0, end, 0))
         new_cache = (ck, cv)
-        k, v = ck.astype(dt), cv.astype(dt)
-
-    o = attn.dot_product_attention(q, k, v, mask, a.attention_scale, a.attention,
-                                   softcap=a.attn_softcap)
+        o = attn.einsum_attention(q, ck.astype(dt), cv.astype(dt), mask, a.attention_scale,
+                                  a.attn_softcap, k_layout="bkds", v_layout="bksd")
+    else:
+        o = attn.dot_product_attention(q, k, v, mask, a.attention_scale, a.attention,
+                                       softcap=a.attn_softcap)
     o = lora.project(o, sa["out"], "bthd,hde->bte", 2, scale, drop("out"))
     if fam.sandwich_norms:
         o = rms_norm(o, w[norms[POST_ATTN_NORM]]["scale"], a.norm_eps)
@@ -384,9 +388,9 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, cache_size: int, dtype: Any = None) -> dict:
         a = self.args
         dtype = jnp.dtype(dtype or a.dtype)
-        shape = (batch_size, cache_size, a.num_kv_heads, a.head_dim)
-        return {"k": [jnp.zeros(shape, dtype) for _ in range(a.num_layers)],
-                "v": [jnp.zeros(shape, dtype) for _ in range(a.num_layers)],
+        b, s, kv, d = batch_size, cache_size, a.num_kv_heads, a.head_dim
+        return {"k": [jnp.zeros((b, kv, d, s), dtype) for _ in range(a.num_layers)],
+                "v": [jnp.zeros((b, kv, s, d), dtype) for _ in range(a.num_layers)],
                 "end_index": jnp.zeros((batch_size,), jnp.int32)}
 
     def _rope(self, local: bool) -> jax.Array:
@@ -401,9 +405,11 @@ class Transformer(nnx.Module):
     def __call__(self, input_tokens: jax.Array, positions: jax.Array, cache: dict | None = None,
                  attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
                  *, return_hidden: bool = False, decode_only_last_token: bool = False,
-                 dropout_key: jax.Array | None = None):
+                 dropout_key: jax.Array | None = None, layers: list[dict] | None = None):
         """`dropout_key` (a typed PRNG key) turns on lora_dropout for this call: training
-        passes one per step; evaluation and decoding pass none and are deterministic."""
+        passes one per step; evaluation and decoding pass none and are deterministic.
+        `layers` (with a cache) is `layer_params()` taken once outside a decoding loop, so the
+        loop does not slice the stacked weights again at every token."""
         a = self.args
         if attention_mask is None:
             if segment_ids is None:
@@ -455,7 +461,7 @@ class Transformer(nnx.Module):
             # Decoding: one layer after another on each layer's own weights and cache buffers,
             # so a step reads the weights once and writes only the new tokens' keys and values.
             ks, vs = [], []
-            for i, lp in enumerate(self.layer_params()):
+            for i, lp in enumerate(layers if layers is not None else self.layer_params()):
                 mask = local_mask if a.is_local(i) else attention_mask
                 x, (k, v) = layer_forward(lp, x, positions, mask, (cache["k"][i], cache["v"][i]),
                                           end_index, a, inv_freq[a.is_local(i)], self.rules)

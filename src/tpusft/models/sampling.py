@@ -30,8 +30,9 @@ def _generate(model, tokens, valid, rng, temperature, *, max_new_tokens: int, to
     key_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     causal = jnp.arange(p)[:, None] >= jnp.arange(size)[None, :]
+    layers = model.layer_params()  # sliced once, not at every token
     logits, cache = model(tokens, positions, cache, causal[None] & key_valid[:, None, :],
-                          decode_only_last_token=True)
+                          decode_only_last_token=True, layers=layers)
     lengths = valid.sum(axis=1)
 
     def pick(logits, key):
@@ -50,7 +51,7 @@ def _generate(model, tokens, valid, rng, temperature, *, max_new_tokens: int, to
         out = out.at[:, i].set(last)
         key_valid = key_valid.at[:, p + i].set(True)
         mask = key_valid[:, None, :]
-        logits, cache = model(last[:, None], (lengths + i)[:, None], cache, mask)
+        logits, cache = model(last[:, None], (lengths + i)[:, None], cache, mask, layers=layers)
         return out, pick(logits, key), cache, key_valid, rng
 
     rng, key = jax.random.split(rng)
