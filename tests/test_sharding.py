@@ -1,5 +1,7 @@
-"""Sharding on 8 simulated devices: params and optimizer state sharded as configured, and the
-loss of sharded training steps equal to the 1-device run."""
+"""Sharding on 8 simulated devices: params and optimizer state sharded as configured, the
+loss of sharded training steps equal to the 1-device run, and nothing compiled after step 1."""
+
+import time
 
 import jax
 import numpy as np
@@ -26,12 +28,24 @@ def _cfg(tmp_path, demo_assets, *extra):
         "base_num_kv_heads=2", "head_dim=16", *extra])
 
 
+# When each program was lowered to MLIR (a persistent compilation cache hit is still lowered
+# first). Registered per run: Tunix's metrics logger clears jax.monitoring's listeners on close.
+_LOWERED: list[float] = []
+
+
+def _record_lowering(event: str, _duration: float, **_) -> None:
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+        _LOWERED.append(time.perf_counter())
+
+
 def _norm(spec, ndim):
     return tuple(spec) + (None,) * (ndim - len(spec))
 
 
 def _train(cfg, tokenizer, devices, prepare=None):
-    """Trains cfg.steps steps; `prepare(model)` runs between model creation and the trainer."""
+    """Trains cfg.steps steps; `prepare(model)` runs between model creation and the trainer.
+    Returns the model, the trainer, the losses and when programs were lowered after step 2
+    began."""
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism, devices)
     srcs, part = sources.sources(cfg, train=True)
@@ -43,21 +57,29 @@ def _train(cfg, tokenizer, devices, prepare=None):
             prepare(model)
         feeder = trainer_lib.BatchFeeder(ds, cfg.gradient_accumulation_steps)
         trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
-        losses = []
+        losses, starts = [], []
 
         class Record(trainer_lib.Progress):
+            def on_train_step_start(self, ctx):
+                super().on_train_step_start(ctx)
+                starts.append(time.perf_counter())
+
             def on_train_step_end(self, ctx, step, loss):
                 losses.append(float(loss))
 
         trainer.with_training_hooks(Record(feeder, cfg.steps, 1, 1.0, 0.0, None))
+        jax.monitoring.register_event_duration_secs_listener(_record_lowering)
+        began = time.perf_counter()
         trainer.train([])
-    return model, trainer, losses
+    assert any(t > began for t in _LOWERED), "the first step lowered no program: no listener?"
+    lowered_later = [t for t in _LOWERED if t > starts[1]] if len(starts) > 1 else []
+    return model, trainer, losses, lowered_later
 
 
 def test_params_and_optimizer_state_are_sharded(tmp_path, demo_assets, demo_tokenizer):
     cfg = _cfg(tmp_path, demo_assets, "ici_fsdp_parallelism=4", "ici_tensor_parallelism=2",
                "steps=1")
-    model, trainer, _ = _train(cfg, demo_tokenizer, jax.devices())
+    model, trainer, _, _ = _train(cfg, demo_tokenizer, jax.devices())
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     layers = params["decoder"]["layers"]
     expect = {
@@ -91,9 +113,11 @@ def test_params_and_optimizer_state_are_sharded(tmp_path, demo_assets, demo_toke
 ])
 def test_sharded_losses_match_one_device(tmp_path, demo_assets, demo_tokenizer, mesh_args):
     one = _cfg(tmp_path / "one", demo_assets, "ici_fsdp_parallelism=1")
-    _, _, ref = _train(one, demo_tokenizer, jax.devices()[:1])
+    _, _, ref, _ = _train(one, demo_tokenizer, jax.devices()[:1])
     cfg = _cfg(tmp_path / "many", demo_assets, "ici_fsdp_parallelism=1", *mesh_args)
-    _, _, got = _train(cfg, demo_tokenizer, jax.devices())
+    _, _, got, lowered_later = _train(cfg, demo_tokenizer, jax.devices())
     assert len(ref) == len(got) == 3
     np.testing.assert_allclose(got, ref, rtol=2e-5)
     assert ref[-1] < ref[0]
+    # Static shapes and shardings: steps 2 and 3 reuse step 1's program.
+    assert lowered_later == []

@@ -11,6 +11,8 @@ post_self_attention_layer_norm, mlp/{wi_0 (gate), wi_1 (up), wo (down)}.
 
 The same call serves training (segment ids: packed examples never attend to each other) and
 decoding (a KV cache that Tunix's sampler drives: `model(tokens, positions, cache, mask)`).
+Training scans the stacked layers; decoding runs them one after another on per-layer
+weights and per-layer cache buffers, so each token reads the weights once.
 """
 
 from __future__ import annotations
