@@ -39,7 +39,7 @@ def test_sharded_lora_training(tmp_path, demo_assets, demo_tokenizer):
     mesh = make_mesh(1, 4, 2, jax.devices())
     with mesh:
         base_before = snapshot(create_model(args, mesh, cfg.logical_axis_rules, seed=0))
-    model, trainer, losses = _train(cfg, demo_tokenizer, jax.devices())
+    model, trainer, losses, _ = _train(cfg, demo_tokenizer, jax.devices())
     assert trainer.feeder.dropout  # training micro-batches carried their dropout step
 
     layers = nnx.to_pure_dict(nnx.state(model, nnx.Param))["decoder"]["layers"]
@@ -95,7 +95,7 @@ def test_sharded_qlora_training(tmp_path, demo_assets, demo_tokenizer):
         sizes["q"] = jax.tree.map(np.asarray, nnx.to_pure_dict(
             nnx.state(model, lora.QuantizedWeight)))
 
-    model, trainer, losses = _train(cfg, demo_tokenizer, jax.devices(), quantize)
+    model, trainer, losses, _ = _train(cfg, demo_tokenizer, jax.devices(), quantize)
     query = nnx.to_pure_dict(nnx.state(model, lora.QuantizedWeight))["decoder"]["layers"][
         "self_attention"]["query"]
     assert str(query["kernel_q"].dtype) == "uint4"
