@@ -360,21 +360,28 @@ def main() -> None:
 
     import jax
 
+    from tpusft.launch import tcmalloc_library
     from tpusft.training.metrics import peak_tflops_per_device
 
     peak, source = peak_tflops_per_device(None, a.dtype)
     device = jax.devices()[0].device_kind
+    # Every contender gets the allocator tpusft's launchers use (tcmalloc where installed).
+    tcmalloc = tcmalloc_library()
+    env = dict(os.environ)
+    if tcmalloc:
+        env["LD_PRELOAD"] = ":".join(x for x in (tcmalloc, env.get("LD_PRELOAD", "")) if x)
+    allocator = "tcmalloc" if tcmalloc else "glibc malloc"
     print(f"shape: Llama, {num_params(a) / 1e6:.1f}M parameters ({a.layers} layers, emb "
           f"{a.emb}, mlp {a.mlp}, vocab {a.vocab}), batch {a.batch} x {a.seq}, {a.dtype}, "
           f"{a.steps} steps, remat {a.remat}; peak {peak:.3f} TFLOP/s ({source}); "
-          f"{os.cpu_count()} CPU cores")
+          f"{os.cpu_count()} CPU cores; allocator {allocator} (every contender)")
     results = {}
     base = [sys.executable, __file__] + [f"--{k}={v}" for k, v in vars(a).items()
                                           if k not in ("worker", "out", "only")]
     for name in a.only.split(","):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             proc = subprocess.run([*base, f"--worker={name}", f"--out={f.name}"], cwd=REPO,
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(f"{name}: failed\n{proc.stderr[-2000:]}")
                 continue
@@ -399,6 +406,7 @@ def main() -> None:
     slug = device.lower().replace(" ", "-")
     path = out / f"train_step-{slug}.json"
     path.write_text(json.dumps({"device": device, "cpu_cores": os.cpu_count(),
+                                "allocator": allocator,
                                 "peak_tflops": peak, "peak_source": source,
                                 "settings": {k: v for k, v in vars(a).items()
                                              if k not in ("worker", "out")},

@@ -14,6 +14,11 @@ _TCMALLOC_PATHS = (
 )
 
 
+def tcmalloc_library() -> str | None:
+    """The path of an installed libtcmalloc_minimal, or None."""
+    return next((p for p in _TCMALLOC_PATHS if os.path.exists(p)), None)
+
+
 def reexec_with_tcmalloc(module: str) -> None:
     """Restarts `python -m module` with tcmalloc preloaded, when it is installed.
 
@@ -22,7 +27,7 @@ def reexec_with_tcmalloc(module: str) -> None:
     """
     if os.environ.get("TPUSFT_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
-    lib = next((p for p in _TCMALLOC_PATHS if os.path.exists(p)), None)
+    lib = tcmalloc_library()
     if lib is None:
         return
     env = dict(os.environ)

@@ -540,7 +540,7 @@ class Transformer(nnx.Module):
         if a.tie_embeddings and a.fam.embed_scaled:  # the stored embedding is sqrt(E) times HF's
             hidden = hidden * jnp.asarray(a.emb_dim ** -0.5, hidden.dtype)
         w = self.output_kernel().astype(hidden.dtype)
-        logits = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=jnp.float32)
+        logits = lora.matmul(hidden, w, 1, preferred_element_type=jnp.float32)
         if a.final_softcap:
             logits = jnp.tanh(logits / a.final_softcap) * a.final_softcap
         return constrain(logits, self.rules,

