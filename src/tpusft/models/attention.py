@@ -30,25 +30,33 @@ def rope_inv_freq(head_dim: int, base: float, rope_type: str = "default", factor
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, layout: str) -> jax.Array:
-    """Rotates x [B, T, N, D] by positions [B, T].
-
-    layout 'interleaved' rotates pairs (x[2i], x[2i+1]) (MaxText's Llama layout);
-    'half' rotates pairs (x[i], x[i + D/2]) (Hugging Face's layout).
-    """
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, signed sin), each [B, T, 1, D], for rotating the halves of a head by `positions`
+    [B, T]: computed once per forward pass and shared by every layer."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return (jnp.concatenate([cos, cos], axis=-1)[:, :, None],
+            jnp.concatenate([-sin, sin], axis=-1)[:, :, None])
+
+
+def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates x [B, T, N, D] by the positions `tables` were made for: each pair (x[i],
+    x[i + D/2]) (Hugging Face's layout) turns by its own angle, written as
+    x * cos + (x[D/2:], x[:D/2]) * signed sin, two elementwise products that XLA fuses with
+    the half swap (no strided shuffles)."""
+    cos, sin = tables
     xf = x.astype(jnp.float32)
-    if layout == "interleaved":
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-        out = out.reshape(x.shape)
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = xf[..., :half], xf[..., half:]
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    half = x.shape[-1] // 2
+    swapped = jnp.concatenate([xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + swapped * sin).astype(x.dtype)
+
+
+def pairs_to_halves(w: jax.Array) -> jax.Array:
+    """Reorders the last (head_dim) axis from interleaved RoPE pairs (2i, 2i + 1) to halves
+    (i, i + D/2): evens first, then odds. Applied to both the query and key weights it leaves
+    every q.k unchanged, and lets MaxText's interleaved layout use the halves rotation."""
+    d = w.shape[-1]
+    return w.reshape(*w.shape[:-1], d // 2, 2).swapaxes(-1, -2).reshape(w.shape)
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:

@@ -115,10 +115,6 @@ class ModelArgs:
         return FAMILIES[self.family]
 
     @property
-    def rope_layout(self) -> str:
-        return "interleaved" if self.fam.rope_interleaved else "half"
-
-    @property
     def query_fold(self) -> float:
         """Factor folded into the native query kernel (MaxText: 1/sqrt(head_dim) or 1)."""
         return self.head_dim ** -0.5 if self.fam.query_prescaled else 1.0
@@ -273,21 +269,41 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
     return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=True)
 
 
-def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
+def _rope_halves_order(sa: dict, fam: Family) -> dict:
+    """The attention parameters with query and key in the halves RoPE order.
+
+    MaxText stores Llama and Mistral query/key kernels in interleaved RoPE order. The same
+    permutation of head_dim on queries and keys changes no score, so their head_dim axis
+    (kernel, bias, adapter output, quantized values and scales, q/k norm) is reordered here,
+    on the weights (small), and every family rotates halves of its activations.
+    """
+    if not fam.rope_interleaved:
+        return sa
+    def halves(proj: dict) -> dict:
+        return {n: v if n == "lora_a" else attn.pairs_to_halves(v) for n, v in proj.items()}
+    sa = dict(sa, query=halves(sa["query"]), key=halves(sa["key"]))
+    for norm in ("query_norm", "key_norm"):
+        if norm in sa:
+            sa[norm] = halves(sa[norm])
+    return sa
+
+
+def layer_forward(p: dict, x: jax.Array, mask: jax.Array,
                   kv_cache: tuple[jax.Array, jax.Array] | None, end_index: jax.Array | None,
-                  a: ModelArgs, inv_freq: jax.Array, rules: AxisRules | None,
+                  a: ModelArgs, rope: tuple[jax.Array, jax.Array], rules: AxisRules | None,
                   dropout_key: jax.Array | None = None):
     """One pre-norm transformer layer on plain arrays `p` (one layer's parameter dict).
 
     `mask` is this layer's [B, T, S] mask (sliding-window layers get the narrowed one) and
-    `inv_freq` its RoPE frequencies. With `dropout_key` (training) and lora_dropout > 0, each
-    adapter drops its input with a mask of its own.
+    `rope` its RoPE tables for the tokens' positions (attention.rope_tables). With
+    `dropout_key` (training) and lora_dropout > 0, each adapter drops its input with a mask of
+    its own.
     """
     dt = jnp.dtype(a.dtype)
     fam, norms = a.fam, a.fam.norms
     # Quantized base weights (QLoRA) keep their integer values; dequantized per projection.
     w = jax.tree.map(lambda t: t.astype(dt) if jnp.issubdtype(t.dtype, jnp.floating) else t, p)
-    sa, mlp = w["self_attention"], w["mlp"]
+    sa, mlp = _rope_halves_order(w["self_attention"], fam), w["mlp"]
 
     scale = (a.lora_scale, a.lora_qtype)
 
@@ -306,8 +322,8 @@ def layer_forward(p: dict, x: jax.Array, positions: jax.Array, mask: jax.Array,
     if fam.qk_norm:
         q = rms_norm(q, sa["query_norm"]["scale"], a.norm_eps)
         k = rms_norm(k, sa["key_norm"]["scale"], a.norm_eps)
-    q = attn.apply_rope(q, positions, inv_freq, a.rope_layout)
-    k = attn.apply_rope(k, positions, inv_freq, a.rope_layout)
+    q = attn.apply_rope(q, rope)
+    k = attn.apply_rope(k, rope)
 
     new_cache = None
     if kv_cache is not None:
@@ -427,7 +443,7 @@ class Transformer(nnx.Module):
             q_idx = jnp.arange(input_tokens.shape[1]) + offset
             k_idx = jnp.arange(attention_mask.shape[-1])
             local_mask = attention_mask & ((q_idx[:, None] - k_idx[None, :]) < a.sliding_window)
-        inv_freq = {False: self._rope(False), True: self._rope(True)}
+        rope = {local: attn.rope_tables(positions, self._rope(local)) for local in (False, True)}
 
         embedding = self.token_embedder.embedding[...]
         x = jnp.take(embedding, input_tokens, axis=0).astype(jnp.dtype(a.dtype))
@@ -440,8 +456,8 @@ class Transformer(nnx.Module):
 
         def make_body(local: bool):
             def body(x, p, kv, key):
-                return layer_forward(p, x, positions, local_mask if local else attention_mask,
-                                     kv, end_index, a, inv_freq[local], self.rules, key)
+                return layer_forward(p, x, local_mask if local else attention_mask, kv,
+                                     end_index, a, rope[local], self.rules, key)
             if a.remat_policy != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[a.remat_policy],
                                       prevent_cse=not a.scan_layers)
@@ -465,8 +481,8 @@ class Transformer(nnx.Module):
             ks, vs = [], []
             for i, lp in enumerate(layers if layers is not None else self.layer_params()):
                 mask = local_mask if a.is_local(i) else attention_mask
-                x, (k, v) = layer_forward(lp, x, positions, mask, (cache["k"][i], cache["v"][i]),
-                                          end_index, a, inv_freq[a.is_local(i)], self.rules)
+                x, (k, v) = layer_forward(lp, x, mask, (cache["k"][i], cache["v"][i]),
+                                          end_index, a, rope[a.is_local(i)], self.rules)
                 ks.append(k)
                 vs.append(v)
             new_cache = {"k": ks, "v": vs, "end_index": end_index + input_tokens.shape[1]}
