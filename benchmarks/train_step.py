@@ -2,18 +2,26 @@
 loop, on the same Llama shape, batch, sequence length and data, in one invocation.
 
     .venv/bin/python benchmarks/train_step.py [--layers 12] [--emb 768] [--batch 4] [--seq 512]
-        [--steps 6] [--remat full] [--only tpusft-packed,tunix,torch,trl] [--dtype float32]
+        [--steps 6] [--remat minimal,full] [--rounds 1] [--dtype float32]
+        [--only tpusft-packed,tpusft-unpacked,tunix,torch,trl]
+    .venv/bin/python benchmarks/train_step.py --preset llama-1b   # GPU/TPU: bf16, seq 2048
 
 Contenders (each in a fresh process, so peak memory is its own):
   tpusft-packed    tpusft's trainer (Tunix PeftTrainer + tpusft's loss, data feeding, scanned
-                   decoder, remat_policy --remat, default full as in configs/base.yml) on rows
-                   packed full of examples of random length;
-  tpusft-unpacked  the same on one example per row, padded (same examples' length law);
+                   decoder) on rows packed full of examples of random length, once per
+                   remat_policy in --remat (minimal keeps matmul outputs, as a loop without
+                   checkpointing keeps everything; full, configs/base.yml's default, keeps
+                   each layer's input only);
+  tpusft-unpacked  the same on one example per row, padded (same examples' length law), at the
+                   first --remat;
   tunix            Tunix's PeftTrainer with Tunix's own Llama 3 model and default loss, rows
-                   full of tokens (causal mask), the same AdamW, and its rematerialisation
-                   closest to --remat (full: the whole decoder layer);
-  torch            transformers' LlamaForCausalLM in a plain PyTorch loop, the same AdamW;
+                   full of tokens (causal mask), the same AdamW, and the rematerialisation
+                   closest to the first --remat (minimal: per block, full: the decoder layer);
+  torch            transformers' LlamaForCausalLM in a plain PyTorch loop, the same AdamW
+                   (CUDA when PyTorch sees a GPU);
   trl              TRL's SFTTrainer on the same model and pre-tokenized rows.
+With --rounds N every contender runs N times, in turn, and each figure is the median over the
+rounds (machines drift; taking turns spreads the drift over all contenders).
 Tokens/s counts real (non-padding) tokens. The step time is the median of the steps after the
 first; "first step" includes compilation for the JAX contenders (and the compile time XLA
 reported is listed beside it). MFU is training FLOPs (6 x matmul parameters + causal
@@ -128,8 +136,9 @@ def _cfg(a, steps: int):
         str(configs_root() / "demo" / "sft.yml"), f"base_output_directory={tmp}",
         "enable_checkpointing=false", "model_family=llama3", f"vocab_size={a.vocab}",
         f"base_emb_dim={a.emb}", f"base_num_decoder_layers={a.layers}",
-        f"base_num_query_heads={a.heads}", f"base_num_kv_heads={a.heads}",
-        f"head_dim={a.emb // a.heads}", f"base_mlp_dim={a.mlp}", "logits_via_embedding=false",
+        f"base_num_query_heads={a.heads}", f"base_num_kv_heads={a.kv_heads}",
+        f"head_dim={a.emb // a.heads}", f"base_mlp_dim={a.mlp}",
+        f"logits_via_embedding={str(a.tied).lower()}",
         "rope_max_timescale=10000", f"dtype={a.dtype}", f"weight_dtype={a.dtype}",
         f"remat_policy={a.remat}", f"global_batch_size={a.batch}",
         f"max_target_length={a.seq}", f"steps={steps}", "log_period=1000", "eval_interval=0",
@@ -209,7 +218,7 @@ def run_tunix(a) -> dict:
     mesh = jax.make_mesh((jax.device_count(), 1), ("fsdp", "tp"), axis_types=(auto, auto))
     config = llama.ModelConfig(num_layers=a.layers, vocab_size=a.vocab, embed_dim=a.emb,
                                hidden_dim=a.mlp, num_heads=a.heads, head_dim=a.emb // a.heads,
-                               num_kv_heads=a.heads, rope_theta=10000, norm_eps=1e-5,
+                               num_kv_heads=a.kv_heads, rope_theta=10000, norm_eps=1e-5,
                                remat_config=llama.RematConfig[TUNIX_REMAT[a.remat]])
     times: list[float] = []
     with mesh:
@@ -235,39 +244,51 @@ def run_tunix(a) -> dict:
     return _jax_result(times, start, end, tokens, counter)
 
 
-def _hf_model(a):
+def _torch_device():
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _hf_model(a, device=None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.emb, intermediate_size=a.mlp,
                          num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                         num_key_value_heads=a.heads, max_position_embeddings=a.seq,
-                         rope_theta=10000.0, tie_word_embeddings=False)
+                         num_key_value_heads=a.kv_heads, max_position_embeddings=a.seq,
+                         rope_theta=10000.0, tie_word_embeddings=a.tied)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
-    return LlamaForCausalLM(config).to(dtype)
+    return LlamaForCausalLM(config).to(dtype=dtype, device=device)
 
 
 def run_torch(a) -> dict:
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = _hf_model(a)
+    device = _torch_device()
+    model = _hf_model(a, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, eps=1e-8)
     rows = make_rows(a.batch * a.steps, a.seq, a.vocab, packed=True)
     times = []
     for i in range(a.steps):
         ids = torch.tensor(np.stack([r["inputs"] for r in rows[i * a.batch:(i + 1) * a.batch]]),
-                           dtype=torch.long)
+                           dtype=torch.long, device=device)
         t = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return {"first_step_s": times[0], "step_s": statistics.median(times[1:]),
-            "tokens_per_step": a.batch * a.seq, "steps": len(times)}
+    out = {"first_step_s": times[0], "step_s": statistics.median(times[1:]),
+           "tokens_per_step": a.batch * a.seq, "steps": len(times)}
+    if device.type == "cuda":
+        out["device_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def _word_tokenizer(vocab: int):
@@ -286,7 +307,7 @@ def run_trl(a) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    device = _torch_device()
     rows = make_rows(a.batch * a.steps, a.seq, a.vocab, packed=True)
     ds = datasets.Dataset.from_dict({"input_ids": [r["inputs"].tolist() for r in rows]})
     times: list[float] = []
@@ -303,13 +324,16 @@ def run_trl(a) -> dict:
     config = SFTConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch,
                        max_length=a.seq, packing=False, learning_rate=1e-4, weight_decay=0.0,
                        lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
-                       report_to=[], use_cpu=True, bf16=a.dtype == "bfloat16",
+                       report_to=[], use_cpu=device.type == "cpu", bf16=a.dtype == "bfloat16",
                        dataloader_num_workers=0, disable_tqdm=True)
     trainer = SFTTrainer(model=_hf_model(a), args=config, train_dataset=ds,
                          processing_class=tokenizer, callbacks=[Times()])
     trainer.train()
-    return {"first_step_s": times[0], "step_s": statistics.median(times[1:]),
-            "tokens_per_step": a.batch * a.seq, "steps": len(times)}
+    out = {"first_step_s": times[0], "step_s": statistics.median(times[1:]),
+           "tokens_per_step": a.batch * a.seq, "steps": len(times)}
+    if device.type == "cuda":
+        out["device_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def worker(a) -> None:
@@ -325,35 +349,95 @@ def worker(a) -> None:
 
 
 # ------------------------------------------------------------------------- main
+PRESETS = {  # shape flags a preset sets (explicit flags still win)
+    # Llama 3.2 1B's shape (GQA 32/8, tied embeddings), bf16, sequence 2048: the GPU/TPU run.
+    "llama-1b": {"layers": 16, "emb": 2048, "heads": 32, "kv_heads": 8, "mlp": 8192,
+                 "vocab": 128256, "tied": True, "batch": 4, "seq": 2048, "dtype": "bfloat16",
+                 "steps": 8, "only": "tpusft-packed,tunix,torch"},
+}
+
+
 def flops_per_token(a) -> float:
-    per_layer = 4 * a.emb * a.emb + 3 * a.emb * a.mlp
+    hd = a.emb // a.heads
+    per_layer = 2 * a.emb * a.heads * hd + 2 * a.emb * a.kv_heads * hd + 3 * a.emb * a.mlp
     matmul = a.layers * per_layer + a.emb * a.vocab  # the output projection
-    attention = 6 * a.layers * a.emb * a.seq  # causal scores and values, forward + backward
+    attention = 6 * a.layers * a.heads * hd * a.seq  # causal scores and values, fwd + bwd
     return 6.0 * matmul + attention
 
 
 def num_params(a) -> int:
-    return a.layers * (4 * a.emb * a.emb + 3 * a.emb * a.mlp + 2 * a.emb) + 2 * a.vocab * a.emb \
-        + a.emb
+    hd = a.emb // a.heads
+    per_layer = 2 * a.emb * a.heads * hd + 2 * a.emb * a.kv_heads * hd + 3 * a.emb * a.mlp
+    return a.layers * (per_layer + 2 * a.emb) + (1 if a.tied else 2) * a.vocab * a.emb + a.emb
 
 
-def main() -> None:
+def jobs(a) -> list[tuple[str, str, str]]:
+    """(row label, contender, remat policy) in the order they run."""
+    remats = a.remat.split(",")
+    wanted = a.only.split(",")
+    out = []
+    for name in CONTENDERS:
+        if name not in wanted:
+            continue
+        for remat in remats if name == "tpusft-packed" else remats[:1]:
+            label = f"{name} (remat {remat})" if name == "tpusft-packed" and len(remats) > 1 \
+                else name
+            out.append((label, name, remat))
+    return out
+
+
+def combine(runs: list[dict]) -> dict:
+    """One row from a contender's rounds: medians of the times, the largest memory."""
+    out = {k: statistics.median(r[k] for r in runs) for k in ("first_step_s", "step_s")}
+    out["tokens_per_step"] = statistics.mean(r["tokens_per_step"] for r in runs)
+    for key in ("compile_s",):
+        if key in runs[0]:
+            out[key] = statistics.median(r[key] for r in runs)
+    for key in ("compiles_after_first_step", "peak_rss_gib", "device_peak_gib"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            out[key] = max(values)
+    out["rounds"] = runs
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--emb", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv_heads", type=int, default=None, help="default: --heads")
     p.add_argument("--mlp", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--remat", default="full", choices=("none", "minimal", "full"),
-                   help="tpusft's remat_policy (its default: full)")
+    p.add_argument("--remat", default="minimal,full",
+                   help="tpusft's remat_policy values, comma-separated (none, minimal, full)")
     p.add_argument("--only", default=",".join(CONTENDERS))
     p.add_argument("--worker", default="")
     p.add_argument("--out", default="")
-    a = p.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    a = p.parse_args(argv)
+    if a.preset:  # the preset's values, unless given on the command line
+        given = {x.split("=")[0].lstrip("-") for x in argv if x.startswith("--")}
+        for key, value in PRESETS[a.preset].items():
+            if key not in given and f"no-{key}" not in given:
+                setattr(a, key, value)
+    if a.kv_heads is None:
+        a.kv_heads = a.heads
+    for remat in a.remat.split(","):
+        if remat not in TUNIX_REMAT:
+            p.error(f"--remat: unknown policy {remat!r}; use none, minimal or full")
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     if a.worker:
         worker(a)
         return
@@ -372,42 +456,58 @@ def main() -> None:
         env["LD_PRELOAD"] = ":".join(x for x in (tcmalloc, env.get("LD_PRELOAD", "")) if x)
     allocator = "tcmalloc" if tcmalloc else "glibc malloc"
     print(f"shape: Llama, {num_params(a) / 1e6:.1f}M parameters ({a.layers} layers, emb "
-          f"{a.emb}, mlp {a.mlp}, vocab {a.vocab}), batch {a.batch} x {a.seq}, {a.dtype}, "
-          f"{a.steps} steps, remat {a.remat}; peak {peak:.3f} TFLOP/s ({source}); "
-          f"{os.cpu_count()} CPU cores; allocator {allocator} (every contender)")
-    results = {}
+          f"{a.emb}, heads {a.heads}/{a.kv_heads}, mlp {a.mlp}, vocab {a.vocab}"
+          f"{', tied' if a.tied else ''}), batch {a.batch} x {a.seq}, {a.dtype}, {a.steps} "
+          f"steps x {a.rounds} round(s); device {device} ({jax.device_count()}), peak "
+          f"{peak:.3f} TFLOP/s ({source}); {os.cpu_count()} CPU cores; allocator {allocator} "
+          f"(every contender)")
+    runs: dict[str, list[dict]] = {}
+    keep = ("worker", "out", "only", "remat", "preset", "rounds", "tied")
     base = [sys.executable, __file__] + [f"--{k}={v}" for k, v in vars(a).items()
-                                          if k not in ("worker", "out", "only")]
-    for name in a.only.split(","):
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            proc = subprocess.run([*base, f"--worker={name}", f"--out={f.name}"], cwd=REPO,
-                                  capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                print(f"{name}: failed\n{proc.stderr[-2000:]}")
-                continue
-            r = json.loads(Path(f.name).read_text())
+                                          if k not in keep]
+    base.append("--tied" if a.tied else "--no-tied")
+    for rnd in range(a.rounds):
+        for label, name, remat in jobs(a):
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                proc = subprocess.run([*base, f"--remat={remat}", f"--worker={name}",
+                                       f"--out={f.name}"], cwd=REPO, capture_output=True,
+                                      text=True, env=env)
+                if proc.returncode != 0:
+                    print(f"{label}: failed\n{proc.stderr[-2000:]}")
+                    continue
+                r = json.loads(Path(f.name).read_text())
+            runs.setdefault(label, []).append(r)
+            print(f"  round {rnd + 1}: {label}: {r['tokens_per_step'] / r['step_s']:,.0f} "
+                  f"tokens/s", flush=True)
+
+    results = {}
+    for label, rs in runs.items():
+        r = combine(rs)
         r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
         r["mfu"] = r["tokens_per_s"] * flops_per_token(a) / (peak * 1e12)
-        results[name] = r
-        print(f"  {name}: {r['tokens_per_s']:.0f} tokens/s", flush=True)
-
-    ref = results.get("tpusft-packed")
+        results[label] = r
+    ref = next((r for label, r in results.items() if label.startswith("tpusft-packed")), None)
+    ref_label = next((label for label in results if label.startswith("tpusft-packed")), "")
     header = ("contender", "tokens/s", "step s", "first step s", "compile s", "recompiles",
-              "peak RSS GiB", "MFU", "tpusft-packed x")
+              "peak RSS GiB", "device peak GiB", "MFU", f"{ref_label} x")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for name, r in results.items():
+    for label, r in results.items():
         ratio = ref["tokens_per_s"] / r["tokens_per_s"] if ref else float("nan")
-        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | "
+        dev = r.get("device_peak_gib")
+        print(f"| {label} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | "
               f"{r['first_step_s']:.1f} | {r.get('compile_s', float('nan')):.1f} | "
               f"{r.get('compiles_after_first_step', '-')} | {r['peak_rss_gib']:.2f} | "
-              f"{100 * r['mfu']:.1f}% | {ratio:.2f} |")
+              f"{'-' if dev is None else f'{dev:.2f}'} | {100 * r['mfu']:.1f}% | "
+              f"{ratio:.2f} |")
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    slug = device.lower().replace(" ", "-")
-    path = out / f"train_step-{slug}.json"
-    path.write_text(json.dumps({"device": device, "cpu_cores": os.cpu_count(),
-                                "allocator": allocator,
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    path = out / f"train_step-{slug}{'-' + a.preset if a.preset else ''}.json"
+    path.write_text(json.dumps({"device": device, "device_count": jax.device_count(),
+                                "cpu_cores": os.cpu_count(), "allocator": allocator,
                                 "peak_tflops": peak, "peak_source": source,
+                                "command": " ".join(["benchmarks/train_step.py",
+                                                     *sys.argv[1:]]),
                                 "settings": {k: v for k, v in vars(a).items()
                                              if k not in ("worker", "out")},
                                 "params": num_params(a), "results": results}, indent=2))

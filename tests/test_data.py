@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ from tpusft.data.chat import encode_chat, load_tokenizer
 from tpusft.data.pipeline import DataOptions, Source
 from tpusft.errors import DataError
 from tpusft.models.decoder import ModelArgs, create_model
-from tpusft.training.loss import token_nll
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 CONVERSATION = [
@@ -77,6 +77,12 @@ def _tokenizer(demo_tokenizer):
 def _rows(n):
     return [{"messages": [{"role": "user", "content": f"{i}+{i % 7}="},
                           {"role": "assistant", "content": str(i + i % 7)}]} for i in range(n)]
+
+
+def token_nll(logits, targets):
+    """-log p(target) per position."""
+    logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 @pytest.mark.parametrize("strategy", ["best_fit", "first_fit"])

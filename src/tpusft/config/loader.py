@@ -198,6 +198,9 @@ def validate(cfg: Config) -> None:
     if cfg.base_num_query_heads % cfg.base_num_kv_heads:
         raise ConfigError(f"base_num_query_heads={cfg.base_num_query_heads} must be a multiple "
                           f"of base_num_kv_heads={cfg.base_num_kv_heads}")
+    if cfg.num_vocab_tiling and cfg.max_target_length % cfg.num_vocab_tiling:
+        raise ConfigError(f"num_vocab_tiling={cfg.num_vocab_tiling} must divide "
+                          f"max_target_length={cfg.max_target_length} (or be 0: automatic)")
     if cfg.head_dim % 2:
         raise ConfigError(f"head_dim={cfg.head_dim} must be even for RoPE")
     if cfg.model_family == "gemma2" and cfg.base_num_decoder_layers % 2:

@@ -125,6 +125,11 @@ class Config:
     remat_policy: str = key(
         "full", "Activation rematerialisation per layer: none (keep all), minimal (keep matmul "
         "outputs), full (keep only layer inputs).", choices=("none", "minimal", "full"))
+    num_vocab_tiling: int = key(
+        0, "Chunks of each sequence that the output layer and the loss run in, one after "
+        "another, each computing its own gradients, so no step holds the whole batch's logits "
+        "(must divide max_target_length). 0 picks the fewest, a power of two, that keep one "
+        "chunk's float32 logits per device within 128 MiB.", minimum=0)
     attention: str = key(
         "auto", "Attention kernel: auto (cuDNN on GPU, XLA elsewhere), xla, or cudnn.",
         choices=("auto", "xla", "cudnn"))

@@ -269,30 +269,35 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
     return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=True)
 
 
-def _rope_halves_order(sa: dict, fam: Family) -> dict:
-    """The attention parameters with query and key in the halves RoPE order.
+def rope_halves_order(p: dict, fam: Family) -> dict:
+    """One layer's parameters with query and key in the halves RoPE order `layer_forward`
+    rotates.
 
     MaxText stores Llama and Mistral query/key kernels in interleaved RoPE order. The same
     permutation of head_dim on queries and keys changes no score, so their head_dim axis
-    (kernel, bias, adapter output, quantized values and scales, q/k norm) is reordered here,
-    on the weights (small), and every family rotates halves of its activations.
+    (kernel, bias, adapter output, quantized values and scales, q/k norm) is reordered on the
+    weights, which are small next to the activations, and every family rotates halves. Keys
+    in the KV cache are kept in this order too.
     """
     if not fam.rope_interleaved:
-        return sa
+        return p
+
     def halves(proj: dict) -> dict:
         return {n: v if n == "lora_a" else attn.pairs_to_halves(v) for n, v in proj.items()}
-    sa = dict(sa, query=halves(sa["query"]), key=halves(sa["key"]))
-    for norm in ("query_norm", "key_norm"):
-        if norm in sa:
-            sa[norm] = halves(sa[norm])
-    return sa
+
+    sa = dict(p["self_attention"])
+    for name in ("query", "key", "query_norm", "key_norm"):
+        if name in sa:
+            sa[name] = halves(sa[name])
+    return dict(p, self_attention=sa)
 
 
 def layer_forward(p: dict, x: jax.Array, mask: jax.Array,
                   kv_cache: tuple[jax.Array, jax.Array] | None, end_index: jax.Array | None,
                   a: ModelArgs, rope: tuple[jax.Array, jax.Array], rules: AxisRules | None,
                   dropout_key: jax.Array | None = None):
-    """One pre-norm transformer layer on plain arrays `p` (one layer's parameter dict).
+    """One pre-norm transformer layer on plain arrays `p` (one layer's parameter dict, query
+    and key in halves RoPE order: `rope_halves_order`).
 
     `mask` is this layer's [B, T, S] mask (sliding-window layers get the narrowed one) and
     `rope` its RoPE tables for the tokens' positions (attention.rope_tables). With
@@ -303,7 +308,7 @@ def layer_forward(p: dict, x: jax.Array, mask: jax.Array,
     fam, norms = a.fam, a.fam.norms
     # Quantized base weights (QLoRA) keep their integer values; dequantized per projection.
     w = jax.tree.map(lambda t: t.astype(dt) if jnp.issubdtype(t.dtype, jnp.floating) else t, p)
-    sa, mlp = _rope_halves_order(w["self_attention"], fam), w["mlp"]
+    sa, mlp = w["self_attention"], w["mlp"]
 
     scale = (a.lora_scale, a.lora_qtype)
 
@@ -456,8 +461,9 @@ class Transformer(nnx.Module):
 
         def make_body(local: bool):
             def body(x, p, kv, key):
-                return layer_forward(p, x, local_mask if local else attention_mask, kv,
-                                     end_index, a, rope[local], self.rules, key)
+                return layer_forward(rope_halves_order(p, a.fam), x,
+                                     local_mask if local else attention_mask, kv, end_index, a,
+                                     rope[local], self.rules, key)
             if a.remat_policy != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[a.remat_policy],
                                       prevent_cse=not a.scan_layers)
@@ -524,7 +530,7 @@ class Transformer(nnx.Module):
 
     def layer_params(self) -> list[dict]:
         """Each layer's parameter dict, in layer order (slices of the stacked arrays for
-        scanned layers)."""
+        scanned layers), ready for `layer_forward` (query and key in halves RoPE order)."""
         a = self.args
         fam = a.fam
         group = fam.block_style == "nested"
@@ -543,7 +549,7 @@ class Transformer(nnx.Module):
             for u in range(a.num_layers // per_unit):
                 out += unit_layers(a, nnx.to_pure_dict(
                     nnx.state(getattr(self.decoder, f"layers_{u}"), lora.WEIGHTS)), False)
-        return out
+        return [rope_halves_order(p, fam) for p in out]
 
     def output_kernel(self) -> jax.Array:
         """[embed, vocab] output projection (the embedding's transpose when tied)."""
@@ -551,11 +557,13 @@ class Transformer(nnx.Module):
             return self.token_embedder.embedding[...].T
         return self.decoder.logits_dense.kernel[...]
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        """Float32 logits of `hidden` through the output layer (`kernel`, [embed, vocab], is
+        output_kernel() unless given)."""
         a = self.args
         if a.tie_embeddings and a.fam.embed_scaled:  # the stored embedding is sqrt(E) times HF's
             hidden = hidden * jnp.asarray(a.emb_dim ** -0.5, hidden.dtype)
-        w = self.output_kernel().astype(hidden.dtype)
+        w = (self.output_kernel() if kernel is None else kernel).astype(hidden.dtype)
         logits = lora.matmul(hidden, w, 1, preferred_element_type=jnp.float32)
         if a.final_softcap:
             logits = jnp.tanh(logits / a.final_softcap) * a.final_softcap

@@ -11,6 +11,7 @@ profiler, Orbax checkpoints). tpusft adds, through Tunix's own hooks:
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from typing import Any
@@ -246,11 +247,20 @@ def training_config(cfg: Any) -> peft_trainer.TrainingConfig:
     )
 
 
+def vocab_tiles(cfg: Any, mesh: jax.sharding.Mesh | None) -> int:
+    """num_vocab_tiling, or its automatic value for one device's share of a micro-batch."""
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) if mesh else 1
+    rows = max(cfg.global_batch_size // cfg.gradient_accumulation_steps // shards, 1)
+    return loss_lib.vocab_tiles(cfg.num_vocab_tiling, rows * cfg.max_target_length,
+                                cfg.max_target_length, cfg.vocab_size)
+
+
 def build_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cfg: Any,
                   feeder: BatchFeeder) -> SftTrainer:
     """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
     trainer = SftTrainer(model, optimizer, training_config(cfg))
-    trainer.with_loss_fn(loss_lib.seeded_sft_loss(cfg.seed))
+    mesh = model.rules.mesh if model.rules is not None else None
+    trainer.with_loss_fn(loss_lib.seeded_sft_loss(cfg.seed, vocab_tiles(cfg, mesh)))
     trainer.with_gen_model_input_fn(lambda batch: batch)
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
     trainer.with_data_hooks(feeder)
