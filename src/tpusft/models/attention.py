@@ -100,29 +100,35 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
     A block of queries attends only to the keys up to its own last position (the mask is
     causal), so with n blocks the scores, softmax and their gradients cover (n + 1) / 2n of
-    the full square (5/8 for 4 blocks). Heads are moved ahead of the sequence once, so every
-    product is a plain batched matmul over (batch, kv head) and XLA makes no transposed copy
-    of the scores.
+    the full square (5/8 for 4 blocks). Heads are moved ahead of the sequence once, with the
+    query heads that share a key/value head laid out after each position, so a block is one
+    contiguous [B, KV, rows x group, D] slice and every product is a plain batched matmul
+    over (batch, kv head): XLA makes no transposed copy of the scores or probabilities.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
-    qt = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
-    kt = k.transpose(0, 2, 1, 3)                                   # [B, KV, S, D]
+    g = h // kv
+    qt = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4)  # [B, KV, T, G, D]
+    kt = k.transpose(0, 2, 1, 3)                             # [B, KV, S, D]
     vt = v.transpose(0, 2, 1, 3)
     n = query_blocks(t)
     size = t // n
     outs = []
     for i in range(n):
         lo, hi = i * size, (i + 1) * size
-        scores = jnp.einsum("bkgtd,bksd->bkgts", qt[:, :, :, lo:hi], kt[:, :, :hi],
+        rows = qt[:, :, lo:hi].reshape(b, kv, size * g, d)
+        scores = jnp.einsum("bkqd,bksd->bkqs", rows, kt[:, :, :hi],
                             preferred_element_type=jnp.float32) * scale
         if softcap:
             scores = jnp.tanh(scores / softcap) * softcap
-        scores = jnp.where(mask[:, None, None, lo:hi, :hi], scores, _MASK_VALUE)
+        block_mask = mask[:, lo:hi, :hi]
+        if g > 1:
+            block_mask = jnp.repeat(block_mask, g, axis=1)
+        scores = jnp.where(block_mask[:, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, vt[:, :, :hi]))
-    out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, vt[:, :, :hi]))
+    out = outs[0] if n == 1 else jnp.concatenate(outs, axis=2)
+    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
