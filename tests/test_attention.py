@@ -42,7 +42,7 @@ def test_blocked_attention_matches_jax(t, heads, kv_heads):
     want, want_grads = jax.value_and_grad(loss(_oracle), (0, 1, 2))(q, k, v)
     assert attn.query_blocks(t) == {256: 2, 512: 4, 96: 1}[t]
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))))
     out = attn.blocked_causal_attention(q, k, v, mask, scale)
     ref = _oracle(q, k, v, mask, scale)
