@@ -25,10 +25,11 @@ rounds (machines drift; taking turns spreads the drift over all contenders).
 Tokens/s counts real (non-padding) tokens. The step time is the median of the steps after the
 first; "first step" includes compilation for the JAX contenders (and the compile time XLA
 reported is listed beside it). MFU is training FLOPs (6 x matmul parameters + causal
-attention) per second over the device's peak: on CPU a large matmul of the compute dtype,
-measured in this run; on GPU/TPU the chip's published bf16 peak. Peak memory is the process's
-peak RSS (host) and, on accelerators, the device's peak bytes in use. Writes the table to
-stdout and JSON to benchmarks/results/train_step-<device>.json.
+attention) per second over the device's peak: on CPU the best of large matmuls of the
+compute dtype (XLA's, and numpy's BLAS for float32) measured before every round and after the
+last, in a process like the contenders'; on GPU/TPU the chip's published bf16 peak. Peak
+memory is the process's peak RSS (host) and, on accelerators, the device's peak bytes in use.
+Writes the table to stdout and JSON to benchmarks/results/train_step-<device>.json.
 """
 
 from __future__ import annotations
@@ -336,8 +337,31 @@ def run_trl(a) -> dict:
     return out
 
 
+def measure_peak(a) -> dict:
+    """The CPU's matmul peak in the compute dtype, measured as the contenders run (same
+    allocator, same moment): the faster of XLA's matmul and numpy's BLAS (float32 only)."""
+    import time as _time
+
+    from tpusft.training.metrics import measure_matmul_tflops
+
+    out = {"xla_tflops": measure_matmul_tflops(a.dtype, n=2048, repeats=10)}
+    if a.dtype == "float32":
+        x = np.ones((2048, 2048), np.float32)
+        best = float("inf")
+        for _ in range(10):
+            t = _time.perf_counter()
+            x @ x
+            best = min(best, _time.perf_counter() - t)
+        out["blas_tflops"] = 2 * 2048 ** 3 / best / 1e12
+    out["tflops"] = max(out.values())
+    return out
+
+
 def worker(a) -> None:
     name = a.worker
+    if name == "peak":
+        Path(a.out).write_text(json.dumps(measure_peak(a)))
+        return
     if name.startswith("tpusft"):
         result = run_tpusft(a, packed=name == "tpusft-packed")
     else:
@@ -448,6 +472,7 @@ def main() -> None:
     from tpusft.training.metrics import peak_tflops_per_device
 
     peak, source = peak_tflops_per_device(None, a.dtype)
+    measured = source.startswith("measured")
     device = jax.devices()[0].device_kind
     # Every contender gets the allocator tpusft's launchers use (tcmalloc where installed).
     tcmalloc = tcmalloc_library()
@@ -466,20 +491,45 @@ def main() -> None:
     base = [sys.executable, __file__] + [f"--{k}={v}" for k, v in vars(a).items()
                                           if k not in keep]
     base.append("--tied" if a.tied else "--no-tied")
+    def run_worker(name: str, remat: str) -> dict | None:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            proc = subprocess.run([*base, f"--remat={remat}", f"--worker={name}",
+                                   f"--out={f.name}"], cwd=REPO, capture_output=True,
+                                  text=True, env=env)
+            if proc.returncode != 0:
+                print(f"{name}: failed\n{proc.stderr[-2000:]}")
+                return None
+            return json.loads(Path(f.name).read_text())
+
+    peaks: list[dict] = []
+
+    def measure() -> None:
+        # On CPU the peak is re-measured before every round and after the last: the best of
+        # these is the denominator (machines drift; a slow moment must not inflate MFU).
+        if measured:
+            r = run_worker("peak", "full")
+            if r:
+                peaks.append(r)
+                print(f"  matmul peak: {r['tflops']:.3f} TFLOP/s ("
+                      + ", ".join(f"{k[:-7]} {v:.3f}" for k, v in r.items() if k != "tflops")
+                      + ")", flush=True)
+
     for rnd in range(a.rounds):
+        measure()
         for label, name, remat in jobs(a):
-            with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                proc = subprocess.run([*base, f"--remat={remat}", f"--worker={name}",
-                                       f"--out={f.name}"], cwd=REPO, capture_output=True,
-                                      text=True, env=env)
-                if proc.returncode != 0:
-                    print(f"{label}: failed\n{proc.stderr[-2000:]}")
-                    continue
-                r = json.loads(Path(f.name).read_text())
+            r = run_worker(name, remat)
+            if r is None:
+                continue
             runs.setdefault(label, []).append(r)
             print(f"  round {rnd + 1}: {label}: {r['tokens_per_step'] / r['step_s']:,.0f} "
                   f"tokens/s", flush=True)
 
+    measure()
+    if peaks:
+        peak = max([peak] + [r["tflops"] for r in peaks])
+        source = (f"best of {len(peaks) + 1} {a.dtype} matmul measurements on {device} during "
+                  "the run (XLA" + (" and numpy BLAS" if a.dtype == "float32" else "") + ")")
+        print(f"peak: {peak:.3f} TFLOP/s ({source})")
     results = {}
     for label, rs in runs.items():
         r = combine(rs)
@@ -506,6 +556,7 @@ def main() -> None:
     path.write_text(json.dumps({"device": device, "device_count": jax.device_count(),
                                 "cpu_cores": os.cpu_count(), "allocator": allocator,
                                 "peak_tflops": peak, "peak_source": source,
+                                "peak_measurements": peaks,
                                 "command": " ".join(["benchmarks/train_step.py",
                                                      *sys.argv[1:]]),
                                 "settings": {k: v for k, v in vars(a).items()
