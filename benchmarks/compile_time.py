@@ -8,7 +8,8 @@ The step is the one tpusft's trainer runs (the SFT loss, its gradient, AdamW) on
 benchmark shape's width; it is traced, lowered and compiled from abstract shapes (no weights
 are allocated), so what is timed is only what a first step adds. An untimed warm-up compile
 takes XLA's one-time start-up costs first, and each depth's figure is the fastest of
---repeats compiles. Target: 32 scanned layers compile in at most 1.5 x the time of 4. Writes benchmarks/results/compile_time-<device>.json.
+--repeats compiles. Target: 32 scanned layers compile in at most 1.5 x the time of 4.
+Writes benchmarks/results/compile_time-<device>.json.
 """
 
 from __future__ import annotations
