@@ -340,8 +340,6 @@ def run_trl(a) -> dict:
 def measure_peak(a) -> dict:
     """The CPU's matmul peak in the compute dtype, measured as the contenders run (same
     allocator, same moment): the faster of XLA's matmul and numpy's BLAS (float32 only)."""
-    import time as _time
-
     from tpusft.training.metrics import measure_matmul_tflops
 
     out = {"xla_tflops": measure_matmul_tflops(a.dtype, n=2048, repeats=10)}
@@ -349,9 +347,9 @@ def measure_peak(a) -> dict:
         x = np.ones((2048, 2048), np.float32)
         best = float("inf")
         for _ in range(10):
-            t = _time.perf_counter()
+            t = time.perf_counter()
             x @ x
-            best = min(best, _time.perf_counter() - t)
+            best = min(best, time.perf_counter() - t)
         out["blas_tflops"] = 2 * 2048 ** 3 / best / 1e12
     out["tflops"] = max(out.values())
     return out
@@ -491,6 +489,7 @@ def main() -> None:
     base = [sys.executable, __file__] + [f"--{k}={v}" for k, v in vars(a).items()
                                           if k not in keep]
     base.append("--tied" if a.tied else "--no-tied")
+
     def run_worker(name: str, remat: str) -> dict | None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             proc = subprocess.run([*base, f"--remat={remat}", f"--worker={name}",

@@ -69,6 +69,9 @@ def test_gcs_output_paths():
     (["steps"], "is not key=value"),
     (["lora.dropout=1"], "lora.dropout=1.0 must be below 1"),
     (["lora.dropout=-0.1"], "lora.dropout=-0.1 is too small"),
+    (["max_target_length=96", "num_vocab_tiling=5"],
+     "num_vocab_tiling=5 must divide max_target_length=96"),
+    (["num_vocab_tiling=-1"], "num_vocab_tiling=-1 is too small"),
 ])
 def test_config_errors(args, message):
     with pytest.raises(ConfigError, match=None) as e:

@@ -448,7 +448,12 @@ class Transformer(nnx.Module):
             q_idx = jnp.arange(input_tokens.shape[1]) + offset
             k_idx = jnp.arange(attention_mask.shape[-1])
             local_mask = attention_mask & ((q_idx[:, None] - k_idx[None, :]) < a.sliding_window)
-        rope = {local: attn.rope_tables(positions, self._rope(local)) for local in (False, True)}
+        # RoPE tables, once per forward pass; sliding-window layers share them unless they
+        # rotate on a base of their own (Gemma 3).
+        rope_global = attn.rope_tables(positions, self._rope(False))
+        rope = {False: rope_global,
+                True: attn.rope_tables(positions, self._rope(True)) if a.local_rope_theta
+                else rope_global}
 
         embedding = self.token_embedder.embedding[...]
         x = jnp.take(embedding, input_tokens, axis=0).astype(jnp.dtype(a.dtype))
