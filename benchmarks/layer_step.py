@@ -21,21 +21,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _with_tcmalloc() -> None:
-    from tpusft.launch import tcmalloc_library
-
-    lib = tcmalloc_library()
-    if lib and "tcmalloc" not in os.environ.get("LD_PRELOAD", ""):
-        env = dict(os.environ, LD_PRELOAD=":".join(
-            x for x in (lib, os.environ.get("LD_PRELOAD", "")) if x))
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
 
 
 def main() -> None:
@@ -47,7 +36,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--iters", type=int, default=12)
     a = p.parse_args()
-    _with_tcmalloc()
+    from tpusft.launch import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc()
 
     import jax
     import jax.numpy as jnp

@@ -466,17 +466,15 @@ def main() -> None:
 
     import jax
 
-    from tpusft.launch import tcmalloc_library
+    from tpusft.launch import tcmalloc_env
     from tpusft.training.metrics import peak_tflops_per_device
 
     peak, source = peak_tflops_per_device(None, a.dtype)
     measured = source.startswith("measured")
     device = jax.devices()[0].device_kind
     # Every contender gets the allocator tpusft's launchers use (tcmalloc where installed).
-    tcmalloc = tcmalloc_library()
-    env = dict(os.environ)
-    if tcmalloc:
-        env["LD_PRELOAD"] = ":".join(x for x in (tcmalloc, env.get("LD_PRELOAD", "")) if x)
+    tcmalloc = tcmalloc_env()
+    env = tcmalloc or dict(os.environ)
     allocator = "tcmalloc" if tcmalloc else "glibc malloc"
     print(f"shape: Llama, {num_params(a) / 1e6:.1f}M parameters ({a.layers} layers, emb "
           f"{a.emb}, heads {a.heads}/{a.kv_heads}, mlp {a.mlp}, vocab {a.vocab}"

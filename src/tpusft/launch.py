@@ -19,17 +19,29 @@ def tcmalloc_library() -> str | None:
     return next((p for p in _TCMALLOC_PATHS if os.path.exists(p)), None)
 
 
-def reexec_with_tcmalloc(module: str) -> None:
-    """Restarts `python -m module` with tcmalloc preloaded, when it is installed.
+def tcmalloc_env(environ: dict | None = None) -> dict | None:
+    """A copy of `environ` (os.environ by default) with tcmalloc preloaded ahead of whatever
+    LD_PRELOAD holds, or None when tcmalloc is not installed."""
+    env = dict(os.environ if environ is None else environ)
+    lib = tcmalloc_library()
+    if lib is None:
+        return None
+    if "tcmalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(x for x in (lib, env.get("LD_PRELOAD", "")) if x)
+    return env
+
+
+def reexec_with_tcmalloc(module: str | None = None) -> None:
+    """Restarts `python -m module` (or, without a module, the running script) with tcmalloc
+    preloaded, when it is installed.
 
     XLA's CPU runtime allocates and frees large buffers every step; with glibc malloc that
     costs page faults and kernel time that tcmalloc avoids. TPUSFT_NO_TCMALLOC=1 opts out.
     """
     if os.environ.get("TPUSFT_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
-    lib = tcmalloc_library()
-    if lib is None:
+    env = tcmalloc_env()
+    if env is None:
         return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(x for x in (lib, env.get("LD_PRELOAD", "")) if x)
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    target = ["-m", module] if module else [sys.argv[0]]
+    os.execve(sys.executable, [sys.executable, *target, *sys.argv[1:]], env)
