@@ -69,10 +69,10 @@ def train_tokenizer(rows: Path, out: Path) -> None:
 
 def pipeline_speed(rows: Path, tokenizer, max_length: int, batch: int) -> tuple[float, float]:
     """(non-padding tokens/s, packing efficiency) over one pass of the rows."""
-    from tpusft.data import pipeline
+    from tpusft.data import packing
     from tpusft.data.pipeline import DataOptions, Source
 
-    ds, stats = pipeline.build_dataset(
+    ds, stats = packing.build_dataset(
         [Source("alpaca", "json", data_files=str(rows))],
         DataOptions(max_length=max_length, num_epochs=1), tokenizer, batch, train=True)
     it = iter(ds)

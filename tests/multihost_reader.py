@@ -10,12 +10,12 @@ import jax
 def main(port: str, process_id: str, data: str, tokenizer: str, out: str) -> None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=int(process_id))
-    from tpusft.data import pipeline
+    from tpusft.data import packing
     from tpusft.data.chat import load_tokenizer
     from tpusft.data.pipeline import DataOptions, Source
 
     tok = load_tokenizer(tokenizer)
-    ds, _ = pipeline.build_dataset([Source("d", "json", data_files=data)],
+    ds, _ = packing.build_dataset([Source("d", "json", data_files=data)],
                                    DataOptions(max_length=32, packing=False, num_epochs=1),
                                    tok, 1, train=True)
     seen = []

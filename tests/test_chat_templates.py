@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from chat_tokenizers import FAMILIES, chat_tokenizer
 
-from tpusft.data.chat import encode_chat, encode_preference, encode_prompt
-from tpusft.data.pipeline import DataOptions, DataStats, ExampleEncoder
+from tpusft.data.chat import encode_chat, encode_prompt
+from tpusft.data.encoders import PairEncoder, SftEncoder
+from tpusft.data.pipeline import DataOptions, DataStats
 
 SYSTEM = {"role": "system", "content": "you are terse."}
 TURNS = [{"role": "user", "content": "what is 2+2?"},
@@ -80,8 +81,8 @@ def test_generation_tags_agree_with_rendered_prefixes():
 
 def test_a_template_that_rejects_a_row_counts_it():
     stats = DataStats()
-    enc = ExampleEncoder(chat_tokenizer("gemma"), "messages", {"messages": "messages"},
-                         DataOptions(max_length=256), stats)
+    enc = SftEncoder(chat_tokenizer("gemma"), "messages", {"messages": "messages"},
+                     DataOptions(max_length=256), stats)
     assert enc({"messages": [SYSTEM, *TURNS]}) is None
     assert stats.bad["rejected by the chat template"] == 1
     assert "System role not supported" in stats.examples["rejected by the chat template"]
@@ -92,9 +93,15 @@ def test_prompt_and_preference_encoding():
     prompt = [{"role": "user", "content": "what is 2+2?"}]
     ids = encode_prompt(tok, prompt)
     assert tok.decode(ids.tolist()).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    pair = encode_preference(tok, prompt, [{"role": "assistant", "content": "4"}],
-                             [{"role": "assistant", "content": "5"}])
-    np.testing.assert_array_equal(pair["prompt_ids"], ids)
-    assert tok.decode(pair["chosen_ids"].tolist()) == "4<|eot_id|>"
-    assert tok.decode(pair["rejected_ids"].tolist()) == "5<|eot_id|>"
-    assert pair["chosen_mask"].all() and pair["rejected_mask"].all()
+    stats = DataStats()
+    enc = PairEncoder(tok, "preference", {f: f for f in ("prompt", "chosen", "rejected")},
+                      DataOptions(max_length=256), stats)
+    pair = enc({"prompt": prompt, "chosen": "4", "rejected": "5"})
+    for side, answer in (("chosen", "4"), ("rejected", "5")):
+        ids = np.append(pair[side]["inputs"], pair[side]["targets"][-1])
+        assert tok.decode(ids[:len(encode_prompt(tok, prompt))].tolist()) == tok.decode(
+            encode_prompt(tok, prompt).tolist())
+        trained = pair[side]["targets"][pair[side]["weights"] > 0]
+        assert tok.decode(trained.tolist()) == f"{answer}<|eot_id|>"
+    assert enc({"prompt": prompt, "chosen": "4", "rejected": "4"}) is None
+    assert stats.bad["chosen equals rejected"] == 1

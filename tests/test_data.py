@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import write_jsonl
 
-from tpusft.data import pipeline, sources
+from tpusft.data import packing, pipeline, sources
 from tpusft.data.chat import encode_chat, load_tokenizer
 from tpusft.data.pipeline import DataOptions, Source
 from tpusft.errors import DataError
@@ -63,7 +63,7 @@ def _build(path, batch=2, train=False, fmt="auto", column_map=None, **opts):
     opts.setdefault("max_length", 64)
     opts.setdefault("num_epochs", 1)
     src = Source("d", "json", data_files=str(path), data_format=fmt, column_map=column_map or {})
-    return pipeline.build_dataset([src], DataOptions(**opts), TOKENIZER[0], batch, train=train)
+    return packing.build_dataset([src], DataOptions(**opts), TOKENIZER[0], batch, train=train)
 
 
 TOKENIZER = []
@@ -122,7 +122,7 @@ def test_unpacked_rows_are_padded(tmp_path):
     batch = next(iter(ds))
     assert batch["inputs"].shape == (4, 48)
     assert (batch["segment_ids"] <= 1).all() and (batch["segment_ids"].sum(1) > 20).all()
-    assert stats.truncated == 0 and pipeline.packing_efficiency(batch) < 1
+    assert stats.truncated == 0 and packing.packing_efficiency(batch) < 1
 
 
 def test_truncation_right_left_and_drop(tmp_path, demo_tokenizer):
@@ -185,7 +185,7 @@ def test_text_concat_then_split_trains_every_token(tmp_path, demo_tokenizer):
                                               for i in range(30)])
     ds, _ = _build(path, batch=2, packing_strategy="concat_then_split")
     batches = list(ds)
-    assert all(pipeline.packing_efficiency(b) == 1.0 for b in batches[:-1])
+    assert all(packing.packing_efficiency(b) == 1.0 for b in batches[:-1])
     assert all((b["weights"][b["segment_ids"] > 0] == 1).all() for b in batches)
 
 
@@ -244,7 +244,7 @@ def test_registry_mixture_max_samples_and_eval_fraction(tmp_path, demo_tokenizer
     srcs, part = sources.sources(cfg, train=True)
     assert [(s.name, s.weight, s.max_samples) for s in srcs] == [("adds", 3, None),
                                                                   ("bees", 1, 50)]
-    ds, _ = pipeline.build_dataset(srcs, sources.options(cfg, train=True), demo_tokenizer, 8,
+    ds, _ = packing.build_dataset(srcs, sources.options(cfg, train=True), demo_tokenizer, 8,
                                    train=True, part=part)
     it = iter(ds)
     texts = _user_texts([next(it) for _ in range(25)], demo_tokenizer)
@@ -261,7 +261,7 @@ def test_registry_mixture_max_samples_and_eval_fraction(tmp_path, demo_tokenizer
     seen = {}
     for train in (True, False):
         srcs, part = sources.sources(cfg, train=train)
-        ds, _ = pipeline.build_dataset(srcs, sources.options(cfg, train=False), demo_tokenizer,
+        ds, _ = packing.build_dataset(srcs, sources.options(cfg, train=False), demo_tokenizer,
                                        4, train=False, part=part)
         seen[train] = _user_texts(ds, demo_tokenizer)
     assert len(seen[False]) == 20 and len(seen[True]) == 180
@@ -279,7 +279,7 @@ def test_resumed_iterator_yields_exactly_the_same_batches(tmp_path, demo_tokeniz
     opts = DataOptions(max_length=48, seed=5)
 
     def fresh():
-        return iter(pipeline.build_dataset(srcs, opts, demo_tokenizer, 4, train=True)[0])
+        return iter(packing.build_dataset(srcs, opts, demo_tokenizer, 4, train=True)[0])
 
     it = fresh()
     for _ in range(7):

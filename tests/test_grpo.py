@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tpusft.data import encoders
 from tpusft.data.pipeline import DataStats
 from tpusft.models import lora, sampling
 from tpusft.models.decoder import ModelArgs, Transformer
-from tpusft.rl import grpo, prompts
+from tpusft.rl import grpo
 
 ARGS = ModelArgs(family="llama3", vocab_size=64, emb_dim=32, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-5, rope_theta=1e4)
@@ -161,8 +162,8 @@ def test_prompts_over_max_prompt_length_are_cut_or_dropped(demo_tokenizer):
     limit = len(demo_tokenizer(first, add_special_tokens=False)["input_ids"]) + 4
     for policy, kept in (("drop", 1), ("left", 2)):
         stats = DataStats()
-        enc = prompts.PromptEncoder(demo_tokenizer, "prompt_only", fields,
-                                    prompts.PromptOptions(limit, system_prompt="Add.",
+        enc = encoders.PromptEncoder(demo_tokenizer, "prompt_only", fields,
+                                    encoders.PromptOptions(limit, system_prompt="Add.",
                                                           prompt_template="Q: {prompt}",
                                                           truncation=policy), stats)
         out = [enc(r) for r in rows]

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from tpusft.config import load_config
 from tpusft.config.loader import configs_root
-from tpusft.data import pipeline, sources
+from tpusft.data import packing, sources
 from tpusft.models.decoder import ModelArgs, create_model
 from tpusft.models.sharding import make_mesh
 from tpusft.training import trainer as trainer_lib
@@ -49,7 +49,7 @@ def _train(cfg, tokenizer, devices, prepare=None):
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism, devices)
     srcs, part = sources.sources(cfg, train=True)
-    ds, _ = pipeline.build_dataset(srcs, sources.options(cfg, train=True), tokenizer,
+    ds, _ = packing.build_dataset(srcs, sources.options(cfg, train=True), tokenizer,
                                    cfg.global_batch_size, train=True, part=part)
     with mesh:
         model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, seed=0)

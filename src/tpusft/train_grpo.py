@@ -29,15 +29,16 @@ def main(argv: Sequence[str]) -> int:
     import jax
     from etils import epath
 
-    from tpusft.data import sources
+    from tpusft.data import prompts, sources
     from tpusft.data.chat import load_tokenizer
+    from tpusft.data.encoders import PromptOptions
     from tpusft.data.pipeline import DataStats
     from tpusft.demo import arithmetic
     from tpusft.errors import DataError
     from tpusft.models import lora
     from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import make_mesh
-    from tpusft.rl import grpo, prompts
+    from tpusft.rl import grpo
     from tpusft.rl import rewards as rewards_lib
     from tpusft.training.metrics import JsonlWriter, write_loss_curve
     from tpusft.training.setup import build_model, check_batch, check_vocab, existing_checkpoint
@@ -52,7 +53,7 @@ def main(argv: Sequence[str]) -> int:
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism)
     check_batch(cfg, mesh)
-    popts = prompts.PromptOptions.from_config(cfg)
+    popts = PromptOptions.from_config(cfg)
     train_sources, part = sources.sources(cfg, train=True)
     stats = DataStats()
     train_ds = prompts.train_batches(train_sources, popts, sources.options(cfg, train=True),

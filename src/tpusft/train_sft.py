@@ -27,7 +27,7 @@ def main(argv: Sequence[str]) -> int:
     import jax
     from etils import epath
 
-    from tpusft.data import pipeline, sources
+    from tpusft.data import packing, pipeline, sources
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic
     from tpusft.models import lora
@@ -54,7 +54,7 @@ def main(argv: Sequence[str]) -> int:
                      cfg.ici_tensor_parallelism)
     check_batch(cfg, mesh)
     train_sources, part = sources.sources(cfg, train=True)
-    train_ds, stats = pipeline.build_dataset(train_sources, sources.options(cfg, train=True),
+    train_ds, stats = packing.build_dataset(train_sources, sources.options(cfg, train=True),
                                              tokenizer, cfg.global_batch_size, train=True,
                                              part=part)
     pipeline.first_batch_or_error(train_ds, stats, "training")
@@ -62,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
     eval_sources, part = sources.sources(cfg, train=False)
     if eval_sources:
         micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
-        eval_ds, _ = pipeline.build_dataset(eval_sources, sources.options(cfg, train=False),
+        eval_ds, _ = packing.build_dataset(eval_sources, sources.options(cfg, train=False),
                                             tokenizer, micro_batch, train=False, part=part)
         pipeline.first_batch_or_error(eval_ds, None, "eval")
 

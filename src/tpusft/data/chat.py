@@ -96,24 +96,10 @@ def encode_chat(tokenizer, messages: Sequence[dict], completion_only: bool = Tru
 
 
 def encode_prompt(tokenizer, messages: Sequence[dict]) -> np.ndarray:
-    """Token ids of a prompt followed by the template's generation prompt (GRPO, DPO)."""
+    """Token ids of a prompt followed by the template's generation prompt."""
     text = _render(tokenizer, messages, add_generation_prompt=True)
     return np.asarray(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids,
                       np.int32)
-
-
-def encode_preference(tokenizer, prompt: Sequence[dict], chosen: Sequence[dict],
-                      rejected: Sequence[dict]) -> dict[str, np.ndarray]:
-    """prompt_ids, and chosen/rejected ids with their trained masks (completion tokens)."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    out = {"prompt_ids": prompt_ids}
-    for side, turns in (("chosen", chosen), ("rejected", rejected)):
-        enc = encode_chat(tokenizer, [*prompt, *turns])
-        n = len(prompt_ids)
-        if not np.array_equal(enc.ids[:n], prompt_ids):
-            raise TemplateMismatch("the prompt tokenizes differently once the answer follows")
-        out[f"{side}_ids"], out[f"{side}_mask"] = enc.ids[n:], enc.trained[n:]
-    return out
 
 
 def encode_text(tokenizer, text: str) -> Encoded:

@@ -1,7 +1,8 @@
 """What the model will be trained on, before training: `python -m tpusft.data CONFIG k=v`.
 
-Prints a few examples rendered with their trained tokens marked, the token length
-distribution, packing efficiency over the first batches and the bad-row counts.
+Prints a few examples with their trained tokens marked (preference pairs: both sides; GRPO
+prompts: the rendered prompt), the token length distribution, packing efficiency (pairs: the
+share of token slots used) over the first batches and the bad-row counts.
 """
 
 from __future__ import annotations
@@ -36,9 +37,29 @@ def _percentiles(lengths: list[int], limit: int) -> str:
             f"max {a.max()} tokens; {100 * over:.1f}% longer than max_target_length={limit}")
 
 
+def _shown(tokenizer, ex: dict, color: bool) -> tuple[str, int, int]:
+    """(marked text, tokens, trained tokens) of one encoded sequence."""
+    ids = np.append(ex["inputs"], ex["targets"][-1])
+    trained = np.append(False, ex["weights"] > 0)
+    return mark_trained(tokenizer, ids, trained, color), len(ids), int(trained.sum())
+
+
+def _method(srcs, cfg) -> str:
+    """'pairs' when the data are preference rows, 'prompts' for prompt-only rows, else 'sft'
+    (detected from the first source's columns, as the trainers do)."""
+    from tpusft.data import formats, pipeline
+
+    src = srcs[0]
+    opts = pipeline.DataOptions(max_length=cfg.max_target_length, shard_index=0, shard_count=1)
+    _, columns, _, where = pipeline.read_source(src, opts, "all")
+    kind = formats.FORMATS[formats.detect_format(columns, src.data_format, src.column_map,
+                                                 where)].kind
+    return {"preference": "pairs", "prompt": "prompts"}.get(kind, "sft")
+
+
 def main(argv: Sequence[str]) -> int:
     from tpusft.config import load_config
-    from tpusft.data import pipeline, sources
+    from tpusft.data import encoders, packing, pairs, pipeline, sources
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic
 
@@ -49,40 +70,61 @@ def main(argv: Sequence[str]) -> int:
     srcs, part = sources.sources(cfg, train=True)
     opts = sources.options(cfg, train=True)
     color = sys.stdout.isatty()
+    method = _method(srcs, cfg)
+    packed = cfg.packing_strategy if cfg.packing and method == "sft" else "off"
     print(f"data: {', '.join(f'{s.name} ({s.hf_path}, weight {s.weight:g})' for s in srcs)}; "
           f"max_target_length {cfg.max_target_length}, truncation {cfg.truncation}, "
-          f"packing {cfg.packing_strategy if cfg.packing else 'off'}")
+          f"packing {packed}")
     if not color:
         print("trained tokens are shown [[like this]]")
 
     # Examples one by one, in data order, from each source.
     stats = pipeline.DataStats(lengths=[])
-    shown = 0
+    if method == "prompts":
+        encoder, encoder_opts = encoders.PromptEncoder, encoders.PromptOptions.from_config(cfg)
+    else:
+        encoder = encoders.PairEncoder if method == "pairs" else encoders.SftEncoder
+        encoder_opts = opts
+    make = encoders.factory(encoder, tokenizer, encoder_opts, stats)
     for src in srcs:
-        examples, mapped = pipeline.source_examples(src, opts, tokenizer, stats, train=False,
-                                                    part=part)
+        examples, mapped = pipeline.source_examples(src, opts, make, train=False, part=part)
         examples = examples.to_iter_dataset() if mapped else examples
         for n, ex in enumerate(itertools.islice(examples, LENGTH_SAMPLE // len(srcs))):
-            if n < cfg.inspect_examples:
-                ids = np.append(ex["inputs"], ex["targets"][-1])
-                trained = np.append(False, ex["weights"] > 0)
-                print(f"\n--- {src.name} example {n + 1}: {len(ids)} tokens, "
-                      f"{int(trained.sum())} trained ---")
-                print(mark_trained(tokenizer, ids, trained, color))
-                shown += 1
+            if n >= cfg.inspect_examples:
+                continue
+            if method == "prompts":
+                print(f"\n--- {src.name} prompt {n + 1} (reference answer {ex['answer']!r}) ---")
+                print(ex["prompts"])
+            elif method == "pairs":
+                for side in pairs.SIDES:
+                    text, total, trained = _shown(tokenizer, ex[side], color)
+                    print(f"\n--- {src.name} pair {n + 1}, {side}: {total} tokens, "
+                          f"{trained} trained ---")
+                    print(text)
+            else:
+                text, total, trained = _shown(tokenizer, ex, color)
+                print(f"\n--- {src.name} example {n + 1}: {total} tokens, {trained} trained ---")
+                print(text)
     print()
-    if stats.lengths:
+    if stats.lengths and method != "prompts":
         print(f"token lengths of {_percentiles(stats.lengths, cfg.max_target_length)}")
     print(f"rows: {stats.summary()}")
+    if method == "prompts":
+        return 0
 
-    # Packing over the first batches of the training pipeline itself.
-    train_ds, _ = pipeline.build_dataset(srcs, opts, tokenizer, cfg.global_batch_size,
-                                         train=True, part=part)
+    # Token slots used over the first batches of the training pipeline itself.
+    build = pairs.build_dataset if method == "pairs" else packing.build_dataset
+    train_ds, _ = build(srcs, opts, tokenizer, cfg.global_batch_size, train=True, part=part)
     batches = list(itertools.islice(train_ds, PACKING_BATCHES))
     if not batches:
         print("the training data yields no batch")
         return 2
-    efficiency = float(np.mean([pipeline.packing_efficiency(b) for b in batches]))
+    efficiency = float(np.mean([packing.packing_efficiency(b) for b in batches]))
+    if method == "pairs":
+        print(f"padding: {100 * efficiency:.1f}% of token slots hold tokens over the first "
+              f"{len(batches)} batches of {cfg.global_batch_size} pairs x 2 x "
+              f"{cfg.max_target_length}")
+        return 0
     examples = int(sum(np.sum(b["positions"] == 0, where=b["segment_ids"] > 0)
                        for b in batches))
     print(f"packing: {100 * efficiency:.1f}% of token slots hold tokens over the first "

@@ -1,14 +1,16 @@
-"""Hugging Face datasets -> grain: format, template, tokenize, mask, pack, batch.
+"""The data front end every training method shares: Hugging Face datasets -> grain examples.
 
 Each source (one data set, or each member of a weighted mixture) is read, cut to max_samples,
-split off an eval fraction, sharded by process, shuffled and repeated, then rows become
-examples (formats.py), examples become token ids with a loss mask (chat.py), over-length
-examples are truncated or dropped, bad rows are counted, and sources are mixed with grain.
+split off an eval fraction, sharded by process, its format detected from the columns and
+checked against what the method trains on, shuffled and repeated; then each row goes through
+the method's encoder (encoders.py: rows become examples through formats.py, then token ids
+with a loss mask through chat.py; over-length examples are truncated or dropped and bad rows
+counted), and sources are mixed by weight with grain.
 Local files load as map-style datasets (exact, cheap resume: the iterator state is an index);
 hub data sets are streamed (resume through the stream's own state_dict).
-Every batch has fixed shapes [batch, max_target_length]:
-  inputs, targets (inputs shifted by one within each example), weights (1.0 where the target
-  is trained), segment_ids (0 = padding, 1.. = packed example), positions (per example).
+
+The tails turn examples into each method's batches: packing.py (SFT: packed sequences),
+prompts.py (GRPO: prompt batches), pairs.py (DPO: chosen/rejected pairs).
 """
 
 from __future__ import annotations
@@ -17,20 +19,17 @@ import glob
 import os
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grain
 import grain.experimental as grain_exp
-import jinja2
-import numpy as np
 
-from tpusft.data import chat, formats
+from tpusft.data import formats
 from tpusft.errors import DataError
 
-FEATURES = ("inputs", "targets", "weights")
 FILE_BUILDERS = ("json", "jsonl", "parquet", "csv", "arrow", "text")
 
 
@@ -157,86 +156,13 @@ class StreamDataset(grain.IterDataset):
         return _StreamIterator(self._hf)
 
 
-# ------------------------------------------------------------------------- examples
+# ------------------------------------------------------------------------- rows
 def bad_row(policy: str, stats: DataStats, row: Any, reason: str, detail: str = "") -> None:
     """A row that cannot be used: raises DataError (bad_row_policy=raise) or counts it."""
     if policy == "raise":
         raise DataError(f"bad row ({reason}{': ' + detail if detail else ''}): "
                         f"{str(row)[:200]}; fix the data or set bad_row_policy=skip")
     stats.count_bad(reason, row, detail)
-
-
-class ExampleEncoder:
-    """row -> {'inputs','targets','weights'} of one example, or None for a skipped row."""
-
-    def __init__(self, tokenizer, fmt: str, fields: dict[str, str], opts: DataOptions,
-                 stats: DataStats):
-        self.tokenizer, self.fmt, self.fields, self.opts, self.stats = (
-            tokenizer, fmt, fields, opts, stats)
-        self.kind = formats.FORMATS[fmt].kind
-
-    def _bad(self, row: Any, reason: str, detail: str = "") -> None:
-        bad_row(self.opts.bad_row_policy, self.stats, row, reason, detail)
-
-    def __call__(self, row: dict) -> dict | None:
-        self.stats.count_row()
-        try:
-            ex = formats.parse_row(row, self.fmt, self.fields)
-            if ex.kind == "text":
-                enc = chat.encode_text(self.tokenizer, ex.text)
-            else:
-                enc = chat.encode_chat(self.tokenizer, ex.messages, self.opts.completion_only)
-        except formats.BadRow as e:
-            self._bad(row, e.reason, str(e).partition(": ")[2])
-            return None
-        except (chat.TemplateMismatch, ValueError, TypeError, jinja2.TemplateError) as e:
-            # Templates raise on what they do not support (a system turn on Gemma, ...).
-            self._bad(row, "rejected by the chat template", str(e).splitlines()[0][:120])
-            return None
-        ids, trained = enc.ids, enc.trained
-        if self.stats.lengths is not None:
-            self.stats.lengths.append(len(ids))
-        limit = self.opts.max_length + 1
-        if len(ids) > limit:
-            if self.opts.truncation == "drop":
-                self._bad(row, "over max_target_length", f"{len(ids) - 1} tokens")
-                return None
-            self.stats.count_truncated()
-            cut = slice(-limit, None) if self.opts.truncation == "left" else slice(0, limit)
-            ids, trained = ids[cut], trained[cut]
-        if len(ids) < 2 or not trained[1:].any():
-            self._bad(row, "no trained token within max_target_length")
-            return None
-        return {"inputs": ids[:-1], "targets": ids[1:],
-                "weights": trained[1:].astype(np.float32)}
-
-
-def _pad_example(ex: dict, length: int) -> dict:
-    n = len(ex["inputs"])
-    out = {k: np.pad(ex[k], (0, length - n)) for k in FEATURES}
-    out["segment_ids"] = (np.arange(length) < n).astype(np.int32)
-    out["positions"] = np.where(np.arange(length) < n, np.arange(length), 0).astype(np.int32)
-    return out
-
-
-def _from_packed(ex: dict) -> dict:
-    out = {k: ex[k] for k in FEATURES}
-    out["segment_ids"] = ex["inputs_segment_ids"].astype(np.int32)
-    out["positions"] = ex["inputs_positions"].astype(np.int32)
-    return out
-
-
-def _pad_batch(batch: dict, size: int) -> dict:
-    n = len(batch["inputs"])
-    if n == size:
-        return batch
-    return {k: np.pad(v, [(0, size - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-
-
-def packing_efficiency(batch: dict) -> float:
-    """Fraction of the batch's token slots that hold a real token (not padding)."""
-    segs = batch["segment_ids"]
-    return float(np.count_nonzero(segs)) / segs.size
 
 
 # ------------------------------------------------------------------------- pipeline
@@ -325,76 +251,56 @@ def read_source(src: Source, opts: DataOptions, part: str):
     return data, columns, streamed, where
 
 
-def source_examples(src: Source, opts: DataOptions, tokenizer, stats: DataStats, *,
-                    train: bool, part: str) -> tuple[Any, bool]:
-    """(grain dataset of encoded examples, whether it is map-style before encoding)."""
+def source_examples(src: Source, opts: DataOptions, make_encoder: Callable, *, train: bool,
+                    part: str) -> tuple[Any, bool]:
+    """(grain dataset of one source's encoded examples, whether it is map-style).
+
+    `make_encoder(fmt, fields)` gives the method's encoder (encoders.py) for the source's
+    detected format; the encoder says which kinds of rows its method trains on. train=True:
+    shuffled and repeated num_epochs times; otherwise data order, one pass.
+    """
     data, columns, streamed, where = read_source(src, opts, part)
     fmt = formats.detect_format(columns, src.data_format, src.column_map, where)
-    kind = formats.FORMATS[fmt].kind
-    if kind not in ("chat", "text"):
-        raise DataError(f"{where} is in data_format={fmt}, which supervised fine-tuning cannot "
-                        f"train on (it is for {'DPO' if kind == 'preference' else 'GRPO'}); "
-                        f"choose a data set with responses, or set data_format=")
-    if kind == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"the tokenizer has no chat_template, needed for data_format={fmt}; "
-                        f"use a chat/instruct tokenizer or data_format=text")
-    encoder = ExampleEncoder(tokenizer, fmt, formats.fields_of(fmt, columns, src.column_map),
-                             opts, stats)
+    encoder = make_encoder(fmt, formats.fields_of(fmt, columns, src.column_map))
+    encoder.check(where)
     if not streamed:
         ds = grain.MapDataset.source(data)
         if train:
             ds = ds.shuffle(seed=opts.seed).repeat(opts.num_epochs)
-        return ds.map(encoder).filter(lambda x: x is not None), True
+        return ds.map(encoder).filter(_is_example), True
     if train:
         data = data.shuffle(seed=opts.seed, buffer_size=10_000)
-    return StreamDataset(data).map(encoder).filter(lambda x: x is not None), False
+    return StreamDataset(data).map(encoder).filter(_is_example), False
 
 
-def build_dataset(sources: Sequence[Source], opts: DataOptions, tokenizer, batch_size: int, *,
-                  train: bool, part: str = "all", stats: DataStats | None = None
-                  ) -> tuple[grain.IterDataset, DataStats]:
-    """A grain IterDataset of fixed-shape batches of `batch_size` sequences.
+def _is_example(x) -> bool:
+    return x is not None
 
-    train=True: shuffled, repeated num_epochs times (forever when None), sources mixed by
-    weight, incomplete final batch dropped. train=False: data order, one pass, sources one
-    after another, the final batch padded with empty rows.
-    """
-    stats = stats or DataStats()
-    parts = [source_examples(s, opts, tokenizer, stats, train=train, part=part)
-             for s in sources]
-    # Rows are read and encoded in the prefetch thread below: tokenizing and rendering hold
-    # the GIL, so reader threads only contend with each other and with the trainer.
+
+def mixed_examples(sources: Sequence[Source], opts: DataOptions, make_encoder: Callable, *,
+                   train: bool, part: str = "all") -> grain.IterDataset:
+    """Every source's encoded examples as one grain IterDataset: train=True mixes the sources
+    by weight (grain's mixing, exact-resume state included); otherwise they follow one another
+    in data order."""
+    parts = [source_examples(s, opts, make_encoder, train=train, part=part) for s in sources]
+    # Rows are read and encoded in the consumer's thread (the tails prefetch in one background
+    # thread): tokenizing and rendering hold the GIL, so reader threads would only contend.
     read = grain.ReadOptions(num_threads=0)
     if len(parts) == 1:
         ds, mapped = parts[0]
-        ds = ds.to_iter_dataset(read) if mapped else ds
-    elif not train and all(m for _, m in parts):
-        ds = grain.MapDataset.concatenate([d for d, _ in parts]).to_iter_dataset(read)
-    else:
-        members = {s.name: (d.to_iter_dataset(read) if m else d)
-                   for s, (d, m) in zip(sources, parts, strict=True)}
-        ds = grain.IterDataset.mix(members, {s.name: s.weight for s in sources})
+        return ds.to_iter_dataset(read) if mapped else ds
+    if not train and all(m for _, m in parts):
+        return grain.MapDataset.concatenate([d for d, _ in parts]).to_iter_dataset(read)
+    members = {s.name: (d.to_iter_dataset(read) if m else d)
+               for s, (d, m) in zip(sources, parts, strict=True)}
+    # Streamed members have no concatenation in grain: eval interleaves them by weight.
+    return grain.IterDataset.mix(members, {s.name: s.weight for s in sources})
 
-    length = opts.max_length
-    if opts.packing:
-        lengths = {k: length for k in FEATURES}
-        if opts.packing_strategy == "concat_then_split":
-            ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct=lengths)
-        else:
-            pack = (grain_exp.BestFitPackIterDataset if opts.packing_strategy == "best_fit"
-                    else grain_exp.FirstFitPackIterDataset)
-            ds = pack(ds, length_struct=lengths, num_packing_bins=max(batch_size, 16),
-                      seed=opts.seed, shuffle_bins=train)
-        ds = ds.map(_from_packed)
-    else:
-        ds = ds.map(lambda ex: _pad_example(ex, length))
-    ds = ds.batch(batch_size, drop_remainder=train)
-    if not train:
-        ds = ds.map(lambda b: _pad_batch(b, batch_size))
-    # Build the next batches in a background thread while the device computes; the iterator
-    # state still counts only the batches handed out.
-    ds = grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
-    return ds, stats
+
+def prefetched(ds: grain.IterDataset) -> grain.IterDataset:
+    """Builds the next batches in a background thread while the device computes; the
+    iterator state still counts only the batches handed out."""
+    return grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
 
 
 def first_batch_or_error(dataset, stats: DataStats | None, what: str) -> None:
