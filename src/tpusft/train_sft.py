@@ -29,7 +29,7 @@ def main(argv: Sequence[str]) -> int:
 
     from tpusft.data import packing, pipeline, sources
     from tpusft.data.chat import load_tokenizer
-    from tpusft.demo import arithmetic
+    from tpusft.demo import arithmetic, evaluate
     from tpusft.models import lora
     from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import make_mesh
@@ -104,7 +104,7 @@ def main(argv: Sequence[str]) -> int:
 
         demo_before = None
         if cfg.demo_task and start == 0:
-            demo_before = _demo_score(model, tokenizer, cfg, "before training")
+            demo_before = evaluate.report(model, tokenizer, cfg, "before training")
 
         progress = trainer_lib.Progress(
             feeder, cfg.steps, cfg.log_period, flops_per_token,
@@ -117,7 +117,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"run already complete at step {start}; nothing to train")
 
         if cfg.demo_task:
-            after = _demo_score(model, tokenizer, cfg, "after training", show=8)
+            after = evaluate.report(model, tokenizer, cfg, "after training", show=8)
             if demo_before is not None:
                 print(f"exact match: {100 * demo_before:.1f}% before training -> "
                       f"{100 * after:.1f}% after")
@@ -128,18 +128,6 @@ def main(argv: Sequence[str]) -> int:
         print(f"loss curve: {png}")
     print(f"checkpoints: {cfg.checkpoint_directory}\ntensorboard: {cfg.tensorboard_directory}")
     return 0
-
-
-def _demo_score(model, tokenizer, cfg, when: str, show: int = 0) -> float:
-    from tpusft.demo import arithmetic, evaluate
-
-    problems = arithmetic.held_out_problems(cfg, limit=128)
-    score, rows = evaluate.exact_match(model, tokenizer, problems)
-    print(f"held-out exact match {when}: {100 * score:.1f}% of {len(rows)}")
-    for prompt, want, got in rows[:show]:
-        print(f"  {prompt:<8} expected {want:<4} generated {got!r:<8} "
-              f"{'ok' if want == got else 'wrong'}")
-    return score
 
 
 def cli() -> None:

@@ -222,6 +222,9 @@ def validate(cfg: Config) -> None:
                           f"of a LoRA run; set lora.enable_lora=true too")
     if not cfg.lora.dropout < 1:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout} must be below 1")
+    if not cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={cfg.dpo.label_smoothing} must be below 0.5 "
+                          f"(at 0.5 a pair says nothing)")
     if not cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction={cfg.eval_fraction} must be below 1")
     if not cfg.demo_task and not cfg.print_config:

@@ -64,6 +64,25 @@ class LoraConfig:
 
 
 @dataclass
+class DpoConfig:
+    """The `dpo.` section: preference training (`python -m tpusft.train_dpo`)."""
+
+    loss_type: str = key(
+        "dpo", "dpo (against a reference model: the base weights under LoRA, else a frozen "
+        "copy of the starting weights), orpo (odds ratio plus the chosen side's NLL, no "
+        "reference) or simpo (length-normalised margin with target gamma, no reference).",
+        choices=("dpo", "orpo", "simpo"), section="Preference training (DPO, ORPO, SimPO)")
+    beta: float = key(0.1, "DPO: weight of the log-ratio to the reference (the KL strength); "
+                      "SimPO: scale of the length-normalised reward.", minimum=0)
+    label_smoothing: float = key(
+        0.0, "Probability that a pair's preference is flipped (conservative DPO); applies to "
+        "DPO, SimPO and ORPO's odds-ratio term.", minimum=0)
+    simpo_gamma: float = key(0.5, "SimPO: target reward margin gamma.", minimum=0)
+    orpo_lambda: float = key(0.1, "ORPO: weight of the odds-ratio term against the chosen "
+                             "side's NLL.", minimum=0)
+
+
+@dataclass
 class Config:
     # ------------------------------------------------------------------ run
     run_name: str | None = key(
@@ -305,6 +324,9 @@ class Config:
 
     # ----------------------------------------------------------------- LoRA
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"nested": True})
+
+    # ----------------------------------------------------------- preference
+    dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"nested": True})
 
     # ------------------------------------------------------- derived paths
     # Set by the loader, not by the user.

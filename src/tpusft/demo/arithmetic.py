@@ -45,13 +45,32 @@ def _rows(pairs: list[tuple[int, int]]) -> list[dict]:
                           {"role": "assistant", "content": str(a + b)}]} for a, b in pairs]
 
 
+def wrong_sum(a: int, b: int, rng: random.Random) -> str:
+    """A near miss of a + b: off by 1, 2 or 10 (the slips a small model makes), never
+    negative."""
+    right = a + b
+    while True:
+        wrong = right + rng.choice((-10, -2, -1, 1, 2, 10))
+        if wrong >= 0:
+            return str(wrong)
+
+
+def _preference_rows(pairs: list[tuple[int, int]], rng: random.Random) -> list[dict]:
+    return [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": wrong_sum(a, b, rng)}
+            for a, b in pairs]
+
+
 def build_data(out_dir: Path, seed: int = 1234) -> None:
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
     rng.shuffle(pairs)
     held_out, train_pairs = pairs[:EVAL_ROWS], pairs[EVAL_ROWS:]
     train = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(TRAIN_ROWS)]
-    for name, rows in (("train.jsonl", _rows(train)), ("eval.jsonl", _rows(held_out))):
+    files = {"train.jsonl": _rows(train), "eval.jsonl": _rows(held_out),
+             # Preference pairs on the same problems: the right sum against a near miss.
+             "preference_train.jsonl": _preference_rows(train, rng),
+             "preference_eval.jsonl": _preference_rows(held_out, rng)}
+    for name, rows in files.items():
         with open(out_dir / name, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -63,7 +82,7 @@ def ensure_assets(base_output_directory: str) -> Path:
         root = Path.home() / ".cache" / "tpusft" / "demo_assets" / "arithmetic"
     else:
         root = Path(base_output_directory) / "demo_assets" / "arithmetic"
-    done = root / ".complete"
+    done = root / ".complete-v2"  # v2: with the preference pairs
     if not done.exists():
         (root / "tokenizer").mkdir(parents=True, exist_ok=True)
         build_tokenizer(root / "tokenizer")
@@ -72,14 +91,16 @@ def ensure_assets(base_output_directory: str) -> Path:
     return root
 
 
-def apply_to_config(cfg) -> None:
-    """Points an arithmetic-demo config at the generated assets (explicit settings win)."""
+def apply_to_config(cfg, preference: bool = False) -> None:
+    """Points an arithmetic-demo config at the generated assets (explicit settings win):
+    the chat data set, or with `preference` its preference pairs."""
     root = ensure_assets(cfg.base_output_directory)
     cfg.tokenizer_path = cfg.tokenizer_path or str(root / "tokenizer")
+    prefix = "preference_" if preference else ""
     if not cfg.hf_path:
         cfg.hf_path = "json"
-        cfg.hf_data_files = str(root / "train.jsonl")
-        cfg.hf_eval_files = cfg.hf_eval_files or str(root / "eval.jsonl")
+        cfg.hf_data_files = str(root / f"{prefix}train.jsonl")
+        cfg.hf_eval_files = cfg.hf_eval_files or str(root / f"{prefix}eval.jsonl")
 
 
 def held_out_problems(cfg, limit: int) -> list[tuple[str, str]]:

@@ -43,3 +43,16 @@ def exact_match(model, tokenizer, problems: Sequence[tuple[str, str]], max_new_t
     rows = [(p, want, g) for (p, want), g in zip(problems, got, strict=True)]
     score = sum(want == g for _, want, g in rows) / max(len(rows), 1)
     return score, rows
+
+
+def report(model, tokenizer, cfg, when: str, show: int = 0, limit: int = 128) -> float:
+    """The demo's held-out exact match, printed (with `show` rows); returns the score."""
+    from tpusft.demo import arithmetic
+
+    problems = arithmetic.held_out_problems(cfg, limit=limit)
+    score, rows = exact_match(model, tokenizer, problems)
+    print(f"held-out exact match {when}: {100 * score:.1f}% of {len(rows)}")
+    for prompt, want, got in rows[:show]:
+        print(f"  {prompt:<8} expected {want:<4} generated {got!r:<8} "
+              f"{'ok' if want == got else 'wrong'}")
+    return score

@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tunix.rl import rl_cluster as rl_cluster_lib
@@ -31,11 +30,12 @@ from tunix.sft import metrics_logger as tunix_metrics
 
 from tpusft.demo import evaluate
 from tpusft.errors import ConfigError
-from tpusft.models import lora, sampling
+from tpusft.models import sampling
 from tpusft.models.sharding import BATCH_AXES
 from tpusft.rl import rewards as rewards_lib
 from tpusft.training.metrics import JsonlWriter, format_duration
 from tpusft.training.optimizer import make_optimizer
+from tpusft.training.setup import reference_model
 from tpusft.training.trainer import checkpoint_options
 
 Role = rl_cluster_lib.Role
@@ -65,18 +65,6 @@ def algorithm_config(cfg: Any):
 def needs_reference(cfg: Any) -> bool:
     """Tunix computes reference log-probs whenever beta != 0 (DAPO: always, for its KL log)."""
     return cfg.loss_algo == "dapo" or cfg.beta != 0.0
-
-
-def reference_model(actor: nnx.Module) -> nnx.Module:
-    """The KL reference. A LoRA actor's reference is the same module graph without adapters,
-    sharing the actor's (frozen) base arrays; a full fine-tune's is a copy of the weights."""
-    graphdef, state = nnx.split(actor)
-    if lora.adapters(actor):
-        ref = nnx.merge(graphdef, state)  # the same Variables: no second copy of the base
-        for _, module in lora.adapters(ref):
-            del module.lora_a, module.lora_b
-        return ref
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
 def rollout_engine(cfg: Any) -> str:

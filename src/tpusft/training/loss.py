@@ -24,7 +24,7 @@ def vocab_tiles(configured: int, tokens_per_device: int, seq_len: int, vocab: in
     return n
 
 
-def _chunks(x: jax.Array, n: int) -> jax.Array:
+def sequence_chunks(x: jax.Array, n: int) -> jax.Array:
     """[B, T, ...] -> [n, B, T/n, ...]: chunks along the sequence (the batch axis, which is
     sharded, stays whole in every chunk)."""
     b, t = x.shape[:2]
@@ -53,7 +53,8 @@ def _nll_sum_and_grads(hidden, kernel, targets, weights, logits_fn, tiles, kerne
 
     dkernel = jnp.zeros(kernel.shape if kernel_grad else (), jnp.float32)
     dkernel, (sums, dhidden) = jax.lax.scan(
-        step, dkernel, (_chunks(hidden, tiles), _chunks(targets, tiles), _chunks(weights, tiles)))
+        step, dkernel, (sequence_chunks(hidden, tiles), sequence_chunks(targets, tiles),
+                        sequence_chunks(weights, tiles)))
     dhidden = jnp.moveaxis(dhidden, 0, 1).reshape(hidden.shape)
     return jnp.sum(sums), dhidden, dkernel.astype(kernel.dtype) if kernel_grad else None
 

@@ -63,3 +63,22 @@ def build_model(cfg: Any, args, mesh, resuming: bool, print_fn=print):
                  f"({lora.weight_bytes(model) / 2**30:.3f} GiB of weights, was "
                  f"{before / 2**30:.3f} GiB)")
     return model
+
+
+def reference_model(model):
+    """A frozen reference for KL-anchored training (GRPO's KL, DPO's log-ratio). A LoRA
+    model's reference is the same module graph without adapters, sharing the model's (frozen)
+    base arrays: no second copy. A full fine-tune's is a copy of the starting weights."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tpusft.models import lora
+
+    graphdef, state = nnx.split(model)
+    if lora.adapters(model):
+        ref = nnx.merge(graphdef, state)  # the same Variables: no second copy of the base
+        for _, module in lora.adapters(ref):
+            del module.lora_a, module.lora_b
+        return ref
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -37,8 +38,10 @@ class BatchFeeder(tunix_hooks.DataHooks):
     """Pulls one optimizer step's batch from grain and hands it out as micro-batches."""
 
     def __init__(self, train_dataset, accumulation: int, eval_dataset=None,
-                 eval_steps: int | None = None, stats=None):
+                 eval_steps: int | None = None, stats=None,
+                 prepare=loss_lib.add_loss_denominators):
         self._train_iter = iter(train_dataset)
+        self._prepare = prepare  # one step's micro-batches -> what the loss takes
         self._accumulation = accumulation
         self._pending: list[dict] = []
         self._eval_dataset = eval_dataset
@@ -61,7 +64,7 @@ class BatchFeeder(tunix_hooks.DataHooks):
             n = len(group["inputs"]) // self._accumulation
             micro = [{k: v[i * n:(i + 1) * n] for k, v in group.items()}
                      for i in range(self._accumulation)]
-            self._pending = loss_lib.add_loss_denominators(micro)
+            self._pending = self._prepare(micro)
             self.step_tokens.append(int(np.count_nonzero(group["segment_ids"])))
             self.step_slots.append(int(group["segment_ids"].size))
             self.step_crc.append(zlib.crc32(np.ascontiguousarray(group["inputs"]).tobytes()))
@@ -92,7 +95,7 @@ class BatchFeeder(tunix_hooks.DataHooks):
             self._eval_iter = None
             return None
         self._eval_count += 1
-        return loss_lib.add_loss_denominators([batch])[0]
+        return self._prepare([batch])[0]
 
 
 class Progress(tunix_hooks.TrainingHooks):
@@ -101,7 +104,10 @@ class Progress(tunix_hooks.TrainingHooks):
 
     def __init__(self, feeder: BatchFeeder, total_steps: int, log_period: int,
                  flops_per_token: float, peak_flops_total: float, jsonl: JsonlWriter | None,
-                 print_fn=print):
+                 print_fn=print, extras: Sequence[tuple[str, str, str]] = ()):
+        # extras: (Tunix metric name, metrics.jsonl key, progress-line format) of the loss's
+        # aux metrics (preference training's rewards), read back after each step and eval.
+        self.extras = tuple(extras)
         self.feeder, self.total_steps, self.log_period = feeder, total_steps, log_period
         self.flops_per_token, self.peak = flops_per_token, peak_flops_total
         self.jsonl, self.print = jsonl, print_fn
@@ -114,6 +120,7 @@ class Progress(tunix_hooks.TrainingHooks):
         self._steady_steps = 0
         self._last_time = None
         self.history: list[tuple[int, float]] = []
+        self.eval_records: list[dict] = []
 
     def on_train_start(self, train_ctx):
         self._first_step = train_ctx.train_steps
@@ -144,6 +151,7 @@ class Progress(tunix_hooks.TrainingHooks):
         lr = train_ctx._try_get_learning_rate()  # noqa: SLF001 - Tunix exposes no public getter
         if lr is not None:
             record["learning_rate"] = float(jax.device_get(lr))
+        record.update(self._extras(train_ctx, "train"))
         if step % self.log_period == 0 or step == self.total_steps or first_of_run:
             window_time = now - self._window_start if self._window_start else None
             if self._window_steps and window_time:
@@ -160,6 +168,7 @@ class Progress(tunix_hooks.TrainingHooks):
                     train_ctx.metrics_logger.log("", name, value, tunix_metrics.Mode.TRAIN, step)
                 eta = format_duration(step_time * (self.total_steps - step))
                 self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
+                           + self._extras_line(record) +
                            f"lr {record.get('learning_rate', 0):.2e} | {tps:,.0f} tokens/s | "
                            f"MFU {100 * mfu:.1f}% | {1000 * step_time:.0f} ms/step | "
                            f"packed {100 * packing:.0f}% | ETA {eta}",
@@ -184,18 +193,36 @@ class Progress(tunix_hooks.TrainingHooks):
     def on_eval_step_start(self, train_ctx):
         pass
 
+    def _extras(self, train_ctx, mode: str) -> dict[str, float]:
+        logger, out = train_ctx.metrics_logger, {}
+        for name, key, _ in self.extras:
+            if logger.metric_exists("", name, mode):
+                out[key] = float(logger.get_metric_history("", name, mode)[-1])
+        return out
+
+    def _extras_line(self, record: dict) -> str:
+        return "".join(fmt.format(record[key]) + " | " for _, key, fmt in self.extras
+                       if key in record)
+
     def on_eval_step_end(self, train_ctx, eval_loss):
         loss = float(train_ctx.metrics_logger.get_metric("", "loss", "eval"))
         step = train_ctx.train_steps
+        record = {"kind": "eval", "step": step, "loss": loss,
+                  **self._extras(train_ctx, "eval")}
+        self.eval_records.append(record)
         if self.jsonl is not None:
-            self.jsonl.write({"kind": "eval", "step": step, "loss": loss})
+            self.jsonl.write(record)
             self.jsonl.flush()
-        self.print(f"eval at step {step}: loss {loss:.4f} | perplexity {np.exp(loss):.3f}",
-                   flush=True)
+        if self.extras:
+            self.print(f"eval at step {step}: loss {loss:.4f} | "
+                       + self._extras_line(record).rstrip(" |"), flush=True)
+        else:
+            self.print(f"eval at step {step}: loss {loss:.4f} | perplexity {np.exp(loss):.3f}",
+                       flush=True)
 
 
-class SftTrainer(peft_trainer.PeftTrainer):
-    """PeftTrainer whose checkpoints also carry the data iterator's state."""
+class DataStateCheckpoints:
+    """A Tunix trainer mixin: its checkpoints also carry the data iterator's state."""
 
     feeder: BatchFeeder | None = None
 
@@ -207,6 +234,18 @@ class SftTrainer(peft_trainer.PeftTrainer):
     @property
     def restored_metadata(self) -> dict[str, Any]:
         return self._restored_custom_metadata or {}
+
+    def attach(self, feeder: BatchFeeder) -> None:
+        """Feeds the trainer from `feeder`, resumed at the checkpoint's data position."""
+        self.with_data_hooks(feeder)
+        self.feeder = feeder
+        state = self.restored_metadata.get(DATA_STATE_KEY)
+        if state is not None:
+            feeder.set_state(state)
+
+
+class SftTrainer(DataStateCheckpoints, peft_trainer.PeftTrainer):
+    """PeftTrainer whose checkpoints also carry the data iterator's state."""
 
 
 def checkpoint_options(cfg: Any) -> ocp.CheckpointManagerOptions | None:
@@ -223,7 +262,9 @@ def checkpoint_options(cfg: Any) -> ocp.CheckpointManagerOptions | None:
         enable_async_checkpointing=cfg.async_checkpointing, create=True)
 
 
-def training_config(cfg: Any) -> peft_trainer.TrainingConfig:
+def training_config(cfg: Any, config_cls=peft_trainer.TrainingConfig, **extra):
+    """Tunix's training config of a run (`config_cls` a TrainingConfig subclass such as DPO's,
+    `extra` its own fields)."""
     checkpointing = checkpoint_options(cfg)
     profiler = None
     if cfg.profiler == "xplane":
@@ -231,7 +272,7 @@ def training_config(cfg: Any) -> peft_trainer.TrainingConfig:
             log_dir=cfg.profile_directory, skip_first_n_steps=cfg.skip_first_n_steps_for_profiler
             * cfg.gradient_accumulation_steps,
             profiler_steps=cfg.profiler_steps * cfg.gradient_accumulation_steps)
-    return peft_trainer.TrainingConfig(
+    return config_cls(
         eval_every_n_steps=cfg.eval_interval or cfg.steps,
         max_steps=cfg.steps,
         gradient_accumulation_steps=(cfg.gradient_accumulation_steps
@@ -244,13 +285,16 @@ def training_config(cfg: Any) -> peft_trainer.TrainingConfig:
         data_sharding_axis=(BATCH_AXES,),
         metrics_prefix="",
         pbar_description=None,
+        **extra,
     )
 
 
-def vocab_tiles(cfg: Any, mesh: jax.sharding.Mesh | None) -> int:
-    """num_vocab_tiling, or its automatic value for one device's share of a micro-batch."""
+def vocab_tiles(cfg: Any, mesh: jax.sharding.Mesh | None, rows_per_sequence: int = 1) -> int:
+    """num_vocab_tiling, or its automatic value for one device's share of a micro-batch
+    (`rows_per_sequence`: rows of the model's input per batch entry, 2 for preference pairs)."""
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) if mesh else 1
-    rows = max(cfg.global_batch_size // cfg.gradient_accumulation_steps // shards, 1)
+    entries = cfg.global_batch_size // cfg.gradient_accumulation_steps
+    rows = max(entries * rows_per_sequence // shards, 1)
     return loss_lib.vocab_tiles(cfg.num_vocab_tiling, rows * cfg.max_target_length,
                                 cfg.max_target_length, cfg.vocab_size)
 
@@ -263,9 +307,5 @@ def build_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cf
     trainer.with_loss_fn(loss_lib.seeded_sft_loss(cfg.seed, vocab_tiles(cfg, mesh)))
     trainer.with_gen_model_input_fn(lambda batch: batch)
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
-    trainer.with_data_hooks(feeder)
-    trainer.feeder = feeder
-    state = trainer.restored_metadata.get(DATA_STATE_KEY)
-    if state is not None:
-        feeder.set_state(state)
+    trainer.attach(feeder)
     return trainer

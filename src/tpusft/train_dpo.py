@@ -1,0 +1,174 @@
+"""Preference training: DPO, ORPO and SimPO on chosen/rejected pairs.
+
+    python -m tpusft.train_dpo configs/dpo.yml key=value ...
+
+Top to bottom: config -> tokenizer and pairs -> mesh, model (weights from
+load_parameters_path, LoRA and QLoRA as for SFT) and reference (DPO: the base weights under
+LoRA, else a frozen copy; none for ORPO and SimPO) -> Tunix's DPO trainer (restored from
+run_name's last checkpoint if there is one) -> held-out reward accuracy before, during and
+after training -> loss curve.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # tpusft prints its own progress line
+
+
+def main(argv: Sequence[str]) -> int:
+    from tpusft.config import load_config, resolved_yaml
+
+    cfg = load_config(argv)
+    if cfg.print_config:
+        sys.stdout.write(resolved_yaml(cfg))
+        return 0
+
+    import jax
+    from etils import epath
+
+    from tpusft.data import pairs, pipeline, sources
+    from tpusft.data.chat import load_tokenizer
+    from tpusft.demo import arithmetic, evaluate
+    from tpusft.models import lora
+    from tpusft.models.decoder import ModelArgs
+    from tpusft.models.sharding import make_mesh
+    from tpusft.training import preference
+    from tpusft.training import trainer as trainer_lib
+    from tpusft.training.metrics import (
+        JsonlWriter,
+        peak_tflops_per_device,
+        training_flops_per_token,
+        write_loss_curve,
+    )
+    from tpusft.training.optimizer import make_optimizer
+    from tpusft.training.preference_loss import PreferenceLoss
+    from tpusft.training.setup import (
+        build_model,
+        check_batch,
+        check_vocab,
+        existing_checkpoint,
+        reference_model,
+    )
+
+    warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
+    if cfg.demo_task:
+        arithmetic.apply_to_config(cfg, preference=True)
+    method = PreferenceLoss.from_config(cfg)
+
+    # ---- data: batches of global_batch_size pairs
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    check_vocab(cfg, tokenizer)
+    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
+                     cfg.ici_tensor_parallelism)
+    check_batch(cfg, mesh)
+    train_sources, part = sources.sources(cfg, train=True)
+    train_ds, stats = pairs.build_dataset(train_sources, sources.options(cfg, train=True),
+                                          tokenizer, cfg.global_batch_size, train=True,
+                                          part=part)
+    pipeline.first_batch_or_error(train_ds, stats, "training")
+    eval_ds = None
+    eval_sources, part = sources.sources(cfg, train=False)
+    if eval_sources:
+        micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
+        eval_ds, _ = pairs.build_dataset(eval_sources, sources.options(cfg, train=False),
+                                         tokenizer, micro_batch, train=False, part=part)
+        pipeline.first_batch_or_error(eval_ds, None, "eval")
+
+    # ---- model and reference
+    args = ModelArgs.from_config(cfg)
+    out = epath.Path(cfg.run_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yml").write_text(resolved_yaml(cfg))
+    resuming = existing_checkpoint(cfg)
+    frozen_copy = method.needs_reference and not args.lora_rank
+    with mesh:
+        # A resumed full fine-tune still loads its starting weights: its reference is their
+        # copy (the trainer then restores the trained weights from the checkpoint).
+        model = build_model(cfg, args, mesh, resuming and not frozen_copy)
+        ref = reference_model(model) if method.needs_reference else None
+        feeder = preference.batch_feeder(train_ds, cfg, eval_ds, stats)
+        trainer = preference.build_trainer(model, ref, make_optimizer(cfg), cfg, feeder)
+        start = trainer.train_steps
+
+        peak, peak_source = peak_tflops_per_device(cfg.peak_tflops, cfg.dtype)
+        # The policy's forward and backward, plus the reference's forward (a third more).
+        flops_per_token = training_flops_per_token(args, cfg.max_target_length) * (
+            4 / 3 if ref is not None else 1)
+        print(f"tpusft preference training ({method.loss_type}) | run {cfg.run_directory}")
+        print(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
+              f"{args.num_layers} layers{' (scanned)' if args.scan_layers else ''}, "
+              f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {cfg.remat_policy}")
+        if args.lora_rank:
+            adapter, total = lora.count(model)
+            print(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on "
+                  f"{', '.join(sorted(args.lora_targets))}: {adapter / 1e6:,.2f}M / "
+                  f"{(total - adapter) / 1e6:,.2f}M trainable, "
+                  f"{100 * adapter / (total - adapter):.2f}%")
+        reference = ("none" if ref is None else "the base weights (shared with the model)"
+                     if args.lora_rank else "a frozen copy of the starting weights")
+        constants = {"dpo": f"beta {method.beta:g}",
+                     "simpo": f"beta {method.beta:g}, gamma {method.simpo_gamma:g}",
+                     "orpo": f"lambda {method.orpo_lambda:g}"}[method.loss_type]
+        smoothing = (f", label smoothing {method.label_smoothing:g}"
+                     if method.label_smoothing else "")
+        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+              f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source}); "
+              f"{method.loss_type}: {constants}{smoothing}; reference model: {reference}")
+        accumulation = cfg.gradient_accumulation_steps
+        micro = f" ({accumulation} micro-batches)" if accumulation > 1 else ""
+        print(f"batch {cfg.global_batch_size} pairs x 2 x {cfg.max_target_length} tokens"
+              f"{micro}, {cfg.steps} steps")
+        if start:
+            print(f"resuming from step {start} (checkpoint in {cfg.checkpoint_directory})")
+
+        demo_before = None
+        if cfg.demo_task and start == 0:
+            demo_before = evaluate.report(model, tokenizer, cfg, "before training")
+
+        progress = trainer_lib.Progress(
+            feeder, cfg.steps, cfg.log_period, flops_per_token,
+            peak * 1e12 * jax.device_count(), JsonlWriter(str(out / "metrics.jsonl")),
+            extras=preference.metrics(method))
+        trainer.with_training_hooks(progress)
+        if start < cfg.steps:
+            trainer.train([], [None] if eval_ds is not None else None)
+        else:
+            trainer.close()
+            print(f"run already complete at step {start}; nothing to train")
+
+        evals = [r for r in progress.eval_records if "reward_accuracy" in r]
+        if len(evals) > 1:
+            print(f"held-out reward accuracy: {100 * evals[0]['reward_accuracy']:.1f}% at step "
+                  f"{evals[0]['step']} -> {100 * evals[-1]['reward_accuracy']:.1f}% at step "
+                  f"{evals[-1]['step']} (margin {evals[0]['reward_margin']:.3f} -> "
+                  f"{evals[-1]['reward_margin']:.3f})")
+        if cfg.demo_task:
+            after = evaluate.report(model, tokenizer, cfg, "after training", show=8)
+            if demo_before is not None:
+                print(f"exact match: {100 * demo_before:.1f}% before training -> "
+                      f"{100 * after:.1f}% after")
+
+    print(f"data: {stats.summary()}")
+    png = str(out / "loss_curve.png")
+    if write_loss_curve(str(out / "metrics.jsonl"), png,
+                        f"tpusft {method.loss_type.upper()}: {cfg.run_name}"):
+        print(f"loss curve: {png}")
+    print(f"checkpoints: {cfg.checkpoint_directory}\ntensorboard: {cfg.tensorboard_directory}")
+    return 0
+
+
+def cli() -> None:
+    """Console script and `python -m tpusft.train_dpo` entry: one-line errors, tcmalloc."""
+    from tpusft.errors import run_cli
+    from tpusft.launch import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc("tpusft.train_dpo")
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,98 @@
+"""The one place tpusft talks to Tunix's preference trainer.
+
+Tunix's DPOTrainer (a PeftTrainer) runs the loop: jit, gradient accumulation, evaluation,
+the preference metrics (rewards, margin, accuracy, log-probs) to TensorBoard, profiler and
+Orbax checkpoints. tpusft plugs into its hooks:
+  * the loss (training/preference_loss.py): DPO, ORPO and SimPO on tpusft's batches of pairs,
+    with the output layer run in sequence chunks instead of Tunix's full-vocabulary logits;
+  * `_prepare_inputs`: the batch sharded over the mesh and, for DPO, the reference model's
+    log-probs of both sides computed once per batch outside the gradient (as Tunix does);
+  * the data hooks, data-iterator state in checkpoints and the progress line shared with SFT
+    (training/trainer.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import optax
+from flax import nnx
+from tunix.sft import sharding_utils
+from tunix.sft.dpo import dpo_trainer
+
+from tpusft.training import trainer as trainer_lib
+from tpusft.training.preference_loss import PreferenceLoss, make_loss_fn, pair_logps
+
+# Tunix's metric name -> (metrics.jsonl key, progress-line format), logged every step/eval.
+METRICS = (("rewards/accuracy", "reward_accuracy", "acc {:.1%}"),
+           ("rewards/margin", "reward_margin", "margin {:.3f}"),
+           ("rewards/chosen", "reward_chosen", "chosen {:.3f}"),
+           ("rewards/rejected", "reward_rejected", "rejected {:.3f}"),
+           ("log_probs/chosen", "logp_chosen", "logp {:.2f}"),
+           ("log_probs/rejected", "logp_rejected", "/ {:.2f}"))
+ORPO_METRICS = (("log_odds_ratio", "log_odds_ratio", "log odds {:.3f}"),
+                ("nll_loss", "nll_loss", "nll {:.4f}"))
+
+
+def _pairs(micro_batches: list[dict]) -> list[dict]:
+    return micro_batches  # the loss is a mean over pairs: nothing to add per micro-batch
+
+
+def batch_feeder(train_ds, cfg: Any, eval_ds=None, stats=None) -> trainer_lib.BatchFeeder:
+    return trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
+                                   cfg.eval_steps, stats, prepare=_pairs)
+
+
+def metrics(method: PreferenceLoss) -> tuple[tuple[str, str, str], ...]:
+    return METRICS + (ORPO_METRICS if method.loss_type == "orpo" else ())
+
+
+class PreferenceTrainer(trainer_lib.DataStateCheckpoints, dpo_trainer.DPOTrainer):
+    """Tunix's DPOTrainer on tpusft's pair batches and losses."""
+
+    def __init__(self, model: nnx.Module, ref_model: nnx.Module | None,
+                 optimizer: optax.GradientTransformation,
+                 config: dpo_trainer.DPOTrainingConfig, method: PreferenceLoss, seed: int,
+                 tiles: int):
+        super().__init__(model, ref_model, optimizer, config)
+        self.method = method
+        self.with_loss_fn(make_loss_fn(method, seed, tiles), has_aux=True)
+        self.with_gen_model_input_fn(lambda batch: batch)
+        self._aux_metrics_to_log = {name: np.mean for name, _, _ in metrics(method)}
+        self._reference_logps = nnx.jit(functools.partial(_reference_logps, tiles=tiles))
+
+    def _prepare_inputs(self, batch: dict) -> dict:
+        batch = sharding_utils.shard_input(batch, self.config.data_sharding_axis)
+        if self.ref_model is None:
+            return batch
+        return dict(batch, ref_logps=self._reference_logps(self.ref_model, batch))
+
+
+def _reference_logps(model, batch: dict, tiles: int):
+    features = ("inputs", "targets", "weights", "segment_ids", "positions")
+    return pair_logps(model, *(batch[k] for k in features), tiles=tiles)
+
+
+def training_config(cfg: Any, method: PreferenceLoss) -> dpo_trainer.DPOTrainingConfig:
+    # Tunix's own fields, as the run's settings say; tpusft's loss reads them from `method`.
+    return trainer_lib.training_config(
+        cfg, dpo_trainer.DPOTrainingConfig,
+        algorithm="orpo" if method.loss_type == "orpo" else "dpo", beta=method.beta,
+        lambda_orpo=method.orpo_lambda, label_smoothing=method.label_smoothing)
+
+
+def build_trainer(model: nnx.Module, ref_model: nnx.Module | None,
+                  optimizer: optax.GradientTransformation, cfg: Any,
+                  feeder: trainer_lib.BatchFeeder) -> PreferenceTrainer:
+    """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
+    method = PreferenceLoss.from_config(cfg)
+    mesh = model.rules.mesh if model.rules is not None else None
+    # Each optimizer step's rows are 2 x its pairs: vocab tiles sized for that many rows.
+    tiles = trainer_lib.vocab_tiles(cfg, mesh, rows_per_sequence=2)
+    trainer = PreferenceTrainer(model, ref_model, optimizer, training_config(cfg, method),
+                                method, cfg.seed, tiles)
+    feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
+    trainer.attach(feeder)
+    return trainer
