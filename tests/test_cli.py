@@ -2,6 +2,7 @@
 
 import glob
 import json
+import os
 import re
 import signal
 import subprocess
@@ -225,3 +226,67 @@ def test_grpo_broken_reward_is_a_one_line_error(tmp_path, monkeypatch, body, mes
     proc = run_in_process(main, "configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
                           "global_batch_size=8", "reward_functions=[bad_reward:fn]")
     _one_line_error(proc, message)
+
+
+@pytest.mark.slow
+def test_dpo_resumes_exactly_and_exports(tmp_path):
+    """Preference training end to end: a full DPO run (reference: a frozen copy of its
+    starting weights) killed after a checkpoint and resumed gives the uninterrupted run's
+    per-step losses on the same batches; a LoRA DPO run (reference: the base) exports merged
+    weights and a PEFT adapter."""
+    common = ["configs/demo/dpo.yml", f"base_output_directory={tmp_path}", "demo_task=arithmetic",
+              "global_batch_size=4", "eval_steps=1", "log_period=1", "async_checkpointing=false",
+              "learning_rate=1e-3"]
+    base = run_cli("tpusft.train_dpo", *common, "load_parameters_path=", "run_name=base",
+                   "steps=2", "eval_interval=0")
+    assert base.returncode == 0, base.stderr[-3000:]
+    assert "reference model: a frozen copy of the starting weights" in base.stdout
+    assert re.search(r"held-out reward accuracy: [\d.]+% at step 0 -> [\d.]+% at step 2",
+                     base.stdout)
+    args = [*common, f"load_parameters_path={tmp_path}/base/checkpoints/2", "steps=12",
+            "checkpoint_period=4", "eval_interval=6"]
+    full = run_cli("tpusft.train_dpo", *args, "run_name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    cmd = [sys.executable, "-m", "tpusft.train_dpo", *args, "run_name=cut"]
+    one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=one_device, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "checkpoints" / "4"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(int(p.name) for p in ckpt.parent.iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 12, "the run finished before it was killed"
+    resumed = run_cli("tpusft.train_dpo", *args, "run_name=cut")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {max(saved)}" in resumed.stdout
+
+    ref_rows = read_jsonl(str(tmp_path / "full" / "metrics.jsonl"))
+    got_rows = read_jsonl(str(tmp_path / "cut" / "metrics.jsonl"))
+    for key in ("loss", "batch_crc32", "reward_margin", "reward_accuracy"):
+        ref, got = last_per_step(ref_rows, "train", key), last_per_step(got_rows, "train", key)
+        assert list(ref) == list(range(1, 13)) and all(s in got for s in range(max(saved) + 1, 13))
+        steps = sorted(got)
+        np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=1e-5,
+                                   atol=1e-6, err_msg=key)
+    evals = [r for r in ref_rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert all(0 <= r["reward_accuracy"] <= 1 and "reward_margin" in r for r in evals)
+    assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 1000
+
+    lora = run_cli("tpusft.train_dpo", *common, "run_name=lora", "steps=2", "eval_interval=0",
+                   f"load_parameters_path={tmp_path}/base/checkpoints/2",
+                   "lora.enable_lora=true", "lora.rank=4")
+    assert lora.returncode == 0, lora.stderr[-3000:]
+    assert "reference model: the base weights (shared with the model)" in lora.stdout
+    from tpusft.checkpoint.cli import native_to_hf_main
+
+    out = tmp_path / "hf"
+    export = run_in_process(native_to_hf_main, str(tmp_path / "lora" / "checkpoints"), str(out))
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
