@@ -13,7 +13,7 @@ from tpusft.data import encoders
 from tpusft.data.pipeline import DataStats
 from tpusft.models import lora, sampling
 from tpusft.models.decoder import ModelArgs, Transformer
-from tpusft.rl import grpo
+from tpusft.training.setup import reference_model
 
 ARGS = ModelArgs(family="llama3", vocab_size=64, emb_dim=32, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-5, rope_theta=1e4)
@@ -135,7 +135,7 @@ def test_lora_reference_is_the_base_without_a_copy():
     args = ModelArgs(**{**ARGS.__dict__, "lora_rank": 4, "lora_alpha": 8.0,
                         "lora_targets": frozenset(lora.PROJECTIONS)})
     actor = _numpy_model(args)  # nonzero adapters: the actor differs from its base
-    ref = grpo.reference_model(actor)
+    ref = reference_model(actor)
     assert lora.count(ref)[0] == 0 and lora.count(actor)[0] > 0
     assert rl_utils.is_sharing_backbone(ref, actor)
     base = _numpy_model(ARGS)
@@ -146,7 +146,7 @@ def test_lora_reference_is_the_base_without_a_copy():
     assert float(jnp.abs(actor(tokens, pos)[0] - base(tokens, pos)[0]).max()) > 1e-3
     # A full fine-tune's reference is a copy that training the actor leaves alone.
     full = _numpy_model(ARGS)
-    copy = grpo.reference_model(full)
+    copy = reference_model(full)
     before = np.asarray(copy.token_embedder.embedding[...])
     full.token_embedder.embedding[...] = full.token_embedder.embedding[...] + 1.0
     np.testing.assert_array_equal(copy.token_embedder.embedding[...], before)

@@ -30,19 +30,17 @@ def main(argv: Sequence[str]) -> int:
     import jax
     from etils import epath
 
-    from tpusft.data import pairs, pipeline, sources
+    from tpusft.data import pairs
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic, evaluate
-    from tpusft.models import lora
     from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import make_mesh
-    from tpusft.training import preference
+    from tpusft.training import preference, report
     from tpusft.training import trainer as trainer_lib
     from tpusft.training.metrics import (
         JsonlWriter,
         peak_tflops_per_device,
         training_flops_per_token,
-        write_loss_curve,
     )
     from tpusft.training.optimizer import make_optimizer
     from tpusft.training.preference_loss import PreferenceLoss
@@ -52,6 +50,7 @@ def main(argv: Sequence[str]) -> int:
         check_vocab,
         existing_checkpoint,
         reference_model,
+        train_and_eval_data,
     )
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
@@ -65,18 +64,7 @@ def main(argv: Sequence[str]) -> int:
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism)
     check_batch(cfg, mesh)
-    train_sources, part = sources.sources(cfg, train=True)
-    train_ds, stats = pairs.build_dataset(train_sources, sources.options(cfg, train=True),
-                                          tokenizer, cfg.global_batch_size, train=True,
-                                          part=part)
-    pipeline.first_batch_or_error(train_ds, stats, "training")
-    eval_ds = None
-    eval_sources, part = sources.sources(cfg, train=False)
-    if eval_sources:
-        micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
-        eval_ds, _ = pairs.build_dataset(eval_sources, sources.options(cfg, train=False),
-                                         tokenizer, micro_batch, train=False, part=part)
-        pipeline.first_batch_or_error(eval_ds, None, "eval")
+    train_ds, stats, eval_ds = train_and_eval_data(cfg, tokenizer, pairs.build_dataset)
 
     # ---- model and reference
     args = ModelArgs.from_config(cfg)
@@ -99,15 +87,7 @@ def main(argv: Sequence[str]) -> int:
         flops_per_token = training_flops_per_token(args, cfg.max_target_length) * (
             4 / 3 if ref is not None else 1)
         print(f"tpusft preference training ({method.loss_type}) | run {cfg.run_directory}")
-        print(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
-              f"{args.num_layers} layers{' (scanned)' if args.scan_layers else ''}, "
-              f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {cfg.remat_policy}")
-        if args.lora_rank:
-            adapter, total = lora.count(model)
-            print(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on "
-                  f"{', '.join(sorted(args.lora_targets))}: {adapter / 1e6:,.2f}M / "
-                  f"{(total - adapter) / 1e6:,.2f}M trainable, "
-                  f"{100 * adapter / (total - adapter):.2f}%")
+        report.describe_model(cfg, args, model)
         reference = ("none" if ref is None else "the base weights (shared with the model)"
                      if args.lora_rank else "a frozen copy of the starting weights")
         constants = {"dpo": f"beta {method.beta:g}",
@@ -117,7 +97,8 @@ def main(argv: Sequence[str]) -> int:
                      if method.label_smoothing else "")
         print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
               f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source}); "
-              f"{method.loss_type}: {constants}{smoothing}; reference model: {reference}")
+              f"{report.allocator()}\n{method.loss_type}: {constants}{smoothing}; "
+              f"reference model: {reference}")
         accumulation = cfg.gradient_accumulation_steps
         micro = f" ({accumulation} micro-batches)" if accumulation > 1 else ""
         print(f"batch {cfg.global_batch_size} pairs x 2 x {cfg.max_target_length} tokens"
@@ -152,12 +133,7 @@ def main(argv: Sequence[str]) -> int:
                 print(f"exact match: {100 * demo_before:.1f}% before training -> "
                       f"{100 * after:.1f}% after")
 
-    print(f"data: {stats.summary()}")
-    png = str(out / "loss_curve.png")
-    if write_loss_curve(str(out / "metrics.jsonl"), png,
-                        f"tpusft {method.loss_type.upper()}: {cfg.run_name}"):
-        print(f"loss curve: {png}")
-    print(f"checkpoints: {cfg.checkpoint_directory}\ntensorboard: {cfg.tensorboard_directory}")
+    report.finish(cfg, stats, f"tpusft {method.loss_type.upper()}")
     return 0
 
 

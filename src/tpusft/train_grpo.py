@@ -35,12 +35,12 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.data.pipeline import DataStats
     from tpusft.demo import arithmetic
     from tpusft.errors import DataError
-    from tpusft.models import lora
     from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import make_mesh
     from tpusft.rl import grpo
     from tpusft.rl import rewards as rewards_lib
-    from tpusft.training.metrics import JsonlWriter, write_loss_curve
+    from tpusft.training import report
+    from tpusft.training.metrics import JsonlWriter
     from tpusft.training.setup import build_model, check_batch, check_vocab, existing_checkpoint
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
@@ -88,16 +88,10 @@ def main(argv: Sequence[str]) -> int:
         start = cluster.actor_trainer.train_steps
 
         print(f"tpusft GRPO ({cfg.loss_algo}) | run {cfg.run_directory}")
-        print(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
-              f"{args.num_layers} layers, dtype {cfg.dtype}")
-        if args.lora_rank:
-            adapter, total = lora.count(actor)
-            print(f"LoRA rank {args.lora_rank}: {adapter / 1e6:,.2f}M / "
-                  f"{(total - adapter) / 1e6:,.2f}M trainable, "
-                  f"{100 * adapter / (total - adapter):.2f}%; the reference is the base "
-                  f"without adapters (shared weights)")
+        report.describe_model(cfg, args, actor)
         ref = "none (beta=0)" if not grpo.needs_reference(cfg) else (
-            "the base weights" if args.lora_rank else "a copy of the starting weights")
+            "the base weights (shared with the model)" if args.lora_rank
+            else "a copy of the starting weights")
         print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
               f"device(s); reference model: {ref}; rollouts: {cfg.rollout_engine} sampler")
         print(f"{cfg.global_batch_size} prompts x {cfg.num_generations} completions per step, "
@@ -128,12 +122,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"held-out accuracy: {100 * before:.1f}% before -> {100 * after:.1f}% after "
                   f"({len(problems)} prompts, greedy)")
 
-    print(f"data: {stats.summary()}")
-    png = str(out / "loss_curve.png")
-    if write_loss_curve(str(out / "metrics.jsonl"), png, f"tpusft GRPO: {cfg.run_name}"):
-        print(f"loss curve: {png}")
-    print(f"checkpoints: {cfg.checkpoint_directory}/actor\n"
-          f"tensorboard: {cfg.tensorboard_directory}")
+    report.finish(cfg, stats, "tpusft GRPO", f"{cfg.checkpoint_directory}/actor")
     return 0
 
 

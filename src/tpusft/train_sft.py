@@ -27,21 +27,26 @@ def main(argv: Sequence[str]) -> int:
     import jax
     from etils import epath
 
-    from tpusft.data import packing, pipeline, sources
+    from tpusft.data import packing
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic, evaluate
-    from tpusft.models import lora
     from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import make_mesh
+    from tpusft.training import report
     from tpusft.training import trainer as trainer_lib
     from tpusft.training.metrics import (
         JsonlWriter,
         peak_tflops_per_device,
         training_flops_per_token,
-        write_loss_curve,
     )
     from tpusft.training.optimizer import make_optimizer
-    from tpusft.training.setup import build_model, check_batch, check_vocab, existing_checkpoint
+    from tpusft.training.setup import (
+        build_model,
+        check_batch,
+        check_vocab,
+        existing_checkpoint,
+        train_and_eval_data,
+    )
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     if cfg.demo_task:
@@ -53,18 +58,7 @@ def main(argv: Sequence[str]) -> int:
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism)
     check_batch(cfg, mesh)
-    train_sources, part = sources.sources(cfg, train=True)
-    train_ds, stats = packing.build_dataset(train_sources, sources.options(cfg, train=True),
-                                             tokenizer, cfg.global_batch_size, train=True,
-                                             part=part)
-    pipeline.first_batch_or_error(train_ds, stats, "training")
-    eval_ds = None
-    eval_sources, part = sources.sources(cfg, train=False)
-    if eval_sources:
-        micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
-        eval_ds, _ = packing.build_dataset(eval_sources, sources.options(cfg, train=False),
-                                            tokenizer, micro_batch, train=False, part=part)
-        pipeline.first_batch_or_error(eval_ds, None, "eval")
+    train_ds, stats, eval_ds = train_and_eval_data(cfg, tokenizer, packing.build_dataset)
 
     # ---- model
     args = ModelArgs.from_config(cfg)
@@ -82,19 +76,10 @@ def main(argv: Sequence[str]) -> int:
         peak, peak_source = peak_tflops_per_device(cfg.peak_tflops, cfg.dtype)
         flops_per_token = training_flops_per_token(args, cfg.max_target_length)
         print(f"tpusft SFT | run {cfg.run_directory}")
-        print(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
-              f"{args.num_layers} layers{' (scanned)' if args.scan_layers else ''}, "
-              f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {cfg.remat_policy}")
-        if args.lora_rank:
-            adapter, total = lora.count(model)
-            print(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on "
-                  f"{', '.join(sorted(args.lora_targets))}: {adapter / 1e6:,.2f}M / "
-                  f"{(total - adapter) / 1e6:,.2f}M trainable, "
-                  f"{100 * adapter / (total - adapter):.2f}%")
-        preloaded = "tcmalloc" in os.environ.get("LD_PRELOAD", "")
-        allocator = "tcmalloc" if preloaded else "system malloc"
+        report.describe_model(cfg, args, model)
         print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-              f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source}); {allocator}")
+              f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source}); "
+              f"{report.allocator()}")
         accumulation = cfg.gradient_accumulation_steps
         micro = f" ({accumulation} micro-batches)" if accumulation > 1 else ""
         print(f"batch {cfg.global_batch_size} x {cfg.max_target_length} tokens{micro}, "
@@ -122,11 +107,7 @@ def main(argv: Sequence[str]) -> int:
                 print(f"exact match: {100 * demo_before:.1f}% before training -> "
                       f"{100 * after:.1f}% after")
 
-    print(f"data: {stats.summary()}")
-    png = str(out / "loss_curve.png")
-    if write_loss_curve(str(out / "metrics.jsonl"), png, f"tpusft SFT: {cfg.run_name}"):
-        print(f"loss curve: {png}")
-    print(f"checkpoints: {cfg.checkpoint_directory}\ntensorboard: {cfg.tensorboard_directory}")
+    report.finish(cfg, stats, "tpusft SFT")
     return 0
 
 

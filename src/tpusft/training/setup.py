@@ -82,3 +82,22 @@ def reference_model(model):
             del module.lora_a, module.lora_b
         return ref
     return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def train_and_eval_data(cfg: Any, tokenizer, build) -> tuple[Any, Any, Any]:
+    """(train batches, their DataStats, eval batches or None) through a data tail's
+    `build_dataset` (packing.py, pairs.py), each checked for a first batch before compiling."""
+    from tpusft.data import pipeline, sources
+
+    train_sources, part = sources.sources(cfg, train=True)
+    train_ds, stats = build(train_sources, sources.options(cfg, train=True), tokenizer,
+                            cfg.global_batch_size, train=True, part=part)
+    pipeline.first_batch_or_error(train_ds, stats, "training")
+    eval_ds = None
+    eval_sources, part = sources.sources(cfg, train=False)
+    if eval_sources:
+        micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
+        eval_ds, _ = build(eval_sources, sources.options(cfg, train=False), tokenizer,
+                           micro_batch, train=False, part=part)
+        pipeline.first_batch_or_error(eval_ds, None, "eval")
+    return train_ds, stats, eval_ds

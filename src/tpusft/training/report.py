@@ -1,0 +1,40 @@
+"""What the recipes print at the start and the end of a run."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from etils import epath
+
+
+def describe_model(cfg: Any, args, model, print_fn=print) -> None:
+    """The model line, and the adapters' share of it on a LoRA run."""
+    from tpusft.models import lora
+
+    print_fn(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
+             f"{args.num_layers} layers{' (scanned)' if args.scan_layers else ''}, "
+             f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {cfg.remat_policy}")
+    if args.lora_rank:
+        adapter, total = lora.count(model)
+        print_fn(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on "
+                 f"{', '.join(sorted(args.lora_targets))}: {adapter / 1e6:,.2f}M / "
+                 f"{(total - adapter) / 1e6:,.2f}M trainable, "
+                 f"{100 * adapter / (total - adapter):.2f}%")
+
+
+def allocator() -> str:
+    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
+
+
+def finish(cfg: Any, stats, title: str, checkpoints: str = "", print_fn=print) -> None:
+    """The data summary, the loss curve and where the outputs are."""
+    from tpusft.training.metrics import write_loss_curve
+
+    out = epath.Path(cfg.run_directory)
+    print_fn(f"data: {stats.summary()}")
+    png = str(out / "loss_curve.png")
+    if write_loss_curve(str(out / "metrics.jsonl"), png, f"{title}: {cfg.run_name}"):
+        print_fn(f"loss curve: {png}")
+    print_fn(f"checkpoints: {checkpoints or cfg.checkpoint_directory}\n"
+             f"tensorboard: {cfg.tensorboard_directory}")
