@@ -2,14 +2,16 @@
 pairs, sequence length and AdamW, in one invocation.
 
     .venv/bin/python benchmarks/dpo_step.py [--layers 8] [--emb 512] [--batch 4] [--seq 256]
-        [--steps 6] [--rounds 1] [--only tpusft,trl]
+        [--steps 6] [--remat full,minimal] [--rounds 1] [--only tpusft,trl]
 
 Contenders (each in a fresh process, so peak memory is its own):
   tpusft  train_dpo's trainer (Tunix's DPOTrainer with tpusft's loss, reference log-probs and
-          data feeding, scanned decoder, remat full) on [batch, 2, seq] pair batches;
-  trl     TRL's DPOTrainer (sigmoid loss) on transformers' LlamaForCausalLM with the same
-          pairs as text of one word per token id (a word-level tokenizer), so both see the
-          same token ids.
+          data feeding, scanned decoder) on [batch, 2, seq] pair batches, once per
+          remat_policy in --remat (full, the default, keeps each layer's input only, as
+          gradient checkpointing does; minimal keeps the matmul outputs);
+  trl     TRL's DPOTrainer (sigmoid loss, gradient checkpointing) on transformers'
+          LlamaForCausalLM with the same pairs as text of one word per token id (a word-level
+          tokenizer), so both see the same token ids.
 Both are full fine-tunes whose reference model is a frozen copy of the starting weights, with
 beta 0.1. Every sequence is exactly --seq tokens (a prompt of seq/2, responses of seq/2 ending
 with EOS), so neither pads. Tokens/s counts both sides' tokens; the step time is the median
@@ -93,7 +95,7 @@ def _cfg(a):
         f"vocab_size={a.vocab}", f"base_emb_dim={a.emb}", f"base_num_decoder_layers={a.layers}",
         f"base_num_query_heads={a.heads}", f"base_num_kv_heads={a.heads}",
         f"head_dim={a.emb // a.heads}", f"base_mlp_dim={a.mlp}", "rope_max_timescale=10000",
-        "dtype=float32", "weight_dtype=float32", "remat_policy=full",
+        "dtype=float32", "weight_dtype=float32", f"remat_policy={a.remat}",
         f"global_batch_size={a.batch}", f"max_target_length={a.seq}", f"steps={a.steps}",
         "log_period=1000", "eval_interval=0", "learning_rate=1e-6", "dpo.beta=0.1",
         "ici_fsdp_parallelism=1", "ici_data_parallelism=-1"])
@@ -202,6 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--remat", default="full,minimal", help="tpusft's remat policies")
     p.add_argument("--only", default=",".join(CONTENDERS))
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -223,18 +226,21 @@ def main() -> None:
 
     env = tcmalloc_env() or dict(os.environ)
     allocator = "tcmalloc" if "LD_PRELOAD" in env else "glibc malloc"
-    names = [n for n in a.only.split(",") if n]
-    runs: dict[str, list[dict]] = {n: [] for n in names}
+    jobs = []  # (label, worker, remat)
+    for name in (n for n in a.only.split(",") if n):
+        remats = [r for r in a.remat.split(",") if r] if name == "tpusft" else ["full"]
+        jobs += [(f"{name}, remat {r}" if name == "tpusft" else name, name, r) for r in remats]
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
     for _ in range(a.rounds):
-        for name in names:
+        for label, name, remat in jobs:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                cmd = [sys.executable, __file__, *sys.argv[1:], f"--worker={name}",
-                       f"--out={f.name}"]
+                cmd = [sys.executable, __file__, *sys.argv[1:], f"--remat={remat}",
+                       f"--worker={name}", f"--out={f.name}"]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode:
-                    print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    print(f"{label} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                     continue
-                runs[name].append(json.loads(Path(f.name).read_text()))
+                runs[label].append(json.loads(Path(f.name).read_text()))
     results = {}
     for name, rs in runs.items():
         if rs:
@@ -248,7 +254,7 @@ def main() -> None:
           f"{a.steps} steps, {a.rounds} round(s), {allocator}, {device}")
     print("| contender | tokens/s | step s | first step s | peak RSS GiB | tpusft x |")
     print("|---|---|---|---|---|---|")
-    base = results.get("tpusft")
+    base = next((r for label, r in results.items() if label.startswith("tpusft")), None)
     for name, r in results.items():
         ratio = base["tokens_per_s"] / r["tokens_per_s"] if base else float("nan")
         print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | "

@@ -78,6 +78,19 @@ def test_data_inspection(tmp_path):
     assert "rows: " in out.stdout and "packing: " in out.stdout
     bad = run_in_process(main, DEMO, f"base_output_directory={tmp_path}", "truncaton=left")
     _one_line_error(bad, "did you mean truncation")
+    # Preference pairs: both sides, their responses marked.
+    pairs = run_in_process(main, "configs/demo/dpo.yml", f"base_output_directory={tmp_path}",
+                           "inspect_examples=1", "global_batch_size=8")
+    assert pairs.returncode == 0, pairs.stderr[-3000:]
+    assert "--- json pair 1, chosen" in pairs.stdout and "--- json pair 1, rejected" in pairs.stdout
+    assert "[[" in pairs.stdout and "padding: " in pairs.stdout
+    # SFT refuses preference rows with a line that says what they are for.
+    from tpusft.train_sft import main as sft_main
+
+    wrong = run_in_process(sft_main, DEMO, f"base_output_directory={tmp_path}", "hf_path=json",
+                           f"hf_data_files={tmp_path}/demo_assets/arithmetic/"
+                           "preference_train.jsonl")
+    _one_line_error(wrong, "which supervised fine-tuning cannot train on")
 
 
 @pytest.mark.slow
@@ -234,8 +247,8 @@ def test_dpo_resumes_exactly_and_exports(tmp_path):
     starting weights) killed after a checkpoint and resumed gives the uninterrupted run's
     per-step losses on the same batches; a LoRA DPO run (reference: the base) exports merged
     weights and a PEFT adapter."""
-    common = ["configs/demo/dpo.yml", f"base_output_directory={tmp_path}", "demo_task=arithmetic",
-              "global_batch_size=4", "eval_steps=1", "log_period=1", "async_checkpointing=false",
+    common = ["configs/demo/dpo.yml", f"base_output_directory={tmp_path}", "global_batch_size=4",
+              "eval_steps=1", "log_period=1", "async_checkpointing=false",
               "learning_rate=1e-3"]
     base = run_cli("tpusft.train_dpo", *common, "load_parameters_path=", "run_name=base",
                    "steps=2", "eval_interval=0")
@@ -277,11 +290,14 @@ def test_dpo_resumes_exactly_and_exports(tmp_path):
     assert all(0 <= r["reward_accuracy"] <= 1 and "reward_margin" in r for r in evals)
     assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 1000
 
-    lora = run_cli("tpusft.train_dpo", *common, "run_name=lora", "steps=2", "eval_interval=0",
+    lora = run_cli("tpusft.train_dpo", *common, "run_name=lora", "steps=3", "eval_interval=2",
                    f"load_parameters_path={tmp_path}/base/checkpoints/2",
                    "lora.enable_lora=true", "lora.rank=4")
     assert lora.returncode == 0, lora.stderr[-3000:]
     assert "reference model: the base weights (shared with the model)" in lora.stdout
+    # Held-out figures before training, every eval_interval steps and after the last step.
+    lora_rows = read_jsonl(str(tmp_path / "lora" / "metrics.jsonl"))
+    assert [r["step"] for r in lora_rows if r["kind"] == "eval"] == [0, 2, 3]
     from tpusft.checkpoint.cli import native_to_hf_main
 
     out = tmp_path / "hf"

@@ -55,7 +55,7 @@ def main(argv: Sequence[str]) -> int:
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     if cfg.demo_task:
-        arithmetic.apply_to_config(cfg, preference=True)
+        arithmetic.apply_to_config(cfg)
     method = PreferenceLoss.from_config(cfg)
 
     # ---- data: batches of global_batch_size pairs

@@ -230,9 +230,11 @@ class Config:
         3, "Examples printed, with their trained tokens marked, by `python -m tpusft.data`.",
         minimum=0)
     demo_task: str = key(
-        "", "Embedded demo: 'arithmetic' generates a tokenizer and a chat data set under "
-        "base_output_directory/demo_assets and reports exact-match answers before and after "
-        "training.", choices=("", "arithmetic"))
+        "", "Embedded demo: 'arithmetic' generates a tokenizer and a chat data set of sums "
+        "under base_output_directory/demo_assets and reports exact-match answers before and "
+        "after training; 'arithmetic_preference' trains on preference pairs of the same sums "
+        "(the right one against a near miss) instead.",
+        choices=("", "arithmetic", "arithmetic_preference"))
 
     # ------------------------------------------------------------- training
     steps: int = key(1000, "Optimizer steps to train for.", minimum=1, section="Training")
@@ -252,7 +254,8 @@ class Config:
     adam_weight_decay: float = key(0.0, "AdamW decoupled weight decay.", minimum=0)
     gradient_clipping_threshold: float = key(1.0, "Clip gradients to this global norm (0: "
                                              "off).", minimum=0)
-    eval_interval: int = key(0, "Evaluate every this many steps (0: only when a run ends).",
+    eval_interval: int = key(0, "Evaluate every this many steps and after the last (0: only "
+                             "when a run ends).",
                              minimum=0)
     eval_steps: int | None = key(None, "Eval batches per evaluation (null: the whole eval "
                                  "split).", minimum=1)

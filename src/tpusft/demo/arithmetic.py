@@ -91,12 +91,12 @@ def ensure_assets(base_output_directory: str) -> Path:
     return root
 
 
-def apply_to_config(cfg, preference: bool = False) -> None:
+def apply_to_config(cfg) -> None:
     """Points an arithmetic-demo config at the generated assets (explicit settings win):
-    the chat data set, or with `preference` its preference pairs."""
+    the chat data set, or its preference pairs for demo_task=arithmetic_preference."""
     root = ensure_assets(cfg.base_output_directory)
     cfg.tokenizer_path = cfg.tokenizer_path or str(root / "tokenizer")
-    prefix = "preference_" if preference else ""
+    prefix = "preference_" if cfg.demo_task == "arithmetic_preference" else ""
     if not cfg.hf_path:
         cfg.hf_path = "json"
         cfg.hf_data_files = str(root / f"{prefix}train.jsonl")

@@ -188,7 +188,13 @@ class Progress(tunix_hooks.TrainingHooks):
             self.jsonl.flush()
 
     def on_train_step_start(self, train_ctx):
-        pass
+        # Tunix evaluates after the steps that are multiples of eval_every_n_steps (read from
+        # its config after every step); the last step is evaluated too, so a run always ends
+        # with held-out figures.
+        config = train_ctx.config
+        if (train_ctx.train_steps + 1 == self.total_steps and config.eval_every_n_steps
+                and self.total_steps % config.eval_every_n_steps):
+            config.eval_every_n_steps = self.total_steps
 
     def on_eval_step_start(self, train_ctx):
         pass
