@@ -6,7 +6,8 @@ pairs, sequence length and AdamW, in one invocation.
 
 Contenders (each in a fresh process, so peak memory is its own):
   tpusft  train_dpo's trainer (Tunix's DPOTrainer with tpusft's loss, reference log-probs and
-          data feeding, scanned decoder) on [batch, 2, seq] pair batches, once per
+          data feeding, scanned decoder) on its pair rows (the prompt once, then both
+          responses: max_target_length 3 x seq/2), once per
           remat_policy in --remat (full, the default, keeps each layer's input only, as
           gradient checkpointing does; minimal keeps the matmul outputs);
   trl     TRL's DPOTrainer (sigmoid loss, gradient checkpointing) on transformers'
@@ -14,7 +15,8 @@ Contenders (each in a fresh process, so peak memory is its own):
           tokenizer), so both see the same token ids.
 Both are full fine-tunes whose reference model is a frozen copy of the starting weights, with
 beta 0.1. Every sequence is exactly --seq tokens (a prompt of seq/2, responses of seq/2 ending
-with EOS), so neither pads. Tokens/s counts both sides' tokens; the step time is the median
+with EOS), so neither pads. Tokens/s counts both sides' tokens (2 x seq a pair, for both
+contenders, although tpusft runs the prompt once); the step time is the median
 of the steps after the first. Peak memory is the process's peak RSS. With --rounds N every
 contender runs N times, in turn, and each figure is the median over the rounds.
 Writes the table to stdout and JSON to benchmarks/results/dpo_step-<device>.json.
@@ -64,22 +66,25 @@ def make_pairs(n: int, seq: int, vocab: int, seed: int = 0) -> list[tuple[list, 
     return out
 
 
+def row_length(seq: int) -> int:
+    """tpusft's max_target_length for these pairs: the prompt and both responses."""
+    return 3 * (seq // 2)
+
+
 def pair_batches(pairs, batch: int, seq: int) -> list[dict]:
-    """tpusft's [batch, 2, seq] features (data/pairs.py's layout)."""
+    """tpusft's pair rows (data/pairs.py: the prompt once, then both responses), from the
+    encoder's view of each pair (every sequence is prompt + response, responses trained)."""
+    from tpusft.data import pairs as pairs_lib
+    from tpusft.data.chat import Encoded
+    from tpusft.data.encoders import shared_prefix, shifted
+
     rows = []
-    for prompt, *sides in pairs:
-        feats = {k: [] for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
-        for response in sides:
-            ids = np.asarray(prompt + response, np.int32)[:seq + 1]
-            n = len(ids) - 1
-            feats["inputs"].append(np.pad(ids[:-1], (0, seq - n)))
-            feats["targets"].append(np.pad(ids[1:], (0, seq - n)))
-            w = np.zeros(seq, np.float32)
-            w[len(prompt) - 1:n] = 1.0
-            feats["weights"].append(w)
-            feats["segment_ids"].append((np.arange(seq) < n).astype(np.int32))
-            feats["positions"].append(np.arange(seq, dtype=np.int32))
-        rows.append({k: np.stack(v) for k, v in feats.items()})
+    for prompt, *responses in pairs:
+        sides = [Encoded(np.asarray(prompt + r, np.int32),
+                         np.arange(len(prompt) + len(r)) >= len(prompt)) for r in responses]
+        pair = {"chosen": shifted(sides[0]), "rejected": shifted(sides[1]),
+                "shared": shared_prefix(*sides)}
+        rows.append(pairs_lib.pair_row(pair, row_length(seq)))
     return [{k: np.stack([r[k] for r in rows[i:i + batch]]) for k in rows[0]}
             for i in range(0, len(rows) - batch + 1, batch)]
 
@@ -96,9 +101,9 @@ def _cfg(a):
         f"base_num_query_heads={a.heads}", f"base_num_kv_heads={a.heads}",
         f"head_dim={a.emb // a.heads}", f"base_mlp_dim={a.mlp}", "rope_max_timescale=10000",
         "dtype=float32", "weight_dtype=float32", f"remat_policy={a.remat}",
-        f"global_batch_size={a.batch}", f"max_target_length={a.seq}", f"steps={a.steps}",
-        "log_period=1000", "eval_interval=0", "learning_rate=1e-6", "dpo.beta=0.1",
-        "ici_fsdp_parallelism=1", "ici_data_parallelism=-1"])
+        f"global_batch_size={a.batch}", f"max_target_length={row_length(a.seq)}",
+        f"steps={a.steps}", "log_period=1000", "eval_interval=0", "learning_rate=1e-6",
+        "dpo.beta=0.1", "ici_fsdp_parallelism=1", "ici_data_parallelism=-1"])
 
 
 def run_tpusft(a) -> dict:
@@ -113,7 +118,7 @@ def run_tpusft(a) -> dict:
 
     cfg = _cfg(a)
     data = pair_batches(make_pairs(a.batch * a.steps, a.seq, a.vocab), a.batch, a.seq)
-    tokens = [int(np.count_nonzero(b["segment_ids"])) for b in data]
+    tokens = [2 * a.batch * a.seq] * len(data)  # both sides' tokens, as for TRL
     counter = _CompileCounter()
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism)
@@ -252,13 +257,14 @@ def main() -> None:
     print(f"DPO step: Llama shape {a.layers} layers, emb {a.emb}, mlp {a.mlp}, vocab {a.vocab} "
           f"(~{params / 1e6:.0f}M parameters), float32, {a.batch} pairs x 2 x {a.seq} tokens, "
           f"{a.steps} steps, {a.rounds} round(s), {allocator}, {device}")
-    print("| contender | tokens/s | step s | first step s | peak RSS GiB | tpusft x |")
-    print("|---|---|---|---|---|---|")
+    print("| contender | pairs/s | tokens/s | step s | first step s | peak RSS GiB | tpusft x |")
+    print("|---|---|---|---|---|---|---|")
     base = next((r for label, r in results.items() if label.startswith("tpusft")), None)
     for name, r in results.items():
         ratio = base["tokens_per_s"] / r["tokens_per_s"] if base else float("nan")
-        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | "
-              f"{r['first_step_s']:.1f} | {r['peak_rss_gib']:.2f} | {ratio:.2f} |")
+        print(f"| {name} | {a.batch / r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['step_s']:.2f} | {r['first_step_s']:.1f} | {r['peak_rss_gib']:.2f} | "
+              f"{ratio:.2f} |")
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"dpo_step-{device}.json"

@@ -40,35 +40,53 @@ def _numpy_model(args, seed=0, scale=0.3):
     return model
 
 
-def _batch(seed=0, b=3, t=16):
-    """[B, 2, T] pairs: a shared prompt, then responses of different lengths, right padding;
-    the last pair of the batch is eval padding (no tokens)."""
+def _pairs(seed=0, b=3):
+    """Pairs of token sequences: a shared prompt, then responses of different lengths (the
+    second pair's responses also share their first token); the trained mask marks responses."""
     rng = np.random.default_rng(seed)
-    feats = {k: np.zeros((b + 1, 2, t), np.int32) for k in ("inputs", "targets", "segment_ids",
-                                                            "positions")}
-    weights = np.zeros((b + 1, 2, t), np.float32)
+    out = []
     for i in range(b):
         prompt = rng.integers(6, 64, 3 + i).tolist()
+        sides = []
         for side in range(2):
             response = rng.integers(6, 64, 2 + 2 * side + i).tolist()
-            ids = np.array(prompt + response)
-            n = len(ids) - 1
-            feats["inputs"][i, side, :n] = ids[:-1]
-            feats["targets"][i, side, :n] = ids[1:]
-            feats["segment_ids"][i, side, :n] = 1
-            feats["positions"][i, side, :n] = np.arange(n)
-            weights[i, side, len(prompt) - 1:n] = 1.0
-    return {**feats, "weights": weights}
+            if i == 1:
+                response[0] = 7
+            ids = np.array(prompt + response, np.int32)
+            sides.append((ids, np.arange(len(ids)) >= len(prompt)))
+        out.append(sides)
+    return out
 
 
-def _direct_logps(model, batch):
-    """[B, 2] response log-probs from one plain forward pass with full logits."""
-    b, _, t = batch["inputs"].shape
-    flat = {k: jnp.asarray(v.reshape(2 * b, t)) for k, v in batch.items()}
-    logits, _ = model(flat["inputs"], flat["positions"], None, None, flat["segment_ids"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tok = jnp.take_along_axis(logp, flat["targets"][..., None], axis=-1)[..., 0]
-    return np.asarray(jnp.sum(tok * flat["weights"], axis=-1)).reshape(b, 2)
+def _batch(pair_seqs, t=24):
+    """Those pairs as tpusft's rows (data/pairs.py) plus one empty eval padding pair."""
+    from tpusft.data.chat import Encoded
+    from tpusft.data.encoders import shared_prefix, shifted
+
+    rows = []
+    for (c, tc), (r, tr) in pair_seqs:
+        enc = [Encoded(c, tc), Encoded(r, tr)]
+        pair = {"chosen": shifted(enc[0]), "rejected": shifted(enc[1]),
+                "shared": shared_prefix(*enc)}
+        rows.append(pairs.pair_row(pair, t))
+    rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _direct_logps(model, pair_seqs):
+    """[B, 2] response log-probs of each side run alone, one plain forward with full logits."""
+    out = []
+    for sides in pair_seqs:
+        row = []
+        for ids, trained in sides:
+            x = jnp.asarray(ids[None])
+            logits, _ = model(x[:, :-1], jnp.arange(len(ids) - 1)[None], None, None,
+                              jnp.ones((1, len(ids) - 1), jnp.int32))
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[0]
+            tok = logp[np.arange(len(ids) - 1), ids[1:]]
+            row.append(float(jnp.sum(tok * trained[1:])))
+        out.append(row)
+    return np.asarray(out, np.float32)
 
 
 def _logsig(x):
@@ -88,18 +106,21 @@ def _trl(cls_path, **attrs):
 @pytest.fixture(scope="module")
 def setup():
     model = _numpy_model(ARGS)
-    batch = _batch()
-    logps = _direct_logps(model, batch)
-    lengths = batch["weights"].sum(-1)
-    real = lengths[:, 0] > 0
+    seqs = _pairs()
+    batch = _batch(seqs)
+    logps = _direct_logps(model, seqs)
+    lengths = np.asarray([[t[1:].sum() for _, t in sides] for sides in seqs], np.float32)
     ref = logps + np.random.default_rng(3).uniform(-1.0, 1.0, logps.shape).astype(np.float32)
-    return model, batch, logps, lengths, real, ref
+    return model, batch, seqs, logps, lengths, ref
 
 
 def _ours(model, batch, method, ref=None, tiles=2):
+    """tpusft's loss and metrics on the batch (its padding pair gets a reference of 0)."""
     fn = make_loss_fn(method, tiles=tiles)
     feats = {k: jnp.asarray(v) for k, v in batch.items()}
-    loss, aux = fn(model, **feats, ref_logps=None if ref is None else jnp.asarray(ref))
+    if ref is not None:
+        ref = jnp.asarray(np.concatenate([ref, np.zeros((1, 2), np.float32)]))
+    loss, aux = fn(model, **feats, ref_logps=ref)
     return float(loss), {k: float(v) for k, v in aux.items()}
 
 
@@ -107,33 +128,34 @@ def _ours(model, batch, method, ref=None, tiles=2):
 def test_dpo_loss_equals_the_formula_and_tunix(setup, smoothing):
     from tunix.sft.dpo import dpo_trainer
 
-    model, batch, logps, _, real, ref = setup
+    model, batch, seqs, logps, _, ref = setup
     beta = 0.2
     loss, aux = _ours(model, batch, PreferenceLoss("dpo", beta, smoothing), ref)
-    c, r = (logps - ref)[real].T
+    c, r = (logps - ref).T
     z = beta * (c - r)
     want = np.mean(-(1 - smoothing) * _logsig(z) - smoothing * _logsig(-z))
     np.testing.assert_allclose(loss, want, rtol=RTOL)
     np.testing.assert_allclose(aux["rewards/margin"], np.mean(beta * (c - r)), rtol=RTOL)
     np.testing.assert_allclose(aux["rewards/accuracy"], np.mean(c > r), rtol=RTOL)
-    np.testing.assert_allclose(aux["log_probs/chosen"], np.mean(logps[real, 0]), rtol=RTOL)
+    np.testing.assert_allclose(aux["log_probs/chosen"], np.mean(logps[:, 0]), rtol=RTOL)
 
     # Tunix's own DPO loss on the same model and pairs, laid out as it takes them: rows of
-    # [chosen..., rejected...], the response tokens marked by completion_mask.
-    n = int(real.sum())
-    rows = {k: np.concatenate([v[:n, 0], v[:n, 1]]) for k, v in batch.items()}
-    ids = np.concatenate([rows["inputs"], rows["targets"][:, -1:]], axis=1)
-    ids[np.arange(2 * n), rows["segment_ids"].sum(1)] = rows["targets"][
-        np.arange(2 * n), rows["segment_ids"].sum(1) - 1]
-    valid = np.concatenate([rows["segment_ids"], np.zeros((2 * n, 1), np.int32)], axis=1)
-    valid[np.arange(2 * n), rows["segment_ids"].sum(1)] = 1
-    t = ids.shape[1]
-    causal = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :].astype(bool)
+    # [chosen..., rejected...] right-padded, the response tokens marked by completion_mask.
+    n = len(seqs)
+    sides = [s[0] for s in seqs] + [s[1] for s in seqs]
+    t = max(len(ids) for ids, _ in sides)
+    ids = np.zeros((2 * n, t), np.int32)
+    valid = np.zeros((2 * n, t), bool)
+    completion = np.zeros((2 * n, t - 1), np.float32)
+    for i, (seq, trained) in enumerate(sides):
+        ids[i, :len(seq)], valid[i, :len(seq)] = seq, True
+        completion[i, :len(seq) - 1] = trained[1:]
+    causal = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
     example = dpo_trainer.TrainExample(
         input_ids=jnp.asarray(ids), positions=jnp.asarray(np.tile(np.arange(t), (2 * n, 1))),
-        attention_mask=jnp.asarray(causal), ref_chosen_logps=jnp.asarray(ref[:n, 0]),
-        ref_rejected_logps=jnp.asarray(ref[:n, 1]),
-        completion_mask=jnp.asarray(rows["weights"]), logits_to_keep=t - 1)
+        attention_mask=jnp.asarray(causal), ref_chosen_logps=jnp.asarray(ref[:, 0]),
+        ref_rejected_logps=jnp.asarray(ref[:, 1]), completion_mask=jnp.asarray(completion),
+        logits_to_keep=t - 1)
     tunix_loss, tunix_aux = dpo_trainer.dpo_loss_fn(model, example, "dpo", beta,
                                                     label_smoothing=smoothing)
     np.testing.assert_allclose(loss, float(tunix_loss), rtol=RTOL)
@@ -143,10 +165,10 @@ def test_dpo_loss_equals_the_formula_and_tunix(setup, smoothing):
 
 
 def test_orpo_loss_equals_the_formula_and_trl(setup):
-    model, batch, logps, lengths, real, _ = setup
+    model, batch, _, logps, lengths, _ = setup
     lam = 0.25
     loss, aux = _ours(model, batch, PreferenceLoss("orpo", orpo_lambda=lam))
-    ac, ar = (logps[real] / lengths[real]).T
+    ac, ar = (logps / lengths).T
     log_odds = (ac - ar) - (np.log1p(-np.exp(ac)) - np.log1p(-np.exp(ar)))
     want = np.mean(-ac - lam * _logsig(log_odds))
     np.testing.assert_allclose(loss, want, rtol=RTOL)
@@ -165,10 +187,10 @@ def test_orpo_loss_equals_the_formula_and_trl(setup):
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_simpo_loss_equals_the_formula_and_trl(setup, smoothing):
-    model, batch, logps, lengths, real, _ = setup
+    model, batch, _, logps, lengths, _ = setup
     beta, gamma = 2.0, 0.5
     loss, aux = _ours(model, batch, PreferenceLoss("simpo", beta, smoothing, simpo_gamma=gamma))
-    ac, ar = (logps[real] / lengths[real]).T
+    ac, ar = (logps / lengths).T
     z = beta * (ac - ar) - gamma
     want = np.mean(-(1 - smoothing) * _logsig(z) - smoothing * _logsig(-z))
     np.testing.assert_allclose(loss, want, rtol=RTOL)
@@ -188,6 +210,7 @@ def test_chunked_log_probs_and_gradients_match_one_chunk(setup):
     model, batch, _, _, _, ref = setup
     method = PreferenceLoss("dpo", 0.3)
     feats = {k: jnp.asarray(v) for k, v in batch.items()}
+    ref = np.concatenate([ref, np.zeros((1, 2), np.float32)])
 
     def grads(tiles):
         fn = make_loss_fn(method, tiles=tiles)
@@ -200,6 +223,24 @@ def test_chunked_log_probs_and_gradients_match_one_chunk(setup):
     for a, b in zip(g1, g4, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
     assert any(float(jnp.abs(g).max()) > 0 for g in g1)
+
+
+@pytest.mark.parametrize("family, window", [("llama3", 0), ("mistral", 3), ("gemma2", 3)])
+def test_pair_rows_give_each_side_its_own_log_probs(family, window):
+    """The prompt once, then both responses, each attending to the prompt and itself: each
+    side's log-probs are those of its sequence alone, sliding windows (counted in positions,
+    not row slots) included."""
+    from tpusft.training.preference_loss import pair_logps
+
+    args = ModelArgs(**{**ARGS.__dict__, "family": family, "sliding_window": window})
+    model = _numpy_model(args, seed=1)
+    seqs = _pairs(seed=2)
+    batch = {k: jnp.asarray(v) for k, v in _batch(seqs).items()}
+    got = pair_logps(model, *(batch[k] for k in ("inputs", "positions", "segment_ids",
+                                                 "score_index", "targets", "weights",
+                                                 "sides")), tiles=2)
+    np.testing.assert_allclose(np.asarray(got)[:-1], _direct_logps(model, seqs), rtol=RTOL)
+    np.testing.assert_array_equal(np.asarray(got)[-1], 0.0)  # the padding pair
 
 
 def test_log1mexp_is_stable_near_zero():
@@ -223,14 +264,18 @@ def test_pair_batches_and_bad_pairs(tmp_path, demo_tokenizer):
             Source("c", "json", data_files=str(conversations))]
     ds, _ = pairs.build_dataset(srcs, opts, demo_tokenizer, 4, train=False, stats=stats)
     (batch,) = list(ds)
-    assert batch["inputs"].shape == (4, 2, 40) and pairs.real_pairs(batch) == 2
+    assert batch["inputs"].shape == (4, 40) and pairs.real_pairs(batch) == 2
     assert stats.bad["chosen equals rejected"] == 1 and stats.bad["over max_target_length"] == 1
-    trained = [demo_tokenizer.decode(batch["targets"][i, s][batch["weights"][i, s] > 0])
+    trained = [demo_tokenizer.decode(batch["targets"][i][(batch["weights"][i] > 0)
+                                                         & (batch["sides"][i] == s)])
                for i in range(2) for s in range(2)]
     assert trained == ["3<|eot_id|>", "4<|eot_id|>", "4<|eot_id|>", "22<|eot_id|>"]
-    # Both sides of a pair start with the same prompt tokens.
-    n = int((batch["weights"][1, 0] == 0).argmin())
-    np.testing.assert_array_equal(batch["inputs"][1, 0, :n], batch["inputs"][1, 1, :n])
+    # The row holds the prompt once: prompt, chosen response, rejected response.
+    prompt = demo_tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    seg = batch["segment_ids"][1]
+    assert demo_tokenizer.decode(batch["inputs"][1][seg == pairs.PROMPT]) == prompt
+    assert demo_tokenizer.decode(batch["inputs"][1][seg == pairs.CHOSEN]) == "4<|eot_id|>"
+    assert demo_tokenizer.decode(batch["inputs"][1][seg == pairs.REJECTED]) == "22<|eot_id|>"
     # truncation=right keeps the start: the long prompt leaves no response token to train.
     stats = DataStats()
     ds, _ = pairs.build_dataset(srcs[:1], DataOptions(max_length=100, truncation="right",
@@ -314,9 +359,13 @@ def test_sharded_dpo_matches_one_device(tmp_path, demo_assets, demo_tokenizer):
                                 demo_tokenizer, jax.devices())
     assert len(ref) == len(got) == 3
     np.testing.assert_allclose([x for x, _ in got], [x for x, _ in ref], rtol=2e-5)
-    for (_, a), (_, b) in zip(got, ref, strict=True):
+    for step, ((_, a), (_, b)) in enumerate(zip(got, ref, strict=True)):
         assert a.keys() == b.keys() and "reward_margin" in a
-        np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-4, atol=1e-6)
+        # At step 1 the policy is its reference: every reward is rounding noise around 0, and
+        # which side's noise is larger (the accuracy) means nothing.
+        keys = [k for k in a if step or k != "reward_accuracy"]
+        np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], rtol=1e-4,
+                                   atol=1e-6)
     # The policy starts as its reference (loss log 2), then learns to prefer the chosen side.
     np.testing.assert_allclose(ref[0][0], np.log(2), rtol=1e-5)
     assert ref[-1][0] < ref[0][0] and ref[-1][1]["reward_margin"] > 0

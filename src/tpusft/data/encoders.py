@@ -67,7 +67,7 @@ class Encoder:
     def encode(self, ex: formats.Example, row: dict) -> dict | None:
         raise NotImplementedError
 
-    def fit(self, enc: chat.Encoded, row: dict, count: bool = True) -> chat.Encoded | None:
+    def fit(self, enc: chat.Encoded, row: dict) -> chat.Encoded | None:
         """`enc` within max_length + 1 tokens per `truncation` (right: keep the start, left:
         keep the end, drop: a bad row); None (counted) when nothing trained is left."""
         ids, trained = enc.ids, enc.trained
@@ -78,8 +78,7 @@ class Encoder:
             if self.opts.truncation == "drop":
                 self.bad(row, "over max_target_length", f"{len(ids) - 1} tokens")
                 return None
-            if count:
-                self.stats.count_truncated()
+            self.stats.count_truncated()
             cut = slice(-limit, None) if self.opts.truncation == "left" else slice(0, limit)
             ids, trained = ids[cut], trained[cut]
         if len(ids) < 2 or not trained[1:].any():
@@ -111,9 +110,14 @@ class SftEncoder(Encoder):
 
 
 class PairEncoder(Encoder):
-    """row -> {'chosen': {inputs, targets, weights}, 'rejected': {...}}: each side is the
-    prompt followed by its response, rendered by the chat template, with only the response's
-    tokens trained (opts: DataOptions). A pair whose sides are equal is a bad row."""
+    """row -> {'chosen': {inputs, targets, weights}, 'rejected': {...}, 'shared': k}: each side
+    is the prompt followed by its response, rendered by the chat template, with only the
+    response's tokens trained; the first k tokens (the prompt: what both sides have before
+    either's first trained token) are shared, so a pair's row (pairs.py) holds
+    len(chosen) + len(rejected) - k tokens, at most max_length. Over that, truncation=left cuts
+    the prompt's start (keeping at least one of its tokens), right (or a prompt too short to
+    cut) the responses' ends, the longer response first; drop skips the pair. A pair whose
+    sides are equal is a bad row (opts: DataOptions)."""
 
     kinds = ("preference",)
     purpose = "preference training"
@@ -122,18 +126,46 @@ class PairEncoder(Encoder):
     def encode(self, ex: formats.Example, row: dict) -> dict | None:
         if ex.chosen == ex.rejected:
             raise formats.BadRow("chosen equals rejected", "the pair prefers nothing")
-        out = {}
-        truncated = False
-        for side, turns in (("chosen", ex.chosen), ("rejected", ex.rejected)):
-            enc = chat.encode_chat(self.tokenizer, [*ex.messages, *turns])
-            truncated |= len(enc.ids) > self.opts.max_length + 1
-            enc = self.fit(enc, row, count=False)
-            if enc is None:
+        sides = [chat.encode_chat(self.tokenizer, [*ex.messages, *turns])
+                 for turns in (ex.chosen, ex.rejected)]
+        k = shared_prefix(*sides)
+        total = sum(len(e.ids) for e in sides) - k
+        if self.stats.lengths is not None:
+            self.stats.lengths.append(total)
+        over = total - self.opts.max_length
+        if over > 0:
+            if self.opts.truncation == "drop":
+                self.bad(row, "over max_target_length", f"{total} tokens")
                 return None
-            out[side] = shifted(enc)
-        if truncated:
             self.stats.count_truncated()
-        return out
+            if self.opts.truncation == "left":
+                cut = min(over, k - 1)
+                sides = [chat.Encoded(e.ids[cut:], e.trained[cut:]) for e in sides]
+                k, over = k - cut, over - cut
+            if over > 0:
+                tails = fit_tails([len(e.ids) - k for e in sides], over)
+                sides = [chat.Encoded(e.ids[:k + n], e.trained[:k + n])
+                         for e, n in zip(sides, tails, strict=True)]
+        if any(len(e.ids) < 2 or not e.trained[1:].any() for e in sides):
+            self.bad(row, "no trained token within max_target_length")
+            return None
+        return {"chosen": shifted(sides[0]), "rejected": shifted(sides[1]), "shared": k}
+
+
+def shared_prefix(a: chat.Encoded, b: chat.Encoded) -> int:
+    """How many leading tokens two sequences have in common before either's first trained
+    token (a pair's prompt)."""
+    n = min(len(a.ids), len(b.ids), int(a.trained.argmax()), int(b.trained.argmax()))
+    differ = np.flatnonzero(a.ids[:n] != b.ids[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def fit_tails(tails: list[int], over: int) -> list[int]:
+    """Two response lengths less `over` tokens in all, taken from the longer one first."""
+    budget = max(sum(tails) - over, 0)
+    lo = min(tails)
+    hi = max(budget - lo, (budget + 1) // 2)
+    return [hi, budget - hi] if tails[0] >= tails[1] else [budget - hi, hi]
 
 
 @dataclass

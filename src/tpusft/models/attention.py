@@ -68,6 +68,17 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return causal[None] & same & valid
 
 
+def branch_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, T] boolean for rows that hold a shared prefix (segment 1) and branches after it
+    (segments 2, 3, ...): causal, each branch sees the prefix and itself only, padding (0)
+    nothing. A preference pair's row: the prompt, then the chosen and the rejected response."""
+    t = segment_ids.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    key = segment_ids[:, None, :]
+    visible = (key == 1) | (key == segment_ids[:, :, None])
+    return causal[None] & visible & (key != 0)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           scale: float, implementation: str = "auto",
                           softcap: float = 0.0) -> jax.Array:

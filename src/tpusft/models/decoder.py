@@ -441,13 +441,17 @@ class Transformer(nnx.Module):
         attention_mask = attention_mask.astype(jnp.bool_)
         end_index = cache["end_index"] if cache is not None else None
 
-        # Sliding-window layers see keys fewer than `sliding_window` slots back.
+        # Sliding-window layers see keys fewer than `sliding_window` positions back: cache
+        # slots when decoding; token positions otherwise (in a preference pair's row the
+        # rejected response sits after the chosen one, but its positions follow the prompt).
         local_mask = attention_mask
         if a.sliding_window:
-            offset = end_index[0] if cache is not None else 0
-            q_idx = jnp.arange(input_tokens.shape[1]) + offset
-            k_idx = jnp.arange(attention_mask.shape[-1])
-            local_mask = attention_mask & ((q_idx[:, None] - k_idx[None, :]) < a.sliding_window)
+            if cache is not None:
+                q_idx = jnp.arange(input_tokens.shape[1]) + end_index[0]
+                distance = q_idx[:, None] - jnp.arange(attention_mask.shape[-1])[None, :]
+            else:
+                distance = positions[:, :, None] - positions[:, None, :]
+            local_mask = attention_mask & (distance < a.sliding_window)
         # RoPE tables, once per forward pass; sliding-window layers share them unless they
         # rotate on a base of their own (Gemma 3).
         rope_global = attn.rope_tables(positions, self._rope(False))

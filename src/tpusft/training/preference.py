@@ -71,7 +71,8 @@ class PreferenceTrainer(trainer_lib.DataStateCheckpoints, dpo_trainer.DPOTrainer
 
 
 def _reference_logps(model, batch: dict, tiles: int):
-    features = ("inputs", "targets", "weights", "segment_ids", "positions")
+    features = ("inputs", "positions", "segment_ids", "score_index", "targets", "weights",
+                "sides")
     return pair_logps(model, *(batch[k] for k in features), tiles=tiles)
 
 
@@ -89,8 +90,7 @@ def build_trainer(model: nnx.Module, ref_model: nnx.Module | None,
     """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
     method = PreferenceLoss.from_config(cfg)
     mesh = model.rules.mesh if model.rules is not None else None
-    # Each optimizer step's rows are 2 x its pairs: vocab tiles sized for that many rows.
-    tiles = trainer_lib.vocab_tiles(cfg, mesh, rows_per_sequence=2)
+    tiles = trainer_lib.vocab_tiles(cfg, mesh)
     trainer = PreferenceTrainer(model, ref_model, optimizer, training_config(cfg, method),
                                 method, cfg.seed, tiles)
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)

@@ -1,9 +1,10 @@
 """Preference losses (DPO, ORPO, SimPO) on batches of chosen/rejected pairs.
 
-A batch holds pairs as [B, 2, T] features (data/pairs.py: index 0 chosen, 1 rejected). Each
-side's log-probability is the sum of log p(token) over its response tokens, computed with the
-output layer in sequence chunks (`num_vocab_tiling`) so the [2B, T, vocab] logits never exist
-at once: each chunk's logits are recomputed in the backward pass instead of kept.
+A batch holds one row per pair (data/pairs.py: the prompt once, then the chosen and the
+rejected response, each attending to the prompt and itself). Each side's log-probability is
+the sum of log p(token) over its response tokens, computed with the output layer on the
+response positions only, in chunks (`num_vocab_tiling`) so the [B, T, vocab] logits never
+exist at once: each chunk's logits are recomputed in the backward pass instead of kept.
 
 With c, r the chosen and rejected sums, |c|, |r| their response lengths, c_ref, r_ref the
 reference model's sums, s the label smoothing and logsig the log-sigmoid:
@@ -28,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tpusft.models import attention as attn
 from tpusft.training.loss import sequence_chunks
 
 LOSS_TYPES = ("dpo", "orpo", "simpo")
@@ -56,12 +58,21 @@ class PreferenceLoss:
         return self.loss_type == "dpo"
 
 
-def sequence_logps(model, inputs, targets, weights, segment_ids, positions, *, tiles: int = 1,
-                   dropout_key: jax.Array | None = None) -> jax.Array:
-    """[N, T] rows -> [N] sums of log p(target) over the weighted targets (float32)."""
-    hidden, _ = model(inputs, positions, None, None, segment_ids, dropout_key=dropout_key,
+def pair_logps(model, inputs, positions, segment_ids, score_index, targets, weights, sides, *,
+               tiles: int = 1, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Rows of pairs (data/pairs.py: the prompt once, then both responses) -> [B, 2] sums of
+    log p(response token) of the chosen and the rejected side (float32).
+
+    Each response attends to the prompt and to itself only (branch_mask), so a side's
+    log-probs are those of its own sequence alone; the output layer runs on the scored
+    positions only, in `tiles` chunks whose logits are recomputed for the gradient."""
+    mask = attn.branch_mask(segment_ids)
+    hidden, _ = model(inputs, positions, None, mask, dropout_key=dropout_key,
                       return_hidden=True)
+    hidden = jnp.take_along_axis(hidden, score_index[..., None], axis=1)
     kernel = model.output_kernel()
+    weights = weights.astype(jnp.float32)
+    per_side = jnp.stack([weights * (sides == 0), weights * (sides == 1)], axis=-1)
 
     @jax.checkpoint  # keep only the chunk's inputs; recompute its logits for the gradient
     def chunk(total, xs):
@@ -69,20 +80,18 @@ def sequence_logps(model, inputs, targets, weights, segment_ids, positions, *, t
         logits = model.logits(h, kernel)
         logz = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((target - logz) * w, axis=-1), None
+        return total + jnp.einsum("bt,bts->bs", target - logz, w), None
 
-    total = jnp.zeros(inputs.shape[:1], jnp.float32)
-    chunks = [sequence_chunks(x, tiles) for x in (hidden, targets, weights.astype(jnp.float32))]
-    total, _ = jax.lax.scan(chunk, total, tuple(chunks))
+    total = jnp.zeros((inputs.shape[0], 2), jnp.float32)
+    chunks = tuple(sequence_chunks(x, tiles) for x in (hidden, targets, per_side))
+    total, _ = jax.lax.scan(chunk, total, chunks)
     return total
 
 
-def pair_logps(model, inputs, targets, weights, segment_ids, positions, *, tiles: int = 1,
-               dropout_key: jax.Array | None = None) -> jax.Array:
-    """[B, 2, T] pairs -> [B, 2] response log-probabilities (chosen, rejected)."""
-    b, _, t = inputs.shape
-    flat = [x.reshape(2 * b, t) for x in (inputs, targets, weights, segment_ids, positions)]
-    return sequence_logps(model, *flat, tiles=tiles, dropout_key=dropout_key).reshape(b, 2)
+def side_lengths(weights: jax.Array, sides: jax.Array) -> jax.Array:
+    """[B, 2] response tokens of each side."""
+    weights = weights.astype(jnp.float32)
+    return jnp.stack([jnp.sum(weights * (sides == s), axis=-1) for s in (0, 1)], axis=-1)
 
 
 def log1mexp(x: jax.Array) -> jax.Array:
@@ -126,10 +135,10 @@ def pair_losses(method: PreferenceLoss, logps: jax.Array, lengths: jax.Array,
     return losses, metrics
 
 
-def batch_loss(method: PreferenceLoss, logps: jax.Array, weights: jax.Array,
+def batch_loss(method: PreferenceLoss, logps: jax.Array, lengths: jax.Array,
                ref_logps: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The mean loss and metrics over the real pairs of a batch ([B, 2, T] weights)."""
-    lengths = jnp.sum(weights.astype(jnp.float32), axis=-1)
+    """The mean loss and metrics over the real pairs of a batch ([B, 2] response lengths;
+    eval padding pairs have none)."""
     real = (lengths[:, 0] > 0).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(real), 1.0)
     losses, metrics = pair_losses(method, logps, lengths, ref_logps)
@@ -141,12 +150,12 @@ def make_loss_fn(method: PreferenceLoss, seed: int = 0, tiles: int = 1):
     """The trainer's loss: (model, batch features...) -> (loss, aux). Training micro-batches
     of a LoRA run with dropout carry `dropout_step`, keying that step's masks (as for SFT);
     `ref_logps` is the reference model's [B, 2] log-probs (DPO)."""
-    def loss_fn(model, inputs, targets, weights, segment_ids, positions, ref_logps=None,
-                dropout_step=None):
+    def loss_fn(model, inputs, positions, segment_ids, score_index, targets, weights, sides,
+                ref_logps=None, dropout_step=None):
         key = None
         if dropout_step is not None:
             key = jax.random.fold_in(jax.random.key(seed), dropout_step)
-        logps = pair_logps(model, inputs, targets, weights, segment_ids, positions, tiles=tiles,
-                           dropout_key=key)
-        return batch_loss(method, logps, weights, ref_logps)
+        logps = pair_logps(model, inputs, positions, segment_ids, score_index, targets, weights,
+                           sides, tiles=tiles, dropout_key=key)
+        return batch_loss(method, logps, side_lengths(weights, sides), ref_logps)
     return loss_fn

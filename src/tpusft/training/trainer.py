@@ -295,12 +295,10 @@ def training_config(cfg: Any, config_cls=peft_trainer.TrainingConfig, **extra):
     )
 
 
-def vocab_tiles(cfg: Any, mesh: jax.sharding.Mesh | None, rows_per_sequence: int = 1) -> int:
-    """num_vocab_tiling, or its automatic value for one device's share of a micro-batch
-    (`rows_per_sequence`: rows of the model's input per batch entry, 2 for preference pairs)."""
+def vocab_tiles(cfg: Any, mesh: jax.sharding.Mesh | None) -> int:
+    """num_vocab_tiling, or its automatic value for one device's share of a micro-batch."""
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) if mesh else 1
-    entries = cfg.global_batch_size // cfg.gradient_accumulation_steps
-    rows = max(entries * rows_per_sequence // shards, 1)
+    rows = max(cfg.global_batch_size // cfg.gradient_accumulation_steps // shards, 1)
     return loss_lib.vocab_tiles(cfg.num_vocab_tiling, rows * cfg.max_target_length,
                                 cfg.max_target_length, cfg.vocab_size)
 
