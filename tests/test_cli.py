@@ -289,6 +289,14 @@ def test_dpo_resumes_exactly_and_exports(tmp_path):
     assert [r["step"] for r in evals] == [0, 6, 12]
     assert all(0 <= r["reward_accuracy"] <= 1 and "reward_margin" in r for r in evals)
     assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(str(tmp_path / "full" / "tensorboard" / "events.out.tfevents.*"))
+    board = EventAccumulator(events)
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/accuracy", "train/rewards/margin",
+            "train/log_probs/chosen", "train/tokens_per_sec", "eval/rewards/accuracy"} <= tags
 
     lora = run_cli("tpusft.train_dpo", *common, "run_name=lora", "steps=3", "eval_interval=2",
                    f"load_parameters_path={tmp_path}/base/checkpoints/2",

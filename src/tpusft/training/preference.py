@@ -3,8 +3,9 @@
 Tunix's DPOTrainer (a PeftTrainer) runs the loop: jit, gradient accumulation, evaluation,
 the preference metrics (rewards, margin, accuracy, log-probs) to TensorBoard, profiler and
 Orbax checkpoints. tpusft plugs into its hooks:
-  * the loss (training/preference_loss.py): DPO, ORPO and SimPO on tpusft's batches of pairs,
-    with the output layer run in sequence chunks instead of Tunix's full-vocabulary logits;
+  * the loss (training/preference_loss.py): DPO, ORPO and SimPO on tpusft's pair rows (the
+    prompt once, then both responses), with the output layer run on response positions in
+    chunks instead of Tunix's full-vocabulary logits of two sequences per pair;
   * `_prepare_inputs`: the batch sharded over the mesh and, for DPO, the reference model's
     log-probs of both sides computed once per batch outside the gradient (as Tunix does);
   * the data hooks, data-iterator state in checkpoints and the progress line shared with SFT

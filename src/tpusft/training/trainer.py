@@ -211,7 +211,8 @@ class Progress(tunix_hooks.TrainingHooks):
                        if key in record)
 
     def on_eval_step_end(self, train_ctx, eval_loss):
-        loss = float(train_ctx.metrics_logger.get_metric("", "loss", "eval"))
+        # This evaluation's loss (Tunix's get_metric would average every evaluation so far).
+        loss = float(train_ctx.metrics_logger.get_metric_history("", "loss", "eval")[-1])
         step = train_ctx.train_steps
         record = {"kind": "eval", "step": step, "loss": loss,
                   **self._extras(train_ctx, "eval")}
