@@ -46,6 +46,7 @@ from train_step import (  # noqa: E402  (the SFT benchmark's model, timing and m
     _rss_gib,
     _torch_device,
     nnx_state,
+    step_timer,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,6 @@ def _tokenizer(vocab: int):
 
 def run_trl(a) -> dict:
     import datasets
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     device = _torch_device()
@@ -166,14 +166,6 @@ def run_trl(a) -> dict:
                                      "chosen": [text(c) for _, c, _ in pairs],
                                      "rejected": [text(r) for _, _, r in pairs]})
     times: list[float] = []
-
-    class Times(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            times[-1] = time.perf_counter() - times[-1]
-
     config = DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=a.steps,
                        per_device_train_batch_size=a.batch, max_length=a.seq, beta=0.1,
                        learning_rate=1e-6, weight_decay=0.0, lr_scheduler_type="constant",
@@ -183,7 +175,7 @@ def run_trl(a) -> dict:
     model = _hf_model(a)
     reference = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting copy
     trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=ds,
-                         processing_class=_tokenizer(a.vocab), callbacks=[Times()])
+                         processing_class=_tokenizer(a.vocab), callbacks=[step_timer(times)])
     first = trainer.train_dataset[0]
     got = len(first["prompt_ids"]) + len(first["chosen_ids"])
     assert got == a.seq, f"TRL tokenized {got} tokens, not {a.seq}: {first}"

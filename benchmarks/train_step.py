@@ -302,16 +302,9 @@ def _word_tokenizer(vocab: int):
                                    unk_token="t2")
 
 
-def run_trl(a) -> dict:
-    import datasets
-    import torch
+def step_timer(times: list[float]):
+    """A transformers TrainerCallback that appends each training step's seconds to `times`."""
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    device = _torch_device()
-    rows = make_rows(a.batch * a.steps, a.seq, a.vocab, packed=True)
-    ds = datasets.Dataset.from_dict({"input_ids": [r["inputs"].tolist() for r in rows]})
-    times: list[float] = []
 
     class Times(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -320,6 +313,18 @@ def run_trl(a) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times[-1] = time.perf_counter() - times[-1]
 
+    return Times()
+
+
+def run_trl(a) -> dict:
+    import datasets
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    device = _torch_device()
+    rows = make_rows(a.batch * a.steps, a.seq, a.vocab, packed=True)
+    ds = datasets.Dataset.from_dict({"input_ids": [r["inputs"].tolist() for r in rows]})
+    times: list[float] = []
     out = tempfile.mkdtemp()
     tokenizer = _word_tokenizer(a.vocab)
     config = SFTConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch,
@@ -328,7 +333,7 @@ def run_trl(a) -> dict:
                        report_to=[], use_cpu=device.type == "cpu", bf16=a.dtype == "bfloat16",
                        dataloader_num_workers=0, disable_tqdm=True)
     trainer = SFTTrainer(model=_hf_model(a), args=config, train_dataset=ds,
-                         processing_class=tokenizer, callbacks=[Times()])
+                         processing_class=tokenizer, callbacks=[step_timer(times)])
     trainer.train()
     out = {"first_step_s": times[0], "step_s": statistics.median(times[1:]),
            "tokens_per_step": a.batch * a.seq, "steps": len(times)}

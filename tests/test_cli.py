@@ -27,6 +27,17 @@ def _one_line_error(proc, fragment):
     assert lines[-1].startswith("error: ") and fragment in lines[-1], proc.stderr
 
 
+def _kill_once_saved(module: str, args: list[str], checkpoint: Path, env=None) -> None:
+    """Runs `python -m module args` and kills it (SIGKILL) once `checkpoint` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_config_errors_exit_2(tmp_path):
     missing = run_cli("tpusft.train_sft", str(tmp_path / "nope.yml"))
     _one_line_error(missing, "config file not found")
@@ -104,14 +115,8 @@ def test_resume_continues_at_the_exact_data_position(tmp_path):
     traces = glob.glob(str(tmp_path / "full" / "profile" / "**" / "*.xplane.pb"), recursive=True)
     assert traces and Path(traces[0]).stat().st_size > 0
 
-    cmd = [sys.executable, "-m", "tpusft.train_sft", *args, "run_name=cut"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "cut" / "checkpoints" / "10"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_once_saved("tpusft.train_sft", [*args, "run_name=cut"], ckpt)
     assert ckpt.exists()
     saved = sorted(int(p.name) for p in ckpt.parent.iterdir() if p.name.isdigit())
     assert max(saved) < 30, "the run finished before it was killed"
@@ -261,16 +266,9 @@ def test_dpo_resumes_exactly_and_exports(tmp_path):
     full = run_cli("tpusft.train_dpo", *args, "run_name=full")
     assert full.returncode == 0, full.stderr[-3000:]
 
-    cmd = [sys.executable, "-m", "tpusft.train_dpo", *args, "run_name=cut"]
-    one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=one_device, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "cut" / "checkpoints" / "4"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_once_saved("tpusft.train_dpo", [*args, "run_name=cut"], ckpt,
+                     dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
     saved = sorted(int(p.name) for p in ckpt.parent.iterdir() if p.name.isdigit())
     assert saved and max(saved) < 12, "the run finished before it was killed"
     resumed = run_cli("tpusft.train_dpo", *args, "run_name=cut")
