@@ -44,6 +44,17 @@ def demo_tokenizer(demo_assets):
     return load_tokenizer(str(demo_assets / "tokenizer"))
 
 
+# When each program was lowered to MLIR (a persistent compilation cache hit is still lowered
+# first), for the no-recompilation checks. Register the listener per run: Tunix's metrics
+# logger clears jax.monitoring's listeners on close.
+LOWERED: list[float] = []
+
+
+def record_lowering(event: str, _duration: float, **_) -> None:
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+        LOWERED.append(time.perf_counter())
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import LOWERED, record_lowering, write_jsonl
 from flax import nnx
 
 from tpusft.config import load_config
@@ -315,14 +315,6 @@ def _cfg(tmp_path, demo_assets, *extra):
         "learning_rate=1e-2", *extra])
 
 
-_LOWERED: list[float] = []
-
-
-def _record_lowering(event: str, _duration: float, **_) -> None:
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-        _LOWERED.append(time.perf_counter())
-
-
 def _train(cfg, tokenizer, devices):
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
                      cfg.ici_tensor_parallelism, devices)
@@ -345,9 +337,9 @@ def _train(cfg, tokenizer, devices):
 
         trainer.with_training_hooks(Record(feeder, cfg.steps, 1, 1.0, 0.0, None,
                                            extras=preference.METRICS))
-        jax.monitoring.register_event_duration_secs_listener(_record_lowering)
+        jax.monitoring.register_event_duration_secs_listener(record_lowering)
         trainer.train([])
-    lowered_later = [t for t in _LOWERED if t > starts[1]]
+    lowered_later = [t for t in LOWERED if t > starts[1]]
     return losses, lowered_later
 
 

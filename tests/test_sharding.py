@@ -6,6 +6,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import LOWERED, record_lowering
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -26,16 +27,6 @@ def _cfg(tmp_path, demo_assets, *extra):
         "global_batch_size=8", "max_target_length=64", "steps=3", "log_period=1",
         "base_emb_dim=64", "base_mlp_dim=128", "base_num_query_heads=4",
         "base_num_kv_heads=2", "head_dim=16", *extra])
-
-
-# When each program was lowered to MLIR (a persistent compilation cache hit is still lowered
-# first). Registered per run: Tunix's metrics logger clears jax.monitoring's listeners on close.
-_LOWERED: list[float] = []
-
-
-def _record_lowering(event: str, _duration: float, **_) -> None:
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-        _LOWERED.append(time.perf_counter())
 
 
 def _norm(spec, ndim):
@@ -68,11 +59,11 @@ def _train(cfg, tokenizer, devices, prepare=None):
                 losses.append(float(loss))
 
         trainer.with_training_hooks(Record(feeder, cfg.steps, 1, 1.0, 0.0, None))
-        jax.monitoring.register_event_duration_secs_listener(_record_lowering)
+        jax.monitoring.register_event_duration_secs_listener(record_lowering)
         began = time.perf_counter()
         trainer.train([])
-    assert any(t > began for t in _LOWERED), "the first step lowered no program: no listener?"
-    lowered_later = [t for t in _LOWERED if t > starts[1]] if len(starts) > 1 else []
+    assert any(t > began for t in LOWERED), "the first step lowered no program: no listener?"
+    lowered_later = [t for t in LOWERED if t > starts[1]] if len(starts) > 1 else []
     return model, trainer, losses, lowered_later
 
 

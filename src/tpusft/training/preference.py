@@ -58,7 +58,6 @@ class PreferenceTrainer(trainer_lib.DataStateCheckpoints, dpo_trainer.DPOTrainer
                  config: dpo_trainer.DPOTrainingConfig, method: PreferenceLoss, seed: int,
                  tiles: int):
         super().__init__(model, ref_model, optimizer, config)
-        self.method = method
         self.with_loss_fn(make_loss_fn(method, seed, tiles), has_aux=True)
         self.with_gen_model_input_fn(lambda batch: batch)
         self._aux_metrics_to_log = {name: np.mean for name, _, _ in metrics(method)}
