@@ -19,7 +19,16 @@ class DataError(UserError):
 
 
 class CheckpointError(UserError):
-    """A missing or incompatible checkpoint."""
+    """A missing, damaged or incompatible checkpoint."""
+
+
+class RunFailed(Exception):
+    """The run cannot go on (storage refused a write, training diverged); shown as one line,
+    exit code 1. What was saved before it stays intact."""
+
+
+class Diverged(RunFailed):
+    """A non-finite loss, gradient norm or parameter (nan_policy)."""
 
 
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
@@ -34,6 +43,11 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -114,12 +114,8 @@ def main(argv: Sequence[str]) -> int:
             feeder, cfg.steps, cfg.log_period, flops_per_token,
             peak * 1e12 * jax.device_count(), JsonlWriter(str(out / "metrics.jsonl")),
             extras=preference.metrics(method))
-        trainer.with_training_hooks(progress)
-        if start < cfg.steps:
-            trainer.train([], [None] if eval_ds is not None else None)
-        else:
-            trainer.close()
-            print(f"run already complete at step {start}; nothing to train")
+        if not trainer_lib.fit(trainer, cfg, progress, eval_ds is not None):
+            return 0
 
         evals = [r for r in progress.eval_records if "reward_accuracy" in r]
         if len(evals) > 1:

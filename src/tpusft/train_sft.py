@@ -94,12 +94,8 @@ def main(argv: Sequence[str]) -> int:
         progress = trainer_lib.Progress(
             feeder, cfg.steps, cfg.log_period, flops_per_token,
             peak * 1e12 * jax.device_count(), JsonlWriter(str(out / "metrics.jsonl")))
-        trainer.with_training_hooks(progress)
-        if start < cfg.steps:
-            trainer.train([], [None] if eval_ds is not None else None)
-        else:
-            trainer.close()
-            print(f"run already complete at step {start}; nothing to train")
+        if not trainer_lib.fit(trainer, cfg, progress, eval_ds is not None):
+            return 0
 
         if cfg.demo_task:
             after = evaluate.report(model, tokenizer, cfg, "after training", show=8)

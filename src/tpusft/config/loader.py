@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import math
 import os
 import types
 import typing
@@ -32,11 +33,21 @@ def configs_root() -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file such as "
+                          f"{configs_root()}/sft.yml")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (check the path; configs live in "
                           f"{configs_root()})")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as "
+                          f"UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -189,8 +200,14 @@ def validate(cfg: Config) -> None:
         if choices is not None and value not in choices:
             raise ConfigError(f"{name}={value!r} is not allowed; choose one of "
                               f"{', '.join(repr(c) for c in choices)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value} is not a finite number")
         if minimum is not None and value is not None and value < minimum:
             raise ConfigError(f"{name}={value!r} is too small; expected a value >= {minimum:g}")
+    for name in ("adam_b1", "adam_b2"):
+        if not getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be in [0, 1) (e.g. 0.9, 0.95)")
+    check_run_name(cfg.run_name)
     if cfg.global_batch_size % cfg.gradient_accumulation_steps:
         raise ConfigError(
             f"global_batch_size={cfg.global_batch_size} is not divisible by "
@@ -235,6 +252,16 @@ def validate(cfg: Config) -> None:
         if not cfg.tokenizer_path:
             raise ConfigError("tokenizer_path is empty; set it to a Hugging Face tokenizer "
                               "directory")
+
+
+def check_run_name(run_name: str | None) -> None:
+    """A run's outputs stay inside base_output_directory: run_name is one plain folder name."""
+    if run_name is None:
+        return
+    if (not run_name.strip() or run_name in (".", "..") or any(c in run_name for c in "/\\")
+            or run_name.startswith("~") or "\0" in run_name):
+        raise ConfigError(f"run_name={run_name!r} must be a plain folder name (no '/', '\\', "
+                          f"'..' or '~'); outputs go to base_output_directory/run_name")
 
 
 def _join(base: str, *parts: str) -> str:

@@ -271,6 +271,20 @@ class Config:
     max_num_checkpoints_to_keep: int = key(3, "Older checkpoints are deleted.", minimum=1)
     async_checkpointing: bool = key(True, "Write checkpoints in the background.")
 
+    # ---------------------------------------------------------- reliability
+    preemption_deadline_s: float = key(
+        25.0, "On SIGTERM/SIGINT the run saves the current step and exits 0; if that takes "
+        "longer than this, it exits 1 without the checkpoint (a second signal exits at once).",
+        minimum=1, section="Reliability")
+    watch_maintenance_events: bool = key(
+        False, "Poll the GCE metadata server for maintenance and preemption events and treat "
+        "one like SIGTERM (for GCE VMs; off elsewhere).")
+    nan_policy: str = key(
+        "stop", "A non-finite loss or gradient norm: stop (one line, no checkpoint after it) or "
+        "skip_step (the update is dropped and counted).", choices=("stop", "skip_step"))
+    max_skipped_steps: int = key(10, "nan_policy=skip_step: stop after this many skipped steps "
+                                 "in a row.", minimum=1)
+
     # ------------------------------------------------------------- profiler
     profiler: str = key("", "'xplane' captures a trace for TensorBoard's profile plugin.",
                         choices=("", "xplane"), section="Profiler")

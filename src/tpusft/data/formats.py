@@ -129,6 +129,8 @@ def fields_of(fmt: str, columns: Sequence[str], column_map: Mapping[str, str]) -
 def _text(value: Any, what: str, allow_empty: bool = False) -> str:
     if value is None:
         raise BadRow("missing value", what)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a JSON number in a text column (datasets' type inference)
     if not isinstance(value, str):
         raise BadRow("wrong type", f"{what} is {type(value).__name__}, expected a string")
     if not allow_empty and not value.strip():

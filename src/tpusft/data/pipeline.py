@@ -91,6 +91,24 @@ def _expand_files(files: str | list, key: str) -> list[str]:
     return out
 
 
+def _as_text(builder: str, files: list[str]) -> dict:
+    """CSV cells stay the strings they are ("007", "12", "NA"): every column is read as text
+    instead of pandas' inferred numbers and missing values."""
+    if builder != "csv" or not files:
+        return {}
+    import csv
+
+    import datasets
+    from etils import epath
+
+    with epath.Path(files[0]).open() as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        return {}
+    return {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+            "keep_default_na": False}
+
+
 def load_split(hf_path: str, split: str, *, data_files: str | list | None = None,
                name: str | None = None, key: str = "hf_data_files"):
     """A datasets.Dataset (local data) or IterableDataset (hub, streamed)."""
@@ -103,7 +121,8 @@ def load_split(hf_path: str, split: str, *, data_files: str | list | None = None
             if not data_files:
                 raise DataError(f"hf_path={hf_path!r} needs {key}= (a path, glob or list)")
             files = _expand_files(data_files, key)
-            return datasets.load_dataset(builder, data_files=files, split="train")
+            return datasets.load_dataset(builder, data_files=files, split="train",
+                                         **_as_text(builder, files))
         local = Path(hf_path).expanduser()
         if local.exists():
             if (local / "dataset_dict.json").exists() or (local / "state.json").exists():

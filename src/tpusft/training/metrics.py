@@ -67,6 +67,27 @@ class JsonlWriter:
     def write(self, record: dict) -> None:
         self._buffer.append(json.dumps(record))
 
+    def rewind(self, step: int) -> int:
+        """Drops what a run logged after its checkpoint at `step` (it is trained again):
+        train records after it and evaluations from it on (a resumed run evaluates at its
+        first step). Returns the number of records dropped."""
+        if not self.path.exists():
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            at = int(record.get("step", 0))
+            if at > step or (record.get("kind") == "eval" and at >= step):
+                continue
+            keep.append(line)
+        if len(keep) != len(lines):
+            self.path.write_text("".join(line + "\n" for line in keep))
+        return len(lines) - len(keep)
+
     def flush(self) -> None:
         if not self._buffer:
             return

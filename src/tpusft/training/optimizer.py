@@ -15,8 +15,14 @@ def learning_rate_schedule(cfg: Any) -> optax.Schedule:
         decay_steps=max(cfg.steps, warmup + 1), end_value=final)
 
 
+# apply_if_finite's own limit, after which it would apply a non-finite update anyway; the
+# run stops long before (training/divergence.py).
+_NEVER_APPLY_NON_FINITE = 2**30
+
+
 def make_optimizer(cfg: Any) -> optax.GradientTransformation:
-    """inject_hyperparams makes the learning rate visible to Tunix's metrics."""
+    """inject_hyperparams makes the learning rate visible to Tunix's metrics; apply_if_finite
+    drops any update whose gradients hold NaN or inf (and counts it)."""
 
     def chain(learning_rate):
         parts = []
@@ -24,6 +30,6 @@ def make_optimizer(cfg: Any) -> optax.GradientTransformation:
             parts.append(optax.clip_by_global_norm(cfg.gradient_clipping_threshold))
         parts.append(optax.adamw(learning_rate, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                                  weight_decay=cfg.adam_weight_decay))
-        return optax.chain(*parts)
+        return optax.apply_if_finite(optax.chain(*parts), _NEVER_APPLY_NON_FINITE)
 
     return optax.inject_hyperparams(chain)(learning_rate=learning_rate_schedule(cfg))

@@ -94,5 +94,6 @@ def build_trainer(model: nnx.Module, ref_model: nnx.Module | None,
     trainer = PreferenceTrainer(model, ref_model, optimizer, training_config(cfg, method),
                                 method, cfg.seed, tiles)
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
+    trainer_lib.make_resilient(trainer, cfg, feeder)
     trainer.attach(feeder)
     return trainer

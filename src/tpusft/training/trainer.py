@@ -6,7 +6,9 @@ profiler, Orbax checkpoints). tpusft adds, through Tunix's own hooks:
     batches with one loss denominator, and exposes grain's iterator state;
   * the data-iterator state stored in every checkpoint's custom metadata and restored on
     resume, so a resumed run continues at the exact data position;
-  * Progress (TrainingHooks): tokens/s, MFU, ETA, metrics.jsonl.
+  * Progress (TrainingHooks): tokens/s, MFU, ETA, metrics.jsonl, the nan_policy check;
+  * `make_resilient`: checked checkpoints (training/checkpoints.py), preemption and the
+    divergence guard, shared by every recipe.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from tunix.sft import metrics_logger as tunix_metrics
 from tunix.sft import peft_trainer
 from tunix.sft import profiler as tunix_profiler
 
+from tpusft.errors import Diverged
 from tpusft.models.sharding import BATCH_AXES
 from tpusft.training import loss as loss_lib
+from tpusft.training.checkpoints import adopt
+from tpusft.training.divergence import DivergenceGuard
 from tpusft.training.metrics import JsonlWriter, format_duration
+from tpusft.training.preemption import Preemption
 
 DATA_STATE_KEY = "tpusft_data_state"
 
@@ -53,10 +59,13 @@ class BatchFeeder(tunix_hooks.DataHooks):
         self.step_crc: list[int] = []     # CRC-32 of each step's input ids (exact-resume checks)
         self.stats = stats                # the pipeline's DataStats (bad rows, truncation)
         self.dropout = False              # tag training micro-batches with their step number
+        self.stop_when = None             # () -> bool: end the loop at the next step boundary
 
     # -- train
     def load_next_train_batch(self, train_ctx) -> dict | None:
         if not self._pending:
+            if self.stop_when is not None and self.stop_when():
+                return None
             try:
                 group = next(self._train_iter)
             except StopIteration:
@@ -121,6 +130,7 @@ class Progress(tunix_hooks.TrainingHooks):
         self._last_time = None
         self.history: list[tuple[int, float]] = []
         self.eval_records: list[dict] = []
+        self.divergence: DivergenceGuard | None = None
 
     def on_train_start(self, train_ctx):
         self._first_step = train_ctx.train_steps
@@ -137,6 +147,8 @@ class Progress(tunix_hooks.TrainingHooks):
         dt = now - self._last_time
         self._last_time = now
         loss = float(train_loss)
+        if self.divergence is not None:
+            self.divergence.observe(step, loss, _last(train_ctx, "grad_norm"))
         self.history.append((step, loss))
         first_of_run = step == (self._first_step or 0) + 1
         if not first_of_run:  # the first report includes compilation
@@ -152,6 +164,8 @@ class Progress(tunix_hooks.TrainingHooks):
         if lr is not None:
             record["learning_rate"] = float(jax.device_get(lr))
         record.update(self._extras(train_ctx, "train"))
+        if self.divergence is not None and self.divergence.skipped:
+            record["skipped_updates"] = self.divergence.skipped
         if step % self.log_period == 0 or step == self.total_steps or first_of_run:
             window_time = now - self._window_start if self._window_start else None
             if self._window_steps and window_time:
@@ -228,6 +242,13 @@ class Progress(tunix_hooks.TrainingHooks):
                        flush=True)
 
 
+def _last(train_ctx, name: str, mode: str = "train") -> float | None:
+    logger = train_ctx.metrics_logger
+    if not logger.metric_exists("", name, mode):
+        return None
+    return float(logger.get_metric_history("", name, mode)[-1])
+
+
 class DataStateCheckpoints:
     """A Tunix trainer mixin: its checkpoints also carry the data iterator's state."""
 
@@ -284,7 +305,7 @@ def training_config(cfg: Any, config_cls=peft_trainer.TrainingConfig, **extra):
         max_steps=cfg.steps,
         gradient_accumulation_steps=(cfg.gradient_accumulation_steps
                                      if cfg.gradient_accumulation_steps > 1 else None),
-        checkpoint_root_directory=cfg.checkpoint_directory if cfg.enable_checkpointing else None,
+        checkpoint_root_directory=None,  # tpusft's GuardedCheckpoints (make_resilient)
         checkpointing_options=checkpointing,
         metrics_logging_options=tunix_metrics.MetricsLoggerOptions(
             log_dir=cfg.tensorboard_directory, flush_every_n_steps=cfg.log_period),
@@ -312,5 +333,81 @@ def build_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cf
     trainer.with_loss_fn(loss_lib.seeded_sft_loss(cfg.seed, vocab_tiles(cfg, mesh)))
     trainer.with_gen_model_input_fn(lambda batch: batch)
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
+    make_resilient(trainer, cfg, feeder)
     trainer.attach(feeder)
     return trainer
+
+
+def run_layout(cfg: Any) -> dict[str, Any]:
+    """What a checkpoint's data position means, so a resume with another batch is refused."""
+    return {"global_batch_size": cfg.global_batch_size,
+            "max_target_length": cfg.max_target_length,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+
+
+def make_resilient(trainer, cfg: Any, feeder: BatchFeeder | None = None, root: str | None = None,
+                   required: Sequence[str] = (DATA_STATE_KEY,),
+                   layout: dict[str, Any] | None = None) -> None:
+    """Checked checkpoints restored into `trainer` (the newest intact step), preemption and
+    the nan_policy guard, as `trainer.preemption` and `trainer.divergence`."""
+    if root is None and cfg.enable_checkpointing:
+        root = cfg.checkpoint_directory
+    preemption = Preemption(cfg.preemption_deadline_s)
+    manager = None
+    divergence = DivergenceGuard(cfg.nan_policy, cfg.max_skipped_steps,
+                                 last_good=lambda: manager.latest_description())
+    manager = adopt(trainer, root, checkpoint_options(cfg), layout=layout or run_layout(cfg),
+                    required=required, before_save=divergence.before_save,
+                    preemption=preemption)
+    divergence.start(trainer.optimizer)
+    trainer.preemption, trainer.divergence = preemption, divergence
+    if feeder is not None:
+        feeder.stop_when = lambda: preemption.requested
+
+
+def run_training(trainer, cfg: Any, train: Any) -> None:
+    """Runs `train()` with SIGTERM/SIGINT (and maintenance events) ending it at a step
+    boundary with a checkpoint; on divergence waits for the checkpoints already being
+    written before the error goes up."""
+    preemption: Preemption = trainer.preemption
+    preemption.install(cfg.watch_maintenance_events)
+    try:
+        train()
+    except Diverged:
+        trainer.checkpoint_manager.close()
+        trainer.metrics_logger.close()
+        raise
+    finally:
+        preemption.finished(preemption.saved_step)
+        preemption.uninstall()
+
+
+def fit(trainer, cfg: Any, progress: Progress, has_eval: bool) -> bool:
+    """Trains a PeftTrainer-based recipe from its restored step to cfg.steps: metrics after
+    the checkpoint are rewound, signals end it at a step boundary with a checkpoint. False
+    when a signal ended it early (the caller exits 0 and the next start resumes)."""
+    progress.divergence = trainer.divergence
+    trainer.with_training_hooks(progress)
+    start = trainer.train_steps
+    if start >= cfg.steps:
+        trainer.close()
+        print(f"run already complete at step {start}; nothing to train")
+        return True
+    if progress.jsonl is not None:
+        progress.jsonl.rewind(start)
+    run_training(trainer, cfg, lambda: trainer.train([], [None] if has_eval else None))
+    return not stopped_early(trainer, cfg)
+
+
+def stopped_early(trainer, cfg: Any) -> bool:
+    """After run_training: True (and one line) when a signal ended the run before its last
+    step; the checkpoint line came from the save itself."""
+    preemption: Preemption = trainer.preemption
+    if not preemption.requested or trainer.train_steps >= cfg.steps:
+        return False
+    if preemption.saved_step is None:
+        saved = ("nothing saved: enable_checkpointing=false" if not cfg.enable_checkpointing
+                 else f"last checkpoint: {trainer.checkpoint_manager.latest_description()}")
+        print(f"{preemption.reason}: stopped at step {trainer.train_steps} ({saved})",
+              flush=True)
+    return True

@@ -1,0 +1,271 @@
+"""Training checkpoints that are checked on the way out and on the way back in.
+
+`GuardedCheckpoints` is Tunix's checkpoint manager (Orbax underneath) with three additions:
+  * saving: the state is fingerprinted (checkpoint/integrity.py) and refused when any array
+    holds NaN or inf, so a diverged run never rotates good checkpoints out for bad ones;
+    the fingerprints, array shapes and the run's batch layout go into the checkpoint's
+    metadata, in the same atomic commit as the arrays;
+  * restoring: the newest step is restored and its arrays fingerprinted again; a step whose
+    files are truncated, missing or altered, or that lacks what resuming needs (the data
+    iterator's position), is named, moved aside to `<checkpoints>-damaged/<step>` and the
+    step before it is tried; a config whose model or batch differs from the checkpoint's is
+    refused with one line before anything is read;
+  * preemption: once requested, the next step boundary is saved whatever the schedule says.
+
+`adopt` puts it under a Tunix trainer. Tunix builds its own manager in the trainer's
+constructor and restores there; tpusft's recipes pass it no checkpoint directory (so it
+restores nothing) and `adopt` sets the restored step on the trainer afterwards. That is the
+one place that writes the trainer's private step counters (Tunix has no public setter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from etils import epath
+from flax import nnx
+from tunix.sft import checkpoint_manager as tunix_checkpoints
+from tunix.sft import profiler as tunix_profiler
+
+from tpusft.checkpoint import integrity
+from tpusft.errors import CheckpointError, Diverged
+
+SHAPES_KEY = "tpusft_shapes"
+LAYOUT_KEY = "tpusft_layout"
+
+
+def _shapes(trees: dict[str, Any]) -> dict[str, list[int]]:
+    return {f"{item}{name}": list(leaf.shape) for item, tree in trees.items() if tree is not None
+            for name, leaf in integrity._array_leaves(tree)}  # noqa: SLF001
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+    text = text.split(" [tensorstore_spec=")[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """A failed Orbax restore leaves the reads of its other arrays pending on a closed event
+    loop, each printing a traceback when it is collected or its thread ends: while steps are
+    tried, and once collected at the end, those go unprinted (the step is reported)."""
+    hooks = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda _: None
+    threading.excepthook = lambda _: None
+    asyncio_log = logging.getLogger("asyncio")
+    disabled, asyncio_log.disabled = asyncio_log.disabled, True
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook, threading.excepthook = hooks
+        asyncio_log.disabled = disabled
+
+
+class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
+    """Tunix's CheckpointManager with fingerprints, finiteness checks and damaged-step fallback.
+
+    `layout`: what must match between a checkpoint and the config resuming it (batch size,
+    sequence length, ...). `required`: metadata keys a resumable checkpoint must hold.
+    `before_save(step, optimizer)` may raise Diverged to stop a save (nan_policy). Once
+    `preemption` is requested every step is saved (and waited for) until the run stops.
+    `metadata_fn` gives the custom metadata of saves that come without it (Tunix's save at
+    the end of a run)."""
+
+    def __init__(self, root: str | None, options, *, layout: dict[str, Any] | None = None,
+                 required: Sequence[str] = (), before_save: Callable | None = None,
+                 preemption=None, metadata_fn: Callable | None = None, print_fn=print):
+        if options is not None:
+            options.cleanup_tmp_directories = True  # saves cut by a kill leave tmp folders
+        super().__init__(root, options)
+        self.root, self.options = root, options
+        self.layout, self.required = dict(layout or {}), tuple(required)
+        self.before_save, self.print = before_save, print_fn
+        self.preemption, self.metadata_fn = preemption, metadata_fn
+        self.damaged: list[tuple[int, str]] = []
+
+    # ---------------------------------------------------------------- save
+    def _trees(self, model, optimizer, lora_only: bool) -> dict[str, Any]:
+        params = nnx.state(model, nnx.LoRAParam) if lora_only else nnx.state(model)
+        opt = nnx.state(optimizer, nnx.optimizer.OptState) if optimizer is not None else None
+        return {"model_params": params, "optimizer_state": opt}
+
+    def save(self, step: int, model, optimizer=None, save_only_lora_params: bool = False,
+             force: bool = False, custom_metadata: dict[str, Any] | None = None) -> bool:
+        manager = self._checkpoint_manager
+        if manager is None:
+            return False
+        urgent = self.preemption is not None and self.preemption.requested
+        if not force and not urgent and not manager.should_save(step):
+            return False
+        if step in manager.all_steps():
+            return False
+        if urgent and step == 0:  # nothing trained yet: nothing to save
+            self.preemption.finished(None)
+            return False
+        if self.before_save is not None:
+            self.before_save(step, optimizer)
+        trees = self._trees(model, optimizer, save_only_lora_params)
+        fingerprints, bad = integrity.summarize(trees)
+        if bad:
+            more = f" and {len(bad) - 1} other arrays" if len(bad) > 1 else ""
+            raise Diverged(f"step {step}: {bad[0]}{more} hold NaN or inf; the checkpoint was not "
+                           f"written (last good checkpoint: {self.latest_description()})")
+        if custom_metadata is None and self.metadata_fn is not None:
+            custom_metadata = self.metadata_fn()
+        metadata = dict(custom_metadata or {})
+        metadata.update({integrity.FINGERPRINTS_KEY: fingerprints, SHAPES_KEY: _shapes(trees),
+                         LAYOUT_KEY: self.layout})
+        saved = super().save(step, model, optimizer, save_only_lora_params, force=True,
+                             custom_metadata=metadata)
+        if urgent:
+            manager.wait_until_finished()
+            self.print(f"{self.preemption.reason}: checkpoint of step {step} saved in "
+                       f"{self.root}; run the same command again to continue", flush=True)
+            self.preemption.finished(step)
+        return saved
+
+    def latest_description(self) -> str:
+        step = self.latest_step()
+        return f"step {step} in {self.root}" if step is not None else "none"
+
+    # ------------------------------------------------------------- restore
+    def _check_compatible(self, step: int, meta: dict[str, Any], trees: dict[str, Any]) -> None:
+        for name, want in self.layout.items():
+            have = meta.get(LAYOUT_KEY, {}).get(name)
+            if have is not None and have != want:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.root} was written with {name}={have}, but "
+                    f"the config has {name}={want}; resume with {name}={have} or start a new "
+                    f"run_name")
+        stored = meta.get(SHAPES_KEY)
+        if not stored:
+            return
+        now = {k: v for k, v in _shapes(trees).items() if k.startswith("model_params")}
+        stored = {k: v for k, v in stored.items() if k.startswith("model_params")}
+        for name in sorted(set(stored) | set(now)):
+            if stored.get(name) != now.get(name):
+                have = stored.get(name, "absent")
+                want = now.get(name, "absent")
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.root} holds {name} of shape {have}, but "
+                    f"the config's model has {want}: the model settings differ from the run's "
+                    f"(same model keys and lora settings to resume, or a new run_name)")
+
+    def _problem(self, step: int, meta: dict[str, Any], trees: dict[str, Any]) -> str | None:
+        missing = [k for k in (integrity.FINGERPRINTS_KEY, *self.required) if k not in meta]
+        if missing:
+            what = ("the data iterator's position" if missing[0] != integrity.FINGERPRINTS_KEY
+                    else "checksums")
+            return f"its metadata has no {what} ({missing[0]})"
+        restored, _ = integrity.summarize(trees)
+        stored = meta[integrity.FINGERPRINTS_KEY]
+        if trees.get("optimizer_state") is None:
+            stored = {k: v for k, v in stored.items() if k.startswith("model_params")}
+        return integrity.compare(stored, restored)
+
+    def _metadata(self, step: int) -> dict[str, Any]:
+        meta = self._checkpoint_manager.metadata(step)
+        return dict(getattr(meta, "custom_metadata", None) or {})
+
+    def maybe_restore(self, model, optimizer=None, step: int | None = None,
+                      restore_only_lora_params: bool = False) -> tuple[int, dict[str, Any]]:
+        if self._checkpoint_manager is None:
+            return 0, {}
+        steps = [step] if step is not None else sorted(self._checkpoint_manager.all_steps(),
+                                                       reverse=True)
+        with _quiet_failed_reads():
+            return self._restore_newest_intact(model, optimizer, steps, restore_only_lora_params)
+
+    def _restore_newest_intact(self, model, optimizer, steps, restore_only_lora_params):
+        trees = self._trees(model, optimizer, restore_only_lora_params)
+        for s in steps:
+            try:
+                meta = self._metadata(s)
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged step
+                self._set_aside(s, f"its metadata cannot be read ({_one_line(e)})")
+                continue
+            self._check_compatible(s, meta, trees)
+            try:
+                restored, meta = super().maybe_restore(model, optimizer, s,
+                                                       restore_only_lora_params)
+                problem = self._problem(s, meta, self._trees(model, optimizer,
+                                                             restore_only_lora_params))
+            except Exception as e:  # noqa: BLE001 - a file Orbax cannot read: a damaged step
+                problem = f"it cannot be read ({_one_line(e)})"
+            if problem is None:
+                if self.damaged:
+                    self.print(f"resuming from step {s}, the newest intact checkpoint")
+                return restored, meta
+            self._set_aside(s, problem)
+        if self.damaged:
+            listed = ", ".join(str(s) for s, _ in self.damaged)
+            raise CheckpointError(f"no intact checkpoint to resume from in {self.root}: steps "
+                                  f"{listed} are damaged (see above) and were moved to "
+                                  f"{self._aside_root()}; use a new run_name to start again")
+        return 0, {}
+
+    def _aside_root(self) -> epath.Path:
+        root = epath.Path(self.root)
+        return root.parent / f"{root.name}-damaged"
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Moves a damaged step out of Orbax's way (kept for inspection) and says so."""
+        src = epath.Path(self.root) / str(step)
+        dst = self._aside_root() / str(step)
+        n = 1
+        while dst.exists():
+            dst = self._aside_root() / f"{step}.{n}"
+            n += 1
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            src.rename(dst)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.root} is damaged ({why}) and "
+                                  f"cannot be moved aside ({_one_line(e)}); remove it to resume "
+                                  f"from the step before it") from None
+        self.damaged.append((step, why))
+        self.print(f"checkpoint step {step} is damaged: {why}; moved to {dst}")
+        self._checkpoint_manager.reload()  # Orbax caches the list of steps
+
+
+def adopt(trainer, root: str | None, options, **guard) -> GuardedCheckpoints:
+    """Gives a Tunix trainer built without a checkpoint directory a GuardedCheckpoints at
+    `root` and restores its newest intact step (model, optimizer, step counters, metadata)."""
+    guard.setdefault("metadata_fn", trainer.custom_checkpoint_metadata)
+    manager = GuardedCheckpoints(root, options, **guard)
+    trainer.checkpoint_manager = manager
+    step, metadata = manager.maybe_restore(trainer.model, trainer.optimizer,
+                                           restore_only_lora_params=trainer._lora_enabled)  # noqa: SLF001
+    accumulation = trainer.config.get_with_default("gradient_accumulation_steps", 1)
+    trainer._train_steps = step  # noqa: SLF001 - Tunix restores only in its constructor
+    trainer._iter_steps = step * accumulation  # noqa: SLF001
+    trainer._restored_custom_metadata = metadata  # noqa: SLF001
+    max_steps = trainer.config.max_steps
+    trainer._prof = tunix_profiler.Profiler(  # noqa: SLF001 - its first step is the restored one
+        initial_step=trainer._iter_steps,  # noqa: SLF001
+        max_step=max_steps * accumulation if max_steps is not None else None,
+        profiler_options=trainer.config.profiler_options)
+    return manager
+
+
+def finite_counters(optimizer) -> tuple[int, int]:
+    """(updates skipped in a row, updates skipped in all) from optax.apply_if_finite's state in
+    an optimizer (0, 0 when it has none)."""
+    state = nnx.state(optimizer, nnx.optimizer.OptState)
+    row = total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        name = jax.tree_util.keystr(path)
+        if "notfinite_count" in name:
+            row = int(jax.device_get(leaf))
+        elif "total_notfinite" in name:
+            total = int(jax.device_get(leaf))
+    return row, total

@@ -1,0 +1,342 @@
+"""What a cloud run goes through: preemption, kills at random moments, damaged checkpoints,
+divergence. Each test names the protection it checks."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, run_cli
+
+from tpusft.training.metrics import read_jsonl
+
+DEMO = "configs/demo/sft.yml"
+# A short demo run: 24 steps of 8 x 64 tokens, a checkpoint every 3 steps (written in the
+# background, so kills land inside writes too), two kept.
+RUN = ["global_batch_size=8", "max_target_length=64", "eval_steps=1", "log_period=1",
+       "steps=24", "checkpoint_period=3", "max_num_checkpoints_to_keep=2",
+       "eval_interval=12"]
+
+
+def _start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, list[str]]:
+    """Starts `python -m tpusft.train_sft args`; its output lines collect in the list."""
+    full_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                    PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "tpusft.train_sft", *args], cwd=REPO,
+                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(predicate, proc, timeout=300.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _train_records(run: Path) -> list[dict]:
+    return [r for r in read_jsonl(str(run / "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def _assert_same_steps(got_run: Path, ref_run: Path, steps: int) -> None:
+    """Every step once, with the uninterrupted run's batch and loss."""
+    got, ref = _train_records(got_run), _train_records(ref_run)
+    assert [r["step"] for r in got] == list(range(1, steps + 1)), [r["step"] for r in got]
+    assert [r["batch_crc32"] for r in got] == [r["batch_crc32"] for r in ref]
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reference")
+    proc = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={base}", *RUN,
+                   "run_name=full")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base / "full"
+
+
+# --------------------------------------------------------------------------- preemption
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_the_restart_continues_exactly(tmp_path, reference_run):
+    args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "run_name=cut"]
+    proc, lines = _start(args)
+    assert _wait_for(lambda: any(line.startswith("step      4/") for line in lines), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "".join(lines)
+    text = "".join(lines)
+    saved = [line for line in lines if "checkpoint of step" in line]
+    assert len(saved) == 1 and "run the same command again" in saved[0], text
+    step = int(saved[0].split("checkpoint of step ")[1].split()[0])
+    assert 4 <= step < 24 and (tmp_path / "cut" / "checkpoints" / str(step)).is_dir()
+    # Saved off the checkpoint_period schedule when the signal came between two saves.
+    resumed = run_cli("tpusft.train_sft", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {step}" in resumed.stdout
+    _assert_same_steps(tmp_path / "cut", reference_run, 24)
+
+
+_SIGNAL_CHILD = """
+import os, signal, sys, time
+from tpusft.training.preemption import Preemption
+p = Preemption(deadline_s=float(sys.argv[1]))
+p.install()
+print("ready", flush=True)
+while True:  # a step that never ends, so no checkpoint is ever written
+    time.sleep(0.01)
+"""
+
+
+def _signal_child(deadline: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _SIGNAL_CHILD, str(deadline)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_preemption_deadline_and_second_signal():
+    """The deadline: no checkpoint within preemption_deadline_s exits 1 with one line. A
+    second signal exits at once (128 + the signal)."""
+    proc = _signal_child(1.0)
+    started = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and 0.9 < time.time() - started < 10, err
+    assert err.strip().splitlines()[-1].startswith(
+        "error: no checkpoint was written within preemption_deadline_s=1"), err
+    proc = _signal_child(60.0)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the first is handled (Python merges signals it has not handled yet)
+    started = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT and time.time() - started < 5, err
+    assert "SIGINT: finishing this step" in err and "second SIGINT: exiting now" in err
+
+
+def test_maintenance_event_is_a_preemption(tmp_path):
+    """The GCE metadata server's maintenance-event turning non-NONE requests a stop."""
+    import http.server
+
+    from tpusft.training.preemption import Preemption
+
+    state = {"event": "NONE", "seen": []}
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            state["seen"].append((self.path, self.headers.get("Metadata-Flavor")))
+            value = state["event"] if self.path.endswith("maintenance-event") else "FALSE"
+            body = value.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    os.environ["GCE_METADATA_HOST"] = f"127.0.0.1:{server.server_port}"
+    try:
+        preemption = Preemption(deadline_s=30, print_fn=lambda *a, **k: None)
+        preemption.install(watch_maintenance=True, poll_interval_s=0.05)
+        preemption._watchdog = lambda: None  # noqa: SLF001 - this test only watches
+        time.sleep(0.3)
+        assert not preemption.requested and state["seen"]
+        assert all(flavor == "Google" for _, flavor in state["seen"])
+        state["event"] = "TERMINATE_ON_HOST_MAINTENANCE"
+        deadline = time.time() + 5
+        while not preemption.requested and time.time() < deadline:
+            time.sleep(0.02)
+        assert preemption.reason == "GCE maintenance-event TERMINATE_ON_HOST_MAINTENANCE"
+        preemption.finished()
+        preemption.uninstall()
+        # Off GCE (nothing listening): one line, and no stop.
+        os.environ["GCE_METADATA_HOST"] = "127.0.0.1:9"
+        said = []
+        quiet = Preemption(deadline_s=30, print_fn=lambda *a, **k: said.append(a[0]))
+        quiet.install(watch_maintenance=True, poll_interval_s=0.05)
+        time.sleep(0.5)
+        assert not quiet.requested and len(said) == 1 and "not reachable" in said[0]
+        quiet.uninstall()
+    finally:
+        os.environ.pop("GCE_METADATA_HOST", None)
+        server.shutdown()
+
+
+# ------------------------------------------------------------------ kills at any moment
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path, reference_run):
+    """SIGKILL at seeded random moments (one inside a checkpoint write), restart each time:
+    the finished run's steps, batches and losses are the uninterrupted run's, each once."""
+    rng = random.Random(1234)
+    args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "run_name=cut"]
+    ckpts = tmp_path / "cut" / "checkpoints"
+    kills = []
+    for attempt in range(6):
+        proc, lines = _start(args)
+        if attempt == 2:  # inside an Orbax write: its temporary folder exists
+            hit = _wait_for(lambda: ckpts.exists() and any(
+                "tmp" in p.name for p in ckpts.iterdir()), proc)
+            moment = "during a checkpoint write" if hit else "after the run ended"
+        else:
+            assert _wait_for(lambda: any(line.startswith("step ") for line in lines), proc)
+            delay = rng.uniform(0.0, 2.5)
+            time.sleep(delay)
+            moment = f"{delay:.2f} s after its first step"
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills.append(moment)
+    assert len(kills) >= 5, kills
+    final = run_cli("tpusft.train_sft", *args)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_same_steps(tmp_path / "cut", reference_run, 24)
+    assert not any("tmp" in p.name for p in ckpts.iterdir())
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+def _damage(step_dir: Path, how: str) -> None:
+    files = sorted((p for p in (step_dir / "model_params").rglob("*") if p.is_file()
+                    and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    target = files[-1]
+    if how == "flip":  # one bit inside a stored array
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        target.write_bytes(bytes(data))
+    elif how == "truncate":
+        with open(target, "r+b") as f:
+            f.truncate(target.stat().st_size // 3)
+    elif how == "delete":
+        (step_dir / "model_params" / "manifest.ocdbt").unlink()
+    elif how == "no_data_state":
+        meta = step_dir / "_CHECKPOINT_METADATA"
+        record = json.loads(meta.read_text())
+        record["custom_metadata"].pop("tpusft_data_state")
+        meta.write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_are_named_and_the_run_falls_back(tmp_path, reference_run):
+    """Bit flips, truncated and deleted files and a missing data state are each found at
+    restore; the run resumes from the newest intact step and ends as the reference did."""
+    base = tmp_path / "runs"
+    shutil.copytree(reference_run.parent, base)
+    ckpts = base / "full" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir()) == [21, 24]
+    found = {}
+    for how in ("flip", "truncate", "delete", "no_data_state"):
+        shutil.rmtree(base)
+        shutil.copytree(reference_run.parent, base)
+        (base / "full" / "metrics.jsonl").write_text("")  # the resumed run rewrites 22-24
+        _damage(ckpts / "24", how)
+        proc = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={base}", *RUN,
+                       "run_name=full", "steps=24")
+        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("checkpoint step 24"))
+        found[how] = line
+        assert "resuming from step 21" in proc.stdout
+        assert (base / "full" / "checkpoints-damaged" / "24").is_dir()
+        got = [r for r in _train_records(base / "full")]
+        ref = _train_records(reference_run)
+        assert [r["loss"] for r in got] == [r["loss"] for r in ref[21:]]
+    assert "checksum" in found["flip"]
+    assert "cannot be read" in found["truncate"] and "cannot be read" in found["delete"]
+    assert "data iterator's position" in found["no_data_state"]
+
+
+# --------------------------------------------------------------------------- integrity
+def test_fingerprints_find_any_changed_word_and_ignore_sharding():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from tpusft.checkpoint import integrity
+
+    rng = np.random.default_rng(0)
+    tree = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16),
+            "n": jnp.int32(7), "k": jnp.asarray([1, -2, 3], jnp.int4)}
+    prints, bad = integrity.summarize({"m": tree})
+    assert bad == [] and len(prints) == 4
+    mesh = jax.make_mesh((len(jax.devices()),), ("x",))
+    sharded = dict(tree, w=jax.device_put(tree["w"], NamedSharding(mesh, P("x"))))
+    assert integrity.summarize({"m": sharded})[0] == prints
+    for i in range(0, 128, 7):  # every single-word change is found
+        flipped = np.asarray(tree["w"]).copy().reshape(-1)
+        flipped.view(np.uint32)[i] ^= 1 << (i % 32)
+        changed = dict(tree, w=jnp.asarray(flipped.reshape(16, 8)))
+        assert "m['w']" in integrity.compare(prints, integrity.summarize({"m": changed})[0])
+    swapped = np.asarray(tree["w"]).copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the same words in other places
+    assert integrity.compare(prints, integrity.summarize({"m": dict(
+        tree, w=jnp.asarray(swapped))})[0])
+    nan = dict(tree, w=tree["w"].at[3, 3].set(jnp.nan))
+    assert integrity.summarize({"m": nan})[1] == ["m['w']"]
+
+
+def test_non_finite_gradients_never_reach_the_parameters():
+    """make_optimizer drops an update whose gradients hold NaN and counts it; a finite one
+    after it is applied."""
+    import optax
+
+    from tpusft.config import load_config
+    from tpusft.training.optimizer import make_optimizer
+
+    cfg = load_config([DEMO, "learning_rate=0.1", "warmup_steps_fraction=0"])
+    opt = make_optimizer(cfg)
+    params = {"w": jnp.ones((3,))}
+    state = opt.init(params)
+    bad = {"w": jnp.array([1.0, jnp.nan, 0.0])}
+    updates, state = opt.update(bad, state, params)
+    assert np.all(np.asarray(optax.apply_updates(params, updates)["w"]) == 1.0)
+    counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+              if "notfinite_count" in jax.tree_util.keystr(path)]
+    assert [int(c) for c in counts] == [1]
+    updates, state = opt.update({"w": jnp.ones((3,))}, state, params)
+    assert np.all(np.asarray(optax.apply_updates(params, updates)["w"]) < 1.0)
+
+
+@pytest.mark.slow
+def test_divergence_stops_before_a_checkpoint_holds_it(tmp_path):
+    """A learning rate that blows the model up: one line naming the step and the value,
+    exit 1, and every checkpoint left is finite and restorable; skip_step counts skips and
+    stops after max_skipped_steps in a row."""
+    args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "learning_rate=1e12",
+            "warmup_steps_fraction=0", "gradient_clipping_threshold=0", "checkpoint_period=1",
+            "max_num_checkpoints_to_keep=2", "demo_task=arithmetic"]
+    stop = run_cli("tpusft.train_sft", *args, "run_name=stop")
+    assert stop.returncode == 1, stop.stdout[-2000:] + stop.stderr[-2000:]
+    last = stop.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: non-finite"), last
+    assert "Traceback" not in stop.stderr
+    ckpts = sorted(int(p.name) for p in (tmp_path / "stop" / "checkpoints").iterdir())
+    diverged_at = int(re.search(r"(?:at|by) step (\d+)", last).group(1))
+    assert ckpts and max(ckpts) < diverged_at, (ckpts, last)
+    skip = run_cli("tpusft.train_sft", *args, "run_name=skip", "nan_policy=skip_step",
+                   "max_skipped_steps=3")
+    assert skip.returncode == 1, skip.stderr[-2000:]
+    assert "update skipped (3 in a row" in skip.stdout or "update skipped (2 in a row" in \
+        skip.stdout, skip.stdout[-3000:]
+    assert "max_skipped_steps=3" in skip.stderr.strip().splitlines()[-1]
