@@ -22,11 +22,12 @@ from conftest import REPO, run_cli
 from tpusft.training.metrics import read_jsonl
 
 DEMO = "configs/demo/sft.yml"
-# A short demo run: 24 steps of 8 x 64 tokens, a checkpoint every 3 steps (written in the
+# A short demo run: 40 steps of 8 x 64 tokens, a checkpoint every 4 steps (written in the
 # background, so kills land inside writes too), two kept.
+STEPS = 40
 RUN = ["global_batch_size=8", "max_target_length=64", "eval_steps=1", "log_period=1",
-       "steps=24", "checkpoint_period=3", "max_num_checkpoints_to_keep=2",
-       "eval_interval=12"]
+       f"steps={STEPS}", "checkpoint_period=4", "max_num_checkpoints_to_keep=2",
+       "eval_interval=20"]
 
 
 def _start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, list[str]]:
@@ -88,12 +89,12 @@ def test_sigterm_saves_the_step_and_the_restart_continues_exactly(tmp_path, refe
     saved = [line for line in lines if "checkpoint of step" in line]
     assert len(saved) == 1 and "run the same command again" in saved[0], text
     step = int(saved[0].split("checkpoint of step ")[1].split()[0])
-    assert 4 <= step < 24 and (tmp_path / "cut" / "checkpoints" / str(step)).is_dir()
+    assert 4 <= step < STEPS and (tmp_path / "cut" / "checkpoints" / str(step)).is_dir()
     # Saved off the checkpoint_period schedule when the signal came between two saves.
     resumed = run_cli("tpusft.train_sft", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {step}" in resumed.stdout
-    _assert_same_steps(tmp_path / "cut", reference_run, 24)
+    _assert_same_steps(tmp_path / "cut", reference_run, STEPS)
 
 
 _SIGNAL_CHILD = """
@@ -201,11 +202,11 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path, reference
                 "tmp" in p.name for p in ckpts.iterdir()), proc)
             moment = "during a checkpoint write" if hit else "after the run ended"
         else:
-            assert _wait_for(lambda: any(line.startswith("step ") for line in lines), proc)
-            delay = rng.uniform(0.0, 2.5)
+            _wait_for(lambda: any(line.startswith("step ") for line in lines), proc)
+            delay = rng.uniform(0.0, 1.0)
             time.sleep(delay)
             moment = f"{delay:.2f} s after its first step"
-        if proc.poll() is not None:
+        if proc.poll() is not None:  # it finished before the kill
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -213,7 +214,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path, reference
     assert len(kills) >= 5, kills
     final = run_cli("tpusft.train_sft", *args)
     assert final.returncode == 0, final.stderr[-3000:]
-    _assert_same_steps(tmp_path / "cut", reference_run, 24)
+    _assert_same_steps(tmp_path / "cut", reference_run, STEPS)
     assert not any("tmp" in p.name for p in ckpts.iterdir())
 
 
@@ -245,23 +246,24 @@ def test_damaged_checkpoints_are_named_and_the_run_falls_back(tmp_path, referenc
     base = tmp_path / "runs"
     shutil.copytree(reference_run.parent, base)
     ckpts = base / "full" / "checkpoints"
-    assert sorted(int(p.name) for p in ckpts.iterdir()) == [21, 24]
+    assert sorted(int(p.name) for p in ckpts.iterdir()) == [STEPS - 4, STEPS]
     found = {}
     for how in ("flip", "truncate", "delete", "no_data_state"):
         shutil.rmtree(base)
         shutil.copytree(reference_run.parent, base)
         (base / "full" / "metrics.jsonl").write_text("")  # the resumed run rewrites 22-24
-        _damage(ckpts / "24", how)
+        _damage(ckpts / str(STEPS), how)
         proc = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={base}", *RUN,
-                       "run_name=full", "steps=24")
+                       "run_name=full")
         assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-        line = next(x for x in proc.stdout.splitlines() if x.startswith("checkpoint step 24"))
+        line = next(x for x in proc.stdout.splitlines()
+                    if x.startswith(f"checkpoint step {STEPS}"))
         found[how] = line
-        assert "resuming from step 21" in proc.stdout
-        assert (base / "full" / "checkpoints-damaged" / "24").is_dir()
+        assert f"resuming from step {STEPS - 4}" in proc.stdout
+        assert (base / "full" / "checkpoints-damaged" / str(STEPS)).is_dir()
         got = [r for r in _train_records(base / "full")]
         ref = _train_records(reference_run)
-        assert [r["loss"] for r in got] == [r["loss"] for r in ref[21:]]
+        assert [r["loss"] for r in got] == [r["loss"] for r in ref[STEPS - 4:]]
     assert "checksum" in found["flip"]
     assert "cannot be read" in found["truncate"] and "cannot be read" in found["delete"]
     assert "data iterator's position" in found["no_data_state"]
@@ -340,3 +342,69 @@ def test_divergence_stops_before_a_checkpoint_holds_it(tmp_path):
     assert "update skipped (3 in a row" in skip.stdout or "update skipped (2 in a row" in \
         skip.stdout, skip.stdout[-3000:]
     assert "max_skipped_steps=3" in skip.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------ adversarial rows
+def test_long_rows_are_cut_before_rendering_with_the_same_result(demo_tokenizer):
+    """A conversation of 3,000 turns and a 10 MB turn: only what can reach max_target_length
+    is rendered and tokenized, and the kept tokens are those of the whole row."""
+    from tpusft.data import chat, encoders
+
+    turns = []
+    for i in range(1500):
+        turns += [{"role": "user", "content": f"{i}+{i}="},
+                  {"role": "assistant", "content": str(2 * i)}]
+    budget = encoders.char_budget(demo_tokenizer, 64)
+    for from_end in (False, True):
+        kept = encoders.keep_turns(turns, budget, 65, from_end)
+        assert len(kept) <= 65 and sum(len(m["content"]) for m in kept) <= budget
+        whole = chat.encode_chat(demo_tokenizer, turns[:200] if not from_end else turns[-200:])
+        cut = chat.encode_chat(demo_tokenizer, kept)
+        if from_end:
+            np.testing.assert_array_equal(cut.ids[-65:], whole.ids[-65:])
+            np.testing.assert_array_equal(cut.trained[-65:], whole.trained[-65:])
+        else:
+            np.testing.assert_array_equal(cut.ids[:65], whole.ids[:65])
+            np.testing.assert_array_equal(cut.trained[:65], whole.trained[:65])
+    huge = [{"role": "user", "content": "x " * 5_000_000}, {"role": "assistant", "content": "4"}]
+    kept = encoders.keep_turns(huge, budget, 65, False)
+    assert len(kept[0]["content"]) == budget and len(kept) == 1
+
+
+def test_adversarial_rows_are_counted_and_text_columns_stay_strings(tmp_path, demo_assets):
+    """Through `python -m tpusft.data`: a 3,000-turn row and a 10 MB row are truncated (or
+    dropped) and counted; numbers in text columns ("007" in CSV, a JSON number) stay rows."""
+    from conftest import run_in_process
+
+    from tpusft.data.inspect import main
+
+    turns = []
+    for i in range(1500):
+        turns += [{"role": "user", "content": f"{i}+{i}="},
+                  {"role": "assistant", "content": str(2 * i)}]
+    rows = [{"messages": [{"role": "user", "content": "1+1="},
+                          {"role": "assistant", "content": "2"}]}] * 40
+    rows += [{"messages": turns},
+             {"messages": [{"role": "user", "content": "x " * 5_000_000},
+                           {"role": "assistant", "content": "4"}]}]
+    data = tmp_path / "adversarial.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [DEMO, "demo_task=", "hf_path=json", f"tokenizer_path={demo_assets / 'tokenizer'}",
+              f"base_output_directory={tmp_path}", "max_target_length=64", "inspect_examples=1"]
+    out = run_in_process(main, *common, f"hf_data_files={data}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "42 rows read, 1 skipped, 2 truncated" in out.stdout, out.stdout[-1500:]
+    dropped = run_in_process(main, *common, f"hf_data_files={data}", "truncation=drop")
+    assert "42 rows read, 2 skipped, 0 truncated" in dropped.stdout, dropped.stdout[-1500:]
+    csv = tmp_path / "numbers.csv"
+    csv.write_text("instruction,output\n" + "".join(f"{i}+0=,{i:03d}\n" for i in range(20)))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"instruction": f"{i}+1=", "output": i + 1 if i % 2
+                                         else str(i + 1)}) + "\n" for i in range(20)))
+    for path, builder in ((csv, "csv"), (mixed, "json")):
+        got = run_in_process(main, *common[:1], "demo_task=", f"hf_path={builder}",
+                             *common[3:], f"hf_data_files={path}")
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert "20 rows read, 0 skipped" in got.stdout, got.stdout[-1500:]
+    assert "007" in run_in_process(main, *common[:1], "demo_task=", "hf_path=csv", *common[3:],
+                                     f"hf_data_files={csv}").stdout

@@ -51,4 +51,19 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if argv is None:
+        _exit_now(code or 0)
     sys.exit(code or 0)
+
+
+def _exit_now(code: int) -> None:
+    """Ends a finished command without running interpreter teardown. Everything the run owns
+    is closed by now (checkpoints committed, metrics and TensorBoard flushed); what is left are
+    runtime threads (XLA's, TensorStore's, grain's) whose C++ destructors at interpreter exit
+    can abort with "terminate called without an active exception" (exit 134) after a
+    complete run."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -28,7 +28,6 @@ def main(argv: Sequence[str]) -> int:
         return 0
 
     import jax
-    from etils import epath
 
     from tpusft.data import pairs
     from tpusft.data.chat import load_tokenizer
@@ -46,6 +45,7 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.training.preference_loss import PreferenceLoss
     from tpusft.training.setup import (
         build_model,
+        prepare_run_directory,
         check_batch,
         check_vocab,
         existing_checkpoint,
@@ -54,11 +54,13 @@ def main(argv: Sequence[str]) -> int:
     )
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
+    out = prepare_run_directory(cfg)
     if cfg.demo_task:
         arithmetic.apply_to_config(cfg)
     method = PreferenceLoss.from_config(cfg)
 
     # ---- data: batches of global_batch_size pairs
+    (out / "config.yml").write_text(resolved_yaml(cfg))
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     check_vocab(cfg, tokenizer)
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
@@ -68,9 +70,6 @@ def main(argv: Sequence[str]) -> int:
 
     # ---- model and reference
     args = ModelArgs.from_config(cfg)
-    out = epath.Path(cfg.run_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yml").write_text(resolved_yaml(cfg))
     resuming = existing_checkpoint(cfg)
     frozen_copy = method.needs_reference and not args.lora_rank
     with mesh:

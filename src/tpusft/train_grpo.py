@@ -27,7 +27,6 @@ def main(argv: Sequence[str]) -> int:
         return 0
 
     import jax
-    from etils import epath
 
     from tpusft.data import prompts, sources
     from tpusft.data.chat import load_tokenizer
@@ -41,13 +40,21 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.rl import rewards as rewards_lib
     from tpusft.training import report
     from tpusft.training.metrics import JsonlWriter
-    from tpusft.training.setup import build_model, check_batch, check_vocab, existing_checkpoint
+    from tpusft.training.setup import (
+        build_model,
+        check_batch,
+        check_vocab,
+        existing_checkpoint,
+        prepare_run_directory,
+    )
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
+    out = prepare_run_directory(cfg)
     if cfg.demo_task:
         arithmetic.apply_to_config(cfg)
 
     # ---- prompts and rewards
+    (out / "config.yml").write_text(resolved_yaml(cfg))
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     check_vocab(cfg, tokenizer)
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
@@ -76,9 +83,6 @@ def main(argv: Sequence[str]) -> int:
 
     # ---- model and Tunix's RL cluster
     args = ModelArgs.from_config(cfg)
-    out = epath.Path(cfg.run_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yml").write_text(resolved_yaml(cfg))
     with mesh:
         model = build_model(cfg, args, mesh, existing_checkpoint(cfg, "actor"))
         cluster = grpo.build_cluster(model, tokenizer, mesh, cfg)

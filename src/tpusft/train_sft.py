@@ -25,7 +25,6 @@ def main(argv: Sequence[str]) -> int:
         return 0
 
     import jax
-    from etils import epath
 
     from tpusft.data import packing
     from tpusft.data.chat import load_tokenizer
@@ -42,6 +41,7 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.training.optimizer import make_optimizer
     from tpusft.training.setup import (
         build_model,
+        prepare_run_directory,
         check_batch,
         check_vocab,
         existing_checkpoint,
@@ -49,10 +49,12 @@ def main(argv: Sequence[str]) -> int:
     )
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
+    out = prepare_run_directory(cfg)
     if cfg.demo_task:
         arithmetic.apply_to_config(cfg)
 
     # ---- data
+    (out / "config.yml").write_text(resolved_yaml(cfg))
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     check_vocab(cfg, tokenizer)
     mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
@@ -62,9 +64,6 @@ def main(argv: Sequence[str]) -> int:
 
     # ---- model
     args = ModelArgs.from_config(cfg)
-    out = epath.Path(cfg.run_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yml").write_text(resolved_yaml(cfg))
     with mesh:
         model = build_model(cfg, args, mesh, existing_checkpoint(cfg))
 

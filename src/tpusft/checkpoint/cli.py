@@ -86,9 +86,10 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
                    help="a preset the checkpoint must match (name or YAML path)")
     a = p.parse_args(argv)
 
-    from tpusft.checkpoint.convert import hf_to_native
+    from tpusft.checkpoint.convert import check_new_output, hf_to_native
     from tpusft.config.loader import load_preset
 
+    check_new_output(a.output)
     src = a.hf_path
     if not Path(src).exists():
         if src.count("/") != 1 or src.startswith((".", "/")):

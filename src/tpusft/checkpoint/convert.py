@@ -51,6 +51,18 @@ TOKENIZER_FILES = ASSET_FILES[2:]
 PREFETCH_BYTES = 256 << 20
 
 
+def check_new_output(output: str) -> None:
+    """A converter writes only into a new or empty directory: nothing of the user's is
+    overwritten or mixed with the output."""
+    from etils import epath
+
+    out = epath.Path(output)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{output} is a file; give a new directory for the output")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{output} exists and is not empty; choose a new directory")
+
+
 def ordered_prefetch(fn: Callable[[Any], Any], items: list, nbytes: Callable[[Any], int],
                      workers: int = 4) -> Iterator:
     """fn(item) for each item, in order, computed ahead on up to `workers` threads (numpy,
@@ -390,9 +402,8 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
                               f"preset name or a YAML of model keys)")
     if "://" in output:
         raise CheckpointError("the Hugging Face output must be a local directory")
+    check_new_output(output)
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{output} exists and is not empty; choose a new directory")
 
     items, kind = resolve(native_path)
     prefix = ("params", "params") if kind == "maxtext" else ()

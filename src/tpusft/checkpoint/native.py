@@ -30,6 +30,10 @@ def resolve(path: str) -> tuple[epath.Path, str]:
     if not p.exists():
         raise CheckpointError(f"load_parameters_path={path!r} does not exist; point it at a "
                               f"converted checkpoint or a run's checkpoints/ directory")
+    if not p.is_dir():
+        raise CheckpointError(f"load_parameters_path={path!r} is a file, not a checkpoint "
+                              f"directory; point it at a converted checkpoint or a run's "
+                              f"checkpoints/ directory")
     if (p / "actor").is_dir():  # a GRPO run's checkpoints/ (Tunix's actor trainer)
         p = p / "actor"
     if (p / "model_params").is_dir():

@@ -10,6 +10,7 @@ over-length handling here, and differs only in what it makes of a parsed example
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,48 @@ class Encoder:
         return chat.Encoded(ids, trained)
 
 
+@functools.lru_cache(maxsize=8)
+def _longest_token(tokenizer) -> int:
+    return max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+
+def char_budget(tokenizer, max_length: int) -> int:
+    """Characters that surely make more than max_length + 1 tokens: a token spans at most
+    the longest vocabulary entry's characters (doubled for normalizers that merge
+    characters). Rows are cut to this before rendering, so a 10 MB row costs what its
+    kept part costs, not what it costs to tokenize all of it."""
+    return 2 * (max_length + 1) * _longest_token(tokenizer)
+
+
+def keep_turns(messages: list[dict], budget: int, max_turns: int, from_end: bool) -> list[dict]:
+    """The turns of a conversation that can reach the kept tokens: from the start (or the end,
+    after a leading system turn) while their text stays within `budget` characters and their
+    number within `max_turns` (each renders to a token at least), the last one cut to the
+    budget. The rest would be truncated anyway; rendering them would cost time quadratic in
+    the number of turns (a turn's mask comes from rendering the conversation up to it)."""
+    total = sum(len(m.get("content") or "") for m in messages)
+    if total <= budget and len(messages) <= max_turns:
+        return messages
+    head = [messages[0]] if from_end and messages[0]["role"] == "system" else []
+    rest = messages[len(head):]
+    order = reversed(rest) if from_end else iter(rest)
+    kept, used = [], sum(len(m.get("content") or "") for m in head)
+    for m in order:
+        if len(kept) + len(head) >= max_turns or used >= budget:
+            break
+        content = m.get("content") or ""
+        room = budget - used
+        if len(content) > room:
+            m = dict(m, content=content[-room:] if from_end else content[:room])
+        kept.append(m)
+        used += len(m.get("content") or "")
+    if from_end:
+        kept.reverse()
+        while kept and kept[0]["role"] != "user":  # a conversation resumes at a user turn
+            kept.pop(0)
+    return head + kept or messages[:1]
+
+
 def shifted(enc: chat.Encoded) -> dict[str, np.ndarray]:
     """Next-token inputs, targets and weights of one sequence."""
     return {"inputs": enc.ids[:-1], "targets": enc.ids[1:],
@@ -101,10 +144,21 @@ class SftEncoder(Encoder):
     needs = "conversations with responses (or data_format=text)"
 
     def encode(self, ex: formats.Example, row: dict) -> dict | None:
+        budget = char_budget(self.tokenizer, self.opts.max_length)
+        size = len(ex.text) if ex.kind == "text" else sum(
+            len(m.get("content") or "") for m in ex.messages)
+        if size > budget:  # surely over max_target_length: only what can be kept is encoded
+            if self.opts.truncation == "drop":
+                self.bad(row, "over max_target_length", f"{size:,} characters")
+                return None
+        left = self.opts.truncation == "left"
         if ex.kind == "text":
-            enc = chat.encode_text(self.tokenizer, ex.text)
+            text = ex.text if size <= budget else (ex.text[-budget:] if left
+                                                   else ex.text[:budget])
+            enc = chat.encode_text(self.tokenizer, text)
         else:
-            enc = chat.encode_chat(self.tokenizer, ex.messages, self.opts.completion_only)
+            messages = keep_turns(ex.messages, budget, self.opts.max_length + 1, left)
+            enc = chat.encode_chat(self.tokenizer, messages, self.opts.completion_only)
         enc = self.fit(enc, row)
         return None if enc is None else shifted(enc)
 

@@ -30,6 +30,23 @@ def check_batch(cfg: Any, mesh) -> None:
             f"split over the {ways} devices of the data and fsdp axes; use a multiple of {ways}")
 
 
+def prepare_run_directory(cfg: Any):
+    """Creates run_directory (a test file written and removed), or stops with one line when
+    the output cannot be written (a file in the way, a read-only file system, a gs:// bucket
+    that does not exist or no credentials): before any data is read or anything compiled."""
+    out = epath.Path(cfg.run_directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tpusft-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - OSError locally; gcsfs/google-auth errors on gs://
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f"cannot write the run's outputs to {cfg.run_directory} ({detail}); "
+                          f"set base_output_directory= to a writable directory or bucket") from None
+    return out
+
+
 def existing_checkpoint(cfg: Any, sub: str = "") -> bool:
     """True when run_name already has a checkpoint step (the run will resume); `sub` is the
     trainer's folder inside checkpoint_directory (GRPO's actor)."""

@@ -1,0 +1,218 @@
+"""The bad-input catalogue: every command meets each bad input with one `error:` line that
+names what is wrong, exit code 2, no traceback, and writes nothing outside its output."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli, run_in_process
+
+DEMO = "configs/demo/sft.yml"
+SMALL = ["global_batch_size=8", "max_target_length=64", "eval_steps=1", "log_period=1"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, demo_assets):
+    """Files the cases point at: a trained run to resume, an HF export, odd paths."""
+    root = tmp_path_factory.mktemp("bad")
+    run = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={root}", *SMALL, "steps=2",
+                  "run_name=done")
+    assert run.returncode == 0, run.stderr[-3000:]
+    export = root / "hf"
+    conv = _convert(["native_to_hf", str(root / "done" / "checkpoints"), str(export)])
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    (root / "nonempty").mkdir()
+    (root / "nonempty" / "keep.txt").write_text("mine")
+    (root / "latin1.yml").write_bytes("steps: 3 # r\xe9sum\xe9\n".encode("latin-1"))
+    (root / "list.yml").write_text("- a\n- b\n")
+    (root / "bad.yml").write_text("steps: [\n")
+    (root / "a_file").write_text("not a directory")
+    (root / "empty.jsonl").write_text("")
+    (root / "cols.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+    (root / "somedir").mkdir()
+    return {"root": root, "assets": demo_assets, "export": export}
+
+
+def _convert(argv):
+    script = {"native_to_hf": "native_to_hf.py", "hf_to_native": "hf_to_native.py"}[argv[0]]
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint" / script),
+                           *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+
+
+def _main(command):
+    if command == "sft":
+        from tpusft.train_sft import main
+    elif command == "dpo":
+        from tpusft.train_dpo import main
+    elif command == "grpo":
+        from tpusft.train_grpo import main
+    elif command == "generate":
+        from tpusft.generate import main
+    elif command == "data":
+        from tpusft.data.inspect import main
+    elif command == "hf_to_native":
+        from tpusft.checkpoint.cli import hf_to_native_main as main
+    else:
+        from tpusft.checkpoint.cli import native_to_hf_main as main
+    return main
+
+
+def _demo_data(w, name="train.jsonl"):
+    return str(w["assets"] / name)
+
+
+# (id, command, args from the world, fragment of the error line)
+CASES = [
+    # --- config files and keys
+    ("config-missing", "sft", lambda w: [str(w["root"] / "none.yml")], "config file not found"),
+    ("config-is-dir", "sft", lambda w: [str(w["root"] / "somedir")], "is a directory"),
+    ("config-not-utf8", "sft", lambda w: [str(w["root"] / "latin1.yml")], "is not UTF-8"),
+    ("config-bad-yaml", "sft", lambda w: [str(w["root"] / "bad.yml")], "invalid YAML"),
+    ("config-not-mapping", "sft", lambda w: [str(w["root"] / "list.yml")],
+     "must hold a mapping"),
+    ("no-config", "sft", lambda w: ["steps=3"], "usage: CONFIG.yml"),
+    ("unknown-key", "sft", lambda w: [DEMO, "stepz=3"], "did you mean steps"),
+    ("not-key-value", "sft", lambda w: [DEMO, "steps"], "is not key=value"),
+    ("wrong-type", "sft", lambda w: [DEMO, "steps=many"], "has the wrong type"),
+    ("too-small", "sft", lambda w: [DEMO, "steps=0"], "too small"),
+    ("bad-choice", "sft", lambda w: [DEMO, "packing_strategy=zigzag"], "is not allowed"),
+    ("lr-nan", "sft", lambda w: [DEMO, "learning_rate=nan"], "not a finite number"),
+    ("lr-inf", "sft", lambda w: [DEMO, "learning_rate=inf"], "not a finite number"),
+    ("lr-negative", "sft", lambda w: [DEMO, "learning_rate=-1e-4"], "too small"),
+    ("beta1-one", "sft", lambda w: [DEMO, "adam_b1=1.0"], "must be in [0, 1)"),
+    ("beta2-above", "sft", lambda w: [DEMO, "adam_b2=1.5"], "must be in [0, 1)"),
+    ("eps-nan", "sft", lambda w: [DEMO, "adam_eps=nan"], "not a finite number"),
+    ("batch-accumulation", "sft", lambda w: [DEMO, "global_batch_size=7",
+                                             "gradient_accumulation_steps=2"], "not divisible"),
+    ("unknown-model", "sft", lambda w: [DEMO, "model_name=llama9-1t"], "unknown model_name"),
+    ("run-name-parent", "sft", lambda w: [DEMO, f"base_output_directory={w['root']}",
+                                          "run_name=../escaped"], "plain folder name"),
+    ("run-name-absolute", "sft", lambda w: [DEMO, f"base_output_directory={w['root']}",
+                                            f"run_name={w['root']}/abs"], "plain folder name"),
+    ("run-name-nested", "sft", lambda w: [DEMO, "run_name=a/b"], "plain folder name"),
+    ("run-name-dotdot", "sft", lambda w: [DEMO, "run_name=.."], "plain folder name"),
+    ("run-name-home", "sft", lambda w: [DEMO, "run_name=~x"], "plain folder name"),
+    # --- data and tokenizer
+    ("data-missing", "sft", lambda w: [DEMO, "demo_task=", "hf_path=json",
+                                       f"hf_data_files={w['root']}/none.jsonl",
+                                       f"tokenizer_path={w['assets']}/tokenizer"],
+     "no file matches"),
+    ("data-empty", "sft", lambda w: [DEMO, "demo_task=", "hf_path=json",
+                                     f"hf_data_files={w['root']}/empty.jsonl",
+                                     f"tokenizer_path={w['assets']}/tokenizer"],
+     "cannot load data set"),
+    ("data-is-dir", "sft", lambda w: [DEMO, "demo_task=", "hf_path=json",
+                                      f"hf_data_files={w['root']}/somedir",
+                                      f"tokenizer_path={w['assets']}/tokenizer"], "somedir"),
+    ("data-column", "sft", lambda w: [DEMO, "demo_task=", "hf_path=json",
+                                      f"hf_data_files={w['root']}/cols.jsonl",
+                                      "data_format=messages",
+                                      f"tokenizer_path={w['assets']}/tokenizer"],
+     "has no column 'messages'"),
+    ("local-dataset-missing", "sft", lambda w: [DEMO, "demo_task=",
+                                                f"hf_path={w['root']}/no-such-set",
+                                                f"tokenizer_path={w['assets']}/tokenizer"],
+     "does not exist"),
+    ("tokenizer-missing", "sft", lambda w: [DEMO, "demo_task=", "hf_path=json",
+                                            f"hf_data_files={_demo_data(w)}",
+                                            "tokenizer_path=/no/such/tokenizer"],
+     "cannot load a tokenizer"),
+    ("no-hf-path", "sft", lambda w: [DEMO, "demo_task="], "hf_path is empty"),
+    # --- weights and outputs
+    ("weights-missing", "sft", lambda w: [DEMO, f"base_output_directory={w['root']}",
+                                          f"load_parameters_path={w['root']}/no-ckpt"],
+     "does not exist"),
+    ("weights-a-file", "sft", lambda w: [DEMO, f"base_output_directory={w['root']}",
+                                         f"load_parameters_path={w['root']}/a_file"],
+     "a_file"),
+    ("output-is-file", "sft", lambda w: [DEMO, f"base_output_directory={w['root']}/a_file"],
+     "cannot write"),
+    ("output-read-only", "sft", lambda w: [DEMO, "base_output_directory=/proc/tpusft-runs"],
+     "cannot write"),
+    ("resume-other-shape", "sft", lambda w: [DEMO, f"base_output_directory={w['root']}",
+                                             *SMALL, "steps=4", "run_name=done",
+                                             "base_mlp_dim=96"], "shape"),
+    ("resume-other-batch", "sft", lambda w: [DEMO, f"base_output_directory={w['root']}",
+                                             "global_batch_size=16", "max_target_length=64",
+                                             "steps=4", "run_name=done"],
+     "was written with global_batch_size=8"),
+    # --- the other commands
+    ("dpo-smoothing", "dpo", lambda w: ["configs/demo/dpo.yml", "dpo.label_smoothing=0.5"],
+     "must be below 0.5"),
+    ("dpo-sft-rows", "dpo", lambda w: ["configs/demo/dpo.yml", f"base_output_directory="
+                                       f"{w['root']}", "hf_path=json",
+                                       f"hf_data_files={_demo_data(w)}"], "chosen"),
+    ("grpo-unknown-reward", "grpo", lambda w: ["configs/demo/grpo.yml",
+                                               f"base_output_directory={w['root']}",
+                                               "reward_functions=[no_such_reward]"],
+     "no_such_reward"),
+    ("grpo-run-name", "grpo", lambda w: ["configs/demo/grpo.yml", "run_name=../x"],
+     "plain folder name"),
+    ("generate-no-prompt", "generate", lambda w: [DEMO], "prompt is empty"),
+    ("generate-no-weights", "generate", lambda w: [DEMO, "prompt=1+1="],
+     "load_parameters_path is empty"),
+    ("generate-weights-missing", "generate", lambda w: [DEMO, "prompt=1+1=",
+                                                        f"base_output_directory={w['root']}",
+                                                        f"load_parameters_path={w['root']}/x"],
+     "does not exist"),
+    ("inspect-unknown-key", "data", lambda w: [DEMO, "truncaton=left"],
+     "did you mean truncation"),
+    ("inspect-data-missing", "data", lambda w: [DEMO, "demo_task=", "hf_path=json",
+                                                f"hf_data_files={w['root']}/none.jsonl",
+                                                f"tokenizer_path={w['assets']}/tokenizer"],
+     "no file matches"),
+    ("to-native-missing", "hf_to_native", lambda w: [f"{w['root']}/no-model",
+                                                     f"{w['root']}/out1"], "no-model"),
+    ("to-native-nonempty", "hf_to_native", lambda w: [str(w["export"]),
+                                                      f"{w['root']}/nonempty"], "not empty"),
+    ("to-native-bad-flag", "hf_to_native", lambda w: [str(w["export"]), f"{w['root']}/o2",
+                                                      "--save_dtype=int3"], "invalid choice"),
+    ("to-native-output-file", "hf_to_native", lambda w: [str(w["export"]),
+                                                         f"{w['root']}/a_file"], "a_file"),
+    ("to-hf-missing", "native_to_hf", lambda w: [f"{w['root']}/no-ckpt", f"{w['root']}/o3"],
+     "no-ckpt"),
+    ("to-hf-nonempty", "native_to_hf", lambda w: [f"{w['root']}/done/checkpoints",
+                                                  f"{w['root']}/nonempty"], "not empty"),
+    ("to-hf-bad-shard", "native_to_hf", lambda w: [f"{w['root']}/done/checkpoints",
+                                                   f"{w['root']}/o4", "--max_shard_size_mb=x"],
+     "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, world, tmp_path):
+    name, command, make_args, fragment = case
+    before = sorted(p.relative_to(world["root"]) for p in world["root"].rglob("*"))
+    siblings = sorted(world["root"].parent.iterdir())
+    args = make_args(world)
+    if command in ("sft", "dpo", "grpo", "generate", "data") and not any(
+            a.startswith("base_output_directory=") for a in args):
+        args.append(f"base_output_directory={world['root']}")
+    proc = run_in_process(_main(command), *args)
+    assert proc.returncode == 2, (name, proc.returncode, proc.stderr[-2000:], proc.stdout[-500:])
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and fragment in last, (name, last)
+    # Nothing outside base_output_directory, nothing in it lost.
+    assert sorted(world["root"].parent.iterdir()) == siblings, name
+    after = {p.relative_to(world["root"]) for p in world["root"].rglob("*")}
+    assert set(before) <= after, (name, set(before) - after)
+    assert (world["root"] / "nonempty" / "keep.txt").read_text() == "mine"
+
+
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 40
+    assert {c[1] for c in CASES} == {"sft", "dpo", "grpo", "generate", "data", "hf_to_native",
+                                     "native_to_hf"}
+
+
+def test_a_real_process_prints_the_same_line(world):
+    proc = run_cli("tpusft.train_sft", DEMO, "run_name=../../outside")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: run_name=")
+    assert not (Path(REPO).parent / "outside").exists()
