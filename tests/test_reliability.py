@@ -406,5 +406,5 @@ def test_adversarial_rows_are_counted_and_text_columns_stay_strings(tmp_path, de
                              *common[3:], f"hf_data_files={path}")
         assert got.returncode == 0, got.stderr[-2000:]
         assert "20 rows read, 0 skipped" in got.stdout, got.stdout[-1500:]
-    assert "007" in run_in_process(main, *common[:1], "demo_task=", "hf_path=csv", *common[3:],
+    assert "000" in run_in_process(main, *common[:1], "demo_task=", "hf_path=csv", *common[3:],
                                      f"hf_data_files={csv}").stdout

@@ -45,10 +45,10 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.training.preference_loss import PreferenceLoss
     from tpusft.training.setup import (
         build_model,
-        prepare_run_directory,
         check_batch,
         check_vocab,
         existing_checkpoint,
+        prepare_run_directory,
         reference_model,
         train_and_eval_data,
     )

@@ -41,10 +41,10 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.training.optimizer import make_optimizer
     from tpusft.training.setup import (
         build_model,
-        prepare_run_directory,
         check_batch,
         check_vocab,
         existing_checkpoint,
+        prepare_run_directory,
         train_and_eval_data,
     )
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
