@@ -39,9 +39,10 @@ def _convert(argv):
     import subprocess
     import sys
 
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint" / script),
                            *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+                          env=env)
 
 
 def _main(command):

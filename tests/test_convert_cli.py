@@ -91,7 +91,8 @@ def test_errors_are_one_line_with_exit_2(tiny_hf, tmp_path):
                     "exists and is not empty")
     assert (tmp_path / "keep" / "mine.txt").read_text() == "precious"
     # Converting onto an existing checkpoint is refused too.
-    _one_line_error(inproc("hf_to_native", str(tiny_hf), str(tmp_path / "n")), "already exists")
+    _one_line_error(inproc("hf_to_native", str(tiny_hf), str(tmp_path / "n")),
+                    "exists and is not empty")
     _one_line_error(inproc("hf_to_native", str(tiny_hf), str(tmp_path / "o6"), "--scan_layers",
                            "maybe"), "expected true or false")
 

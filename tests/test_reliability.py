@@ -202,7 +202,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path, reference
                 "tmp" in p.name for p in ckpts.iterdir()), proc)
             moment = "during a checkpoint write" if hit else "after the run ended"
         else:
-            _wait_for(lambda: any(line.startswith("step ") for line in lines), proc)
+            _wait_for(lambda out=lines: any(x.startswith("step ") for x in out), proc)
             delay = rng.uniform(0.0, 1.0)
             time.sleep(delay)
             moment = f"{delay:.2f} s after its first step"
