@@ -10,7 +10,9 @@ byte-level BPE tokenizer trained on them with Llama 3's chat layout, then measur
   3. the demo trainer's consumption in tokens/s (`train_sft configs/demo/sft.yml`, a short
      run in a fresh process),
 and prints the ratios with the targets: pipeline >= 10 x the trainer's consumption, packing
-efficiency >= 95%.
+efficiency >= 95%. Then adversarial rows, each alone in a file with a few ordinary rows, in
+seconds per MB of row: conversations of 500 to 8,000 turns and single lines of 1 to 10 MB
+(the cost should stay flat or fall per MB: linear in the row's size).
 """
 
 from __future__ import annotations
@@ -101,6 +103,39 @@ def datasets_map_speed(rows: Path, tokenizer) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def adversarial_cost(work: Path, tokenizer, max_length: int) -> list[tuple[str, float, float]]:
+    """(row, MB, seconds for one pass over it and 8 ordinary rows) for growing rows."""
+    from tpusft.data import packing
+    from tpusft.data.pipeline import DataOptions, Source
+
+    ordinary = [{"messages": [{"role": "user", "content": "what is 2+2?"},
+                              {"role": "assistant", "content": "4"}]}] * 8
+    cases = []
+    for turns in (500, 2000, 8000):
+        messages = []
+        for i in range(turns // 2):
+            messages += [{"role": "user", "content": f"question {i} about the weather"},
+                         {"role": "assistant", "content": f"answer {i}: it is sunny"}]
+        cases.append((f"{turns:,} turns", {"messages": messages}))
+    for mb in (1, 4, 10):
+        cases.append((f"one {mb} MB line", {"messages": [
+            {"role": "user", "content": "word " * (mb * 2**20 // 5)},
+            {"role": "assistant", "content": "ok"}]}))
+    out = []
+    for name, row in cases:
+        path = work / "adversarial.jsonl"
+        text = json.dumps(row) + "\n"
+        path.write_text(text + "".join(json.dumps(r) + "\n" for r in ordinary))
+        t0 = time.perf_counter()
+        ds, stats = packing.build_dataset(
+            [Source("adv", "json", data_files=str(path))],
+            DataOptions(max_length=max_length, num_epochs=1), tokenizer, 4, train=True)
+        for _ in ds:
+            pass
+        out.append((name, len(text) / 2**20, time.perf_counter() - t0, stats.summary()))
+    return out
+
+
 def trainer_speed(work: Path, steps: int) -> float:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(
@@ -143,6 +178,16 @@ def main() -> None:
               f"{'met' if speed >= 10 * trainer else 'NOT met'})")
         print(f"packing efficiency:     {100 * efficiency:11.1f} % (target >= 95%: "
               f"{'met' if efficiency >= 0.95 else 'NOT met'})")
+        print("adversarial rows (one pass over the row and 8 ordinary rows):")
+        results = {"pipeline_tokens_per_s": speed, "datasets_map_tokens_per_s": plain,
+                   "trainer_tokens_per_s": trainer, "packing_efficiency": efficiency,
+                   "adversarial": []}
+        for name, mb, seconds, summary in adversarial_cost(work, tok, a.max_length):
+            print(f"  {name:>16}: {mb:6.2f} MB in {seconds:6.2f} s = {seconds / mb:6.2f} s/MB "
+                  f"({summary})")
+            results["adversarial"].append({"row": name, "mb": mb, "seconds": seconds})
+        out = REPO / "benchmarks" / "results" / "data_pipeline-cpu.json"
+        out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ RUN = ["global_batch_size=8", "max_target_length=64", "eval_steps=1", "log_perio
        "eval_interval=20"]
 
 
-def _start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, list[str]]:
-    """Starts `python -m tpusft.train_sft args`; its output lines collect in the list."""
+def _start(args: list[str], env: dict | None = None,
+           module: str = "tpusft.train_sft") -> tuple[subprocess.Popen, list[str]]:
+    """Starts `python -m module args`; its output lines collect in the list."""
     full_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                     PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "tpusft.train_sft", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines: list[str] = []
@@ -95,6 +96,37 @@ def test_sigterm_saves_the_step_and_the_restart_continues_exactly(tmp_path, refe
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {step}" in resumed.stdout
     _assert_same_steps(tmp_path / "cut", reference_run, STEPS)
+
+
+@pytest.mark.slow
+def test_grpo_sigterm_saves_and_resumes_exactly(tmp_path):
+    """GRPO (seeded rollouts): SIGTERM mid-run saves the step and exits 0; the restart logs
+    each step once and continues from the saved weights, optimizer state, rollout seeds and
+    data position: its first two steps are the uninterrupted run's. (Steps after those were
+    seen to differ from it by up to 5e-4 in loss; the cause, inside Tunix's learner, is not
+    tracked down, so GRPO resume is not promised bit for bit.)"""
+    args = ["configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
+            "load_parameters_path=", "global_batch_size=4", "num_generations=2",
+            "max_completion_length=4", "eval_prompts=0", "log_period=1",
+            "checkpoint_period=100", "steps=8"]
+    full = run_cli("tpusft.train_grpo", *args, "run_name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc, lines = _start([*args, "run_name=cut"], module="tpusft.train_grpo")
+    assert _wait_for(lambda: any(line.startswith("step 2/") for line in lines), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, "".join(lines)
+    saved = [line for line in lines if "checkpoint of step" in line]
+    assert len(saved) == 1, "".join(lines)
+    step = int(saved[0].split("checkpoint of step ")[1].split()[0])
+    assert 2 <= step < 8
+    resumed = run_cli("tpusft.train_grpo", *args, "run_name=cut")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {step}" in resumed.stdout
+    got, ref = _train_records(tmp_path / "cut"), _train_records(tmp_path / "full")
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["loss"] for r in got[:step + 2]] == [r["loss"] for r in ref[:step + 2]]
+    assert [r["kl"] for r in got[:step + 2]] == [r["kl"] for r in ref[:step + 2]]
+    assert all(np.isfinite(r["loss"]) for r in got)
 
 
 _SIGNAL_CHILD = """
@@ -216,6 +248,30 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path, reference
     assert final.returncode == 0, final.stderr[-3000:]
     _assert_same_steps(tmp_path / "cut", reference_run, STEPS)
     assert not any("tmp" in p.name for p in ckpts.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_period, checkpoint_period", [(5, 3), (7, 4)])
+def test_metrics_hold_each_step_once_after_a_resume(tmp_path, log_period, checkpoint_period):
+    """Killed after a checkpoint with some steps logged past it (or not yet flushed), then
+    resumed: metrics.jsonl has every step once, whatever log_period and checkpoint_period."""
+    args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "steps=20",
+            f"log_period={log_period}", f"checkpoint_period={checkpoint_period}", "run_name=m"]
+    proc, lines = _start(args)
+    target = 2 * checkpoint_period + 1
+    assert _wait_for(lambda: any(f"step {target:>6}/" in x or f"step {target + 1:>6}/" in x
+                                 or (tmp_path / "m" / "checkpoints" / str(2 * checkpoint_period))
+                                 .exists() for x in lines[-3:] or [""]), proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli("tpusft.train_sft", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r["step"] for r in _train_records(tmp_path / "m")]
+    assert steps == list(range(1, 21)), steps
+    evals = [r["step"] for r in read_jsonl(str(tmp_path / "m" / "metrics.jsonl"))
+             if r["kind"] == "eval"]
+    assert len(evals) == len(set(evals)), evals
 
 
 # ------------------------------------------------------------------ damaged checkpoints
@@ -371,6 +427,53 @@ def test_long_rows_are_cut_before_rendering_with_the_same_result(demo_tokenizer)
     assert len(kept[0]["content"]) == budget and len(kept) == 1
 
 
+def test_a_long_row_costs_what_its_kept_part_costs(demo_tokenizer, monkeypatch):
+    """The work spent on a row is bounded by max_target_length, not by the row: template
+    renders and characters tokenized are counted for rows 10 and 100 times longer."""
+    from tpusft.data import chat, encoders
+    from tpusft.data.pipeline import DataOptions, DataStats
+
+    renders, tokenized = [], []
+    render = chat._render  # noqa: SLF001
+
+    def counting_render(tokenizer, messages, add_generation_prompt):
+        renders.append(len(messages))
+        return render(tokenizer, messages, add_generation_prompt)
+
+    monkeypatch.setattr(chat, "_render", counting_render)
+    backend = demo_tokenizer.backend_tokenizer
+    encode = backend.encode
+
+    class Counting:
+        def encode(self, text, **kw):
+            tokenized.append(len(text))
+            return encode(text, **kw)
+
+    monkeypatch.setattr(type(demo_tokenizer), "backend_tokenizer", property(lambda _: Counting()))
+    costs = []
+    for turns in (300, 3000):
+        messages = []
+        for i in range(turns // 2):
+            messages += [{"role": "user", "content": f"{i}+{i}="},
+                         {"role": "assistant", "content": str(2 * i)}]
+        for text_mb in (0, 1):
+            row = {"messages": messages} if not text_mb else {"messages": [
+                {"role": "user", "content": "x " * (turns * 1000)},
+                {"role": "assistant", "content": "4"}]}
+            renders.clear()
+            tokenized.clear()
+            stats = DataStats()
+            encoder = encoders.SftEncoder(demo_tokenizer, "messages", {"messages": "messages"},
+                                          DataOptions(max_length=64), stats)
+            example = encoder(row)  # the long line leaves no response in reach: a bad row
+            assert (example is None) == bool(text_mb)
+            costs.append((turns, text_mb, sum(renders), sum(tokenized)))
+    small, large = costs[0], costs[2]
+    assert small[2:] == large[2:], costs  # 10 x the turns: the same work
+    assert costs[1][2:] == costs[3][2:], costs  # a 10 x longer line: the same work
+    assert max(c[3] for c in costs) < 2 * encoders.char_budget(demo_tokenizer, 64)
+
+
 def test_adversarial_rows_are_counted_and_text_columns_stay_strings(tmp_path, demo_assets):
     """Through `python -m tpusft.data`: a 3,000-turn row and a 10 MB row are truncated (or
     dropped) and counted; numbers in text columns ("007" in CSV, a JSON number) stay rows."""
@@ -408,3 +511,56 @@ def test_adversarial_rows_are_counted_and_text_columns_stay_strings(tmp_path, de
         assert "20 rows read, 0 skipped" in got.stdout, got.stdout[-1500:]
     assert "000" in run_in_process(main, *common[:1], "demo_task=", "hf_path=csv", *common[3:],
                                      f"hf_data_files={csv}").stdout
+
+
+# ---------------------------------------------------------------------- storage faults
+@pytest.fixture()
+def faulty_gcs(gcs_emulator, tmp_path):
+    """The emulator behind a proxy that answers some requests 503/429, stalls some and cuts
+    some uploads mid-object (tests/gcs_faults.py), seeded."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "faults.jsonl"
+    log.write_text("")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_faults.py"), str(port),
+                             gcs_emulator["STORAGE_EMULATOR_HOST"], "7", str(log)])
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield {**gcs_emulator, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "HOME": str(tmp_path)}, log, gcs_emulator
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_gcs_faults_are_retried_and_nothing_is_lost(faulty_gcs, tmp_path, monkeypatch):
+    env, log, clean = faulty_gcs
+    base = "gs://tpusft-test/faulty"
+    args = [DEMO, f"base_output_directory={base}", *RUN, "steps=8", "checkpoint_period=4",
+            "run_name=r"]
+    first = run_cli("tpusft.train_sft", *args, env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    faults = [json.loads(line)["fault"] for line in log.read_text().splitlines()]
+    for key, value in clean.items():  # read back without faults
+        monkeypatch.setenv(key, value)
+    from etils import epath
+
+    run = epath.Path(f"{base}/r")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8"]
+    assert [r["step"] for r in read_jsonl(str(run / "metrics.jsonl"))
+            if r["kind"] == "train"] == list(range(1, 9))
+    resumed = run_cli("tpusft.train_sft", *args[:-3], "steps=10", "checkpoint_period=4",
+                      "run_name=r", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step 8" in resumed.stdout
+    counts = {name: faults.count(name) for name in ("503", "429", "stall", "cut")}
+    assert all(counts.values()), counts
+    print("injected faults:", counts)

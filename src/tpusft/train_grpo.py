@@ -39,6 +39,7 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.rl import grpo
     from tpusft.rl import rewards as rewards_lib
     from tpusft.training import report
+    from tpusft.training import trainer as trainer_lib
     from tpusft.training.metrics import JsonlWriter
     from tpusft.training.setup import (
         build_model,
@@ -112,12 +113,19 @@ def main(argv: Sequence[str]) -> int:
                                                cfg.max_completion_length)
             return acc, len(rows)
 
+        trainer = cluster.actor_trainer
         progress = grpo.Progress(cfg, rewards, timings, evaluate,
                                  JsonlWriter(str(out / "metrics.jsonl")))
-        cluster.actor_trainer.with_training_hooks(progress)
-        before = progress.evaluate(start, cluster.actor_trainer)
+        progress.divergence = trainer.divergence
+        trainer.with_training_hooks(progress)
         if start < cfg.steps:
-            learner.train(train_ds)
+            progress.jsonl.rewind(start)
+        before = progress.evaluate(start, trainer)
+        if start < cfg.steps:
+            batches = grpo.until_preempted(train_ds, trainer.preemption)
+            trainer_lib.run_training(trainer, cfg, lambda: learner.train(batches))
+            if trainer_lib.stopped_early(trainer, cfg):
+                return 0
         else:
             cluster.close()
             print(f"run already complete at step {start}; nothing to train")

@@ -36,7 +36,7 @@ from tpusft.rl import rewards as rewards_lib
 from tpusft.training.metrics import JsonlWriter, format_duration
 from tpusft.training.optimizer import make_optimizer
 from tpusft.training.setup import reference_model
-from tpusft.training.trainer import checkpoint_options
+from tpusft.training.trainer import checkpoint_options, make_resilient
 
 Role = rl_cluster_lib.Role
 
@@ -89,8 +89,9 @@ def training_config(cfg: Any) -> rl_cluster_lib.RLTrainingConfig:
         actor_optimizer=make_optimizer(cfg),
         eval_every_n_steps=cfg.steps + 1,  # held-out accuracy is tpusft's (Progress)
         max_steps=cfg.steps,
-        # Checkpoints go to checkpoint_directory/actor/<step>.
-        checkpoint_root_directory=cfg.checkpoint_directory if cfg.enable_checkpointing else None,
+        # Checkpoints go to checkpoint_directory/actor/<step>, through tpusft's
+        # GuardedCheckpoints (guard_actor): Tunix restores nothing itself.
+        checkpoint_root_directory=None,
         checkpointing_options=checkpoint_options(cfg),
         metrics_logging_options=tunix_metrics.MetricsLoggerOptions(
             log_dir=cfg.tensorboard_directory, flush_every_n_steps=cfg.log_period),
@@ -100,14 +101,40 @@ def training_config(cfg: Any) -> rl_cluster_lib.RLTrainingConfig:
 
 
 def build_cluster(actor: nnx.Module, tokenizer, mesh, cfg: Any) -> rl_cluster_lib.RLCluster:
+    """Tunix's cluster, its actor restored from run_name's newest intact checkpoint."""
     reference = reference_model(actor) if needs_reference(cfg) else None
-    return rl_cluster_lib.RLCluster(
+    cluster = rl_cluster_lib.RLCluster(
         actor=actor, reference=reference, tokenizer=tokenizer,
         cluster_config=rl_cluster_lib.ClusterConfig(
             role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh},
             rollout_engine=rollout_engine(cfg), offload_to_cpu=False,
             training_config=training_config(cfg),
             rollout_config=rollout_config(cfg, tokenizer)))
+    guard_actor(cluster, cfg)
+    return cluster
+
+
+def guard_actor(cluster: rl_cluster_lib.RLCluster, cfg: Any) -> None:
+    """Checked checkpoints, preemption and nan_policy for the actor trainer (as for SFT). The
+    restored weights then reach the rollout model and Tunix's start-of-step policy snapshot
+    through `sync_weights`. A checkpoint's data position is Tunix's global step (the learner
+    skips that many batches on resume); at the end of a run it is the steps completed."""
+    trainer = cluster.actor_trainer
+    root = f"{cfg.checkpoint_directory}/actor" if cfg.enable_checkpointing else None
+    layout = {"global_batch_size": cfg.global_batch_size, "num_generations": cfg.num_generations,
+              "num_iterations": cfg.num_iterations}
+    make_resilient(trainer, cfg, root=root, required=("global_step",), layout=layout,
+                   metadata_fn=lambda: {"global_step": cluster.global_steps, "role": "actor"})
+    if trainer.train_steps:
+        cluster.sync_weights()
+
+
+def until_preempted(batches, preemption):
+    """The prompt batches, ending at the first one asked for after a stop was requested."""
+    for batch in batches:
+        if preemption.requested:
+            return
+        yield batch
 
 
 class Timings:
@@ -204,6 +231,7 @@ class Progress(tunix_hooks.TrainingHooks):
         self.start_step = None
         self.history: list[tuple[int, float]] = []
         self.evals: list[tuple[int, float]] = []
+        self.divergence = None  # the trainer's DivergenceGuard (nan_policy)
 
     def on_train_start(self, train_ctx):  # Tunix calls this once per global step
         if self.start_time is None:
@@ -262,6 +290,8 @@ class Progress(tunix_hooks.TrainingHooks):
         if self.history and step <= self.history[-1][0]:
             return
         loss = float(train_loss)
+        if self.divergence is not None:
+            self.divergence.observe(step, loss, self._tunix_metric(train_ctx, "grad_norm"))
         rec = self.record(step, loss, train_ctx)
         self.history.append((step, loss))
         self.jsonl.write(rec)

@@ -347,7 +347,7 @@ def run_layout(cfg: Any) -> dict[str, Any]:
 
 def make_resilient(trainer, cfg: Any, feeder: BatchFeeder | None = None, root: str | None = None,
                    required: Sequence[str] = (DATA_STATE_KEY,),
-                   layout: dict[str, Any] | None = None) -> None:
+                   layout: dict[str, Any] | None = None, metadata_fn=None) -> None:
     """Checked checkpoints restored into `trainer` (the newest intact step), preemption and
     the nan_policy guard, as `trainer.preemption` and `trainer.divergence`."""
     if root is None and cfg.enable_checkpointing:
@@ -356,9 +356,10 @@ def make_resilient(trainer, cfg: Any, feeder: BatchFeeder | None = None, root: s
     manager = None
     divergence = DivergenceGuard(cfg.nan_policy, cfg.max_skipped_steps,
                                  last_good=lambda: manager.latest_description())
+    extra = {"metadata_fn": metadata_fn} if metadata_fn is not None else {}
     manager = adopt(trainer, root, checkpoint_options(cfg), layout=layout or run_layout(cfg),
                     required=required, before_save=divergence.before_save,
-                    preemption=preemption)
+                    preemption=preemption, **extra)
     divergence.start(trainer.optimizer)
     trainer.preemption, trainer.divergence = preemption, divergence
     if feeder is not None:
