@@ -564,3 +564,23 @@ def test_gcs_faults_are_retried_and_nothing_is_lost(faulty_gcs, tmp_path, monkey
     counts = {name: faults.count(name) for name in ("503", "429", "stall", "cut")}
     assert all(counts.values()), counts
     print("injected faults:", counts)
+
+
+def test_missing_bucket_or_credentials_fail_at_once(gcs_emulator, tmp_path):
+    """Before any data is read or anything compiled: one line, exit 2."""
+    missing = run_cli("tpusft.train_sft", DEMO, "base_output_directory=gs://no-such-bucket/x",
+                      env={**gcs_emulator, "HOME": str(tmp_path)})
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "error: bucket gs://no-such-bucket does not exist; create it or fix "
+        "base_output_directory")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGE_EMULATOR",
+                                                                    "GOOGLE_"))}
+    env.update(HOME=str(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
+    nocreds = subprocess.run([sys.executable, "-m", "tpusft.train_sft", DEMO,
+                              "base_output_directory=gs://some-bucket/x"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert nocreds.returncode == 2 and "Traceback" not in nocreds.stderr, nocreds.stderr
+    assert "no Google Cloud credentials" in nocreds.stderr.strip().splitlines()[-1]
+    assert "step " not in nocreds.stdout
