@@ -99,6 +99,26 @@ def test_sigterm_saves_the_step_and_the_restart_continues_exactly(tmp_path, refe
 
 
 @pytest.mark.slow
+def test_dpo_sigterm_saves_and_resumes_exactly(tmp_path):
+    """Preference training takes the same path: SIGTERM, one checkpoint, exit 0, and the
+    restart's steps equal the uninterrupted run's."""
+    args = ["configs/demo/dpo.yml", f"base_output_directory={tmp_path}", "load_parameters_path=",
+            "global_batch_size=4", "eval_steps=1", "log_period=1", "steps=30",
+            "checkpoint_period=100", "eval_interval=0", "learning_rate=1e-3"]
+    full = run_cli("tpusft.train_dpo", *args, "run_name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc, lines = _start([*args, "run_name=cut"], module="tpusft.train_dpo")
+    assert _wait_for(lambda: any(line.startswith("step      4/") for line in lines), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "".join(lines)
+    saved = [line for line in lines if "checkpoint of step" in line]
+    assert len(saved) == 1, "".join(lines)
+    resumed = run_cli("tpusft.train_dpo", *args, "run_name=cut")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_steps(tmp_path / "cut", tmp_path / "full", 30)
+
+
+@pytest.mark.slow
 def test_grpo_sigterm_saves_and_resumes_exactly(tmp_path):
     """GRPO (seeded rollouts): SIGTERM mid-run saves the step and exits 0; the restart logs
     each step once and continues from the saved weights, optimizer state, rollout seeds and
