@@ -87,24 +87,34 @@ def run_in_process(main, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
-@pytest.fixture()
-def gcs_emulator(tmp_path):
-    """A local GCS emulator (gcp-storage-emulator) on a free loopback port."""
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+
+
+@pytest.fixture()
+def gcs_emulator(tmp_path):
+    """A local GCS emulator (gcp-storage-emulator) on a free loopback port."""
+    port = free_port()
     launcher = REPO / "tests" / "gcs_emulator.py"
     proc = subprocess.Popen([sys.executable, str(launcher), str(port), "tpusft-test"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    wait_for_port(port)
     # gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST; Orbax's tensorstore reads
     # TENSORSTORE_GCS_HTTP_URL and skips credentials with a fixed token.
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, free_port, run_cli, wait_for_port
 
 from tpusft.training.metrics import read_jsonl
 
@@ -46,6 +46,18 @@ def _start(args: list[str], env: dict | None = None,
 
     threading.Thread(target=pump, daemon=True).start()
     return proc, lines
+
+
+def _sigterm_once(module: str, args: list[str], at: str) -> int:
+    """Runs `module args`, sends SIGTERM once a line starts with `at`; checks the exit (0)
+    and the one checkpoint line; returns the step it saved."""
+    proc, lines = _start(args, module=module)
+    assert _wait_for(lambda: any(line.startswith(at) for line in lines), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, "".join(lines)
+    saved = [line for line in lines if "checkpoint of step" in line]
+    assert len(saved) == 1 and "run the same command again" in saved[0], "".join(lines)
+    return int(saved[0].split("checkpoint of step ")[1].split()[0])
 
 
 def _wait_for(predicate, proc, timeout=300.0) -> bool:
@@ -82,14 +94,7 @@ def reference_run(tmp_path_factory):
 @pytest.mark.slow
 def test_sigterm_saves_the_step_and_the_restart_continues_exactly(tmp_path, reference_run):
     args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "run_name=cut"]
-    proc, lines = _start(args)
-    assert _wait_for(lambda: any(line.startswith("step      4/") for line in lines), proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, "".join(lines)
-    text = "".join(lines)
-    saved = [line for line in lines if "checkpoint of step" in line]
-    assert len(saved) == 1 and "run the same command again" in saved[0], text
-    step = int(saved[0].split("checkpoint of step ")[1].split()[0])
+    step = _sigterm_once("tpusft.train_sft", args, "step      4/")
     assert 4 <= step < STEPS and (tmp_path / "cut" / "checkpoints" / str(step)).is_dir()
     # Saved off the checkpoint_period schedule when the signal came between two saves.
     resumed = run_cli("tpusft.train_sft", *args)
@@ -107,12 +112,7 @@ def test_dpo_sigterm_saves_and_resumes_exactly(tmp_path):
             "checkpoint_period=100", "eval_interval=0", "learning_rate=1e-3"]
     full = run_cli("tpusft.train_dpo", *args, "run_name=full")
     assert full.returncode == 0, full.stderr[-3000:]
-    proc, lines = _start([*args, "run_name=cut"], module="tpusft.train_dpo")
-    assert _wait_for(lambda: any(line.startswith("step      4/") for line in lines), proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, "".join(lines)
-    saved = [line for line in lines if "checkpoint of step" in line]
-    assert len(saved) == 1, "".join(lines)
+    _sigterm_once("tpusft.train_dpo", [*args, "run_name=cut"], "step      4/")
     resumed = run_cli("tpusft.train_dpo", *args, "run_name=cut")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_steps(tmp_path / "cut", tmp_path / "full", 30)
@@ -131,13 +131,7 @@ def test_grpo_sigterm_saves_and_resumes_exactly(tmp_path):
             "checkpoint_period=100", "steps=8"]
     full = run_cli("tpusft.train_grpo", *args, "run_name=full")
     assert full.returncode == 0, full.stderr[-3000:]
-    proc, lines = _start([*args, "run_name=cut"], module="tpusft.train_grpo")
-    assert _wait_for(lambda: any(line.startswith("step 2/") for line in lines), proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, "".join(lines)
-    saved = [line for line in lines if "checkpoint of step" in line]
-    assert len(saved) == 1, "".join(lines)
-    step = int(saved[0].split("checkpoint of step ")[1].split()[0])
+    step = _sigterm_once("tpusft.train_grpo", [*args, "run_name=cut"], "step 2/")
     assert 2 <= step < 8
     resumed = run_cli("tpusft.train_grpo", *args, "run_name=cut")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -538,21 +532,12 @@ def test_adversarial_rows_are_counted_and_text_columns_stay_strings(tmp_path, de
 def faulty_gcs(gcs_emulator, tmp_path):
     """The emulator behind a proxy that answers some requests 503/429, stalls some and cuts
     some uploads mid-object (tests/gcs_faults.py), seeded."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "faults.jsonl"
     log.write_text("")
     proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_faults.py"), str(port),
                              gcs_emulator["STORAGE_EMULATOR_HOST"], "7", str(log)])
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
+    wait_for_port(port)
     url = f"http://127.0.0.1:{port}"
     yield {**gcs_emulator, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
            "HOME": str(tmp_path)}, log, gcs_emulator
