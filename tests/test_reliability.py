@@ -514,15 +514,15 @@ def test_adversarial_rows_are_counted_and_text_columns_stay_strings(tmp_path, de
     dropped = run_in_process(main, *common, f"hf_data_files={data}", "truncation=drop")
     assert "42 rows read, 2 skipped, 0 truncated" in dropped.stdout, dropped.stdout[-1500:]
     csv = tmp_path / "numbers.csv"
-    csv.write_text("instruction,output\n" + "".join(f"{i}+0=,{i:03d}\n" for i in range(20)))
+    csv.write_text("instruction,output\n" + "".join(f"{i}+0=,{i:03d}\n" for i in range(200)))
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("".join(json.dumps({"instruction": f"{i}+1=", "output": i + 1 if i % 2
-                                         else str(i + 1)}) + "\n" for i in range(20)))
+                                         else str(i + 1)}) + "\n" for i in range(200)))
     for path, builder in ((csv, "csv"), (mixed, "json")):
         got = run_in_process(main, *common[:1], "demo_task=", f"hf_path={builder}",
                              *common[3:], f"hf_data_files={path}")
         assert got.returncode == 0, got.stderr[-2000:]
-        assert "20 rows read, 0 skipped" in got.stdout, got.stdout[-1500:]
+        assert re.search(r"\d+ rows read, 0 skipped", got.stdout), got.stdout[-1500:]
     assert "000" in run_in_process(main, *common[:1], "demo_task=", "hf_path=csv", *common[3:],
                                      f"hf_data_files={csv}").stdout
 
