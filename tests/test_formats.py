@@ -90,7 +90,7 @@ def test_text_preference_and_prompt_only():
 @pytest.mark.parametrize("row, reason", [
     ({"instruction": "a", "output": None}, "missing value"),
     ({"instruction": "a", "output": ""}, "empty content"),
-    ({"instruction": 3, "output": "b"}, "wrong type"),
+    ({"instruction": ["a"], "output": "b"}, "wrong type"),
     ({"messages": "hello"}, "wrong type"),
     ({"messages": []}, "empty content"),
     ({"messages": [{"role": "assistant", "content": "a"}]}, "invalid role order"),
