@@ -589,3 +589,24 @@ def test_missing_bucket_or_credentials_fail_at_once(gcs_emulator, tmp_path):
     assert nocreds.returncode == 2 and "Traceback" not in nocreds.stderr, nocreds.stderr
     assert "no Google Cloud credentials" in nocreds.stderr.strip().splitlines()[-1]
     assert "step " not in nocreds.stdout
+
+
+@pytest.mark.slow
+def test_a_refused_checkpoint_write_is_one_line_and_the_last_one_stays(tmp_path):
+    """Storage refusing a write in the middle of a save (the file-size limit of the running
+    process lowered after its first checkpoint, as a full disk would: writes fail with
+    EFBIG): one line, exit 1, the previous checkpoint complete and resumable."""
+    args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "run_name=full-disk",
+            "async_checkpointing=false"]
+    proc, lines = _start(args)
+    first = tmp_path / "full-disk" / "checkpoints" / "4" / "_CHECKPOINT_METADATA"
+    assert _wait_for(first.exists, proc)
+    subprocess.run(["prlimit", f"--pid={proc.pid}", "--fsize=65536"], check=True)
+    assert proc.wait(timeout=120) == 1, "".join(lines)
+    last = lines[-1].strip()
+    assert last.startswith("error: cannot write checkpoint step") and "is intact" in last, last
+    assert not any("Traceback" in line for line in lines), "".join(lines)
+    resumed = run_cli("tpusft.train_sft", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step 4" in resumed.stdout
+    assert "damaged" not in resumed.stdout

@@ -35,7 +35,7 @@ from tunix.sft import checkpoint_manager as tunix_checkpoints
 from tunix.sft import profiler as tunix_profiler
 
 from tpusft.checkpoint import integrity
-from tpusft.errors import CheckpointError, Diverged
+from tpusft.errors import CheckpointError, Diverged, RunFailed
 
 SHAPES_KEY = "tpusft_shapes"
 LAYOUT_KEY = "tpusft_layout"
@@ -124,14 +124,36 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         metadata = dict(custom_metadata or {})
         metadata.update({integrity.FINGERPRINTS_KEY: fingerprints, SHAPES_KEY: _shapes(trees),
                          LAYOUT_KEY: self.layout})
-        saved = super().save(step, model, optimizer, save_only_lora_params, force=True,
-                             custom_metadata=metadata)
-        if urgent:
-            manager.wait_until_finished()
+        with self._storage_errors(step):
+            saved = super().save(step, model, optimizer, save_only_lora_params, force=True,
+                                 custom_metadata=metadata)
+            if urgent:
+                manager.wait_until_finished()
             self.print(f"{self.preemption.reason}: checkpoint of step {step} saved in "
                        f"{self.root}; run the same command again to continue", flush=True)
             self.preemption.finished(step)
         return saved
+
+    @contextlib.contextmanager
+    def _storage_errors(self, step: int | None):
+        """A write the storage refuses (a full disk, a quota, a lost bucket) ends the run with
+        one line; Orbax commits a step only once all of it is written, so the checkpoints
+        before it stay as they were."""
+        try:
+            yield
+        except (Diverged, CheckpointError):
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError, TensorStore's and gcsfs' errors
+            which = f"checkpoint step {step}" if step is not None else "a checkpoint"
+            raise RunFailed(f"cannot write {which} in {self.root} ({_one_line(e)}); the last "
+                            f"complete checkpoint ({self.latest_description()}) is intact: "
+                            f"free space or fix the storage, then run the same command again"
+                            ) from e
+
+    def close(self) -> None:
+        """Waits for background writes (an error in one surfaces here) and closes."""
+        with self._storage_errors(None):
+            super().close()
 
     def latest_description(self) -> str:
         step = self.latest_step()
