@@ -47,6 +47,8 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        if argv is None:  # background writes that failed with it must not print at exit
+            _exit_now(1)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

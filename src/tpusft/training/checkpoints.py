@@ -53,21 +53,25 @@ def _one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_failed_reads():
-    """A failed Orbax restore leaves the reads of its other arrays pending on a closed event
-    loop, each printing a traceback when it is collected or its thread ends: while steps are
-    tried, and once collected at the end, those go unprinted (the step is reported)."""
+def _quiet_background_failures():
+    """A failed Orbax restore or save leaves the reads or writes of its other arrays failing
+    in background threads and on closed event loops, each logging or printing a traceback:
+    while a restore or save runs, and once collected at its end, those go unprinted (the
+    failure itself is reported in one line)."""
     hooks = sys.unraisablehook, threading.excepthook
     sys.unraisablehook = lambda _: None
     threading.excepthook = lambda _: None
-    asyncio_log = logging.getLogger("asyncio")
-    disabled, asyncio_log.disabled = asyncio_log.disabled, True
+    logs = [logging.getLogger(name) for name in ("asyncio", "absl")]
+    disabled = [log.disabled for log in logs]
+    for log in logs:
+        log.disabled = True
     try:
         yield
     finally:
         gc.collect()
         sys.unraisablehook, threading.excepthook = hooks
-        asyncio_log.disabled = disabled
+        for log, was in zip(logs, disabled, strict=True):
+            log.disabled = was
 
 
 class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
@@ -140,7 +144,8 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         one line; Orbax commits a step only once all of it is written, so the checkpoints
         before it stay as they were."""
         try:
-            yield
+            with _quiet_background_failures():
+                yield
         except (Diverged, CheckpointError):
             raise
         except Exception as e:  # noqa: BLE001 - OSError, TensorStore's and gcsfs' errors
@@ -204,7 +209,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
             return 0, {}
         steps = [step] if step is not None else sorted(self._checkpoint_manager.all_steps(),
                                                        reverse=True)
-        with _quiet_failed_reads():
+        with _quiet_background_failures():
             return self._restore_newest_intact(model, optimizer, steps, restore_only_lora_params)
 
     def _restore_newest_intact(self, model, optimizer, steps, restore_only_lora_params):
