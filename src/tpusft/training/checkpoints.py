@@ -133,6 +133,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
                                  custom_metadata=metadata)
             if urgent:
                 manager.wait_until_finished()
+        if urgent:
             self.print(f"{self.preemption.reason}: checkpoint of step {step} saved in "
                        f"{self.root}; run the same command again to continue", flush=True)
             self.preemption.finished(step)
