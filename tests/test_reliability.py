@@ -258,6 +258,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path, reference
         proc.wait()
         kills.append(moment)
     assert len(kills) >= 5, kills
+    print("killed at:", kills)
     final = run_cli("tpusft.train_sft", *args)
     assert final.returncode == 0, final.stderr[-3000:]
     _assert_same_steps(tmp_path / "cut", reference_run, STEPS)

@@ -60,7 +60,7 @@ def _summaries(leaves: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array
     return prints, finite
 
 
-def _array_leaves(tree: Any) -> list[tuple[str, jax.Array]]:
+def array_leaves(tree: Any) -> list[tuple[str, jax.Array]]:
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, (jax.Array, np.ndarray)):
@@ -73,7 +73,7 @@ def summarize(trees: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
     """({item/path: fingerprint}, [item/path of arrays holding NaN or inf]) of named trees
     (None entries skipped)."""
     named = [(f"{item}{name}", leaf) for item, tree in trees.items() if tree is not None
-             for name, leaf in _array_leaves(tree)]
+             for name, leaf in array_leaves(tree)]
     if not named:
         return {}, []
     prints, finite = jax.device_get(_summaries([leaf for _, leaf in named]))

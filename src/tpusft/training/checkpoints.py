@@ -43,7 +43,7 @@ LAYOUT_KEY = "tpusft_layout"
 
 def _shapes(trees: dict[str, Any]) -> dict[str, list[int]]:
     return {f"{item}{name}": list(leaf.shape) for item, tree in trees.items() if tree is not None
-            for name, leaf in integrity._array_leaves(tree)}  # noqa: SLF001
+            for name, leaf in integrity.array_leaves(tree)}
 
 
 def _one_line(error: BaseException) -> str:

@@ -47,13 +47,14 @@ class DivergenceGuard:
         if not bad:
             self.in_a_row = 0
             return
-        what = f"non-finite {' and '.join(bad)} at step {step}"
+        values = f"non-finite {' and '.join(bad)}"
+        what = f"{values} at step {step}"
         if self.policy == "stop":
             raise self._stop(what)
         self.in_a_row += 1
         self.skipped += 1
-        self.print(f"step {step}: {what.split(' at step')[0]}; update skipped ({self.in_a_row} in "
-                   f"a row, {self.skipped} in all)", flush=True)
+        self.print(f"step {step}: {values}; update skipped ({self.in_a_row} in a row, "
+                   f"{self.skipped} in all)", flush=True)
         if self.in_a_row >= self.max_skipped:
             raise self._stop(f"{what}, the {self.in_a_row}th skipped step in a row "
                              f"(max_skipped_steps={self.max_skipped})")
