@@ -15,7 +15,8 @@
 `adopt` puts it under a Tunix trainer. Tunix builds its own manager in the trainer's
 constructor and restores there; tpusft's recipes pass it no checkpoint directory (so it
 restores nothing) and `adopt` sets the restored step on the trainer afterwards. That is the
-one place that writes the trainer's private step counters (Tunix has no public setter).
+one place that writes the trainer's private step counters (Tunix has no public setter) and
+that has it report a held-back step before a save (`report_pending_step`).
 """
 
 from __future__ import annotations
@@ -107,12 +108,13 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         manager = self._checkpoint_manager
         if manager is None:
             return False
-        urgent = self.preemption is not None and self.preemption.requested
-        if not force and not urgent and not manager.should_save(step):
+        if not force and not self._urgent() and not manager.should_save(step):
             return False
-        if step in manager.all_steps():
+        if step in manager.all_steps():  # a signal after this step's save: it is the one
+            if self._urgent():
+                self._saved_for_signal(step)
             return False
-        if urgent and step == 0:  # nothing trained yet: nothing to save
+        if self._urgent() and step == 0:  # nothing trained yet: nothing to save
             self.preemption.finished(None)
             return False
         if self.before_save is not None:
@@ -131,13 +133,22 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         with self._storage_errors(step):
             saved = super().save(step, model, optimizer, save_only_lora_params, force=True,
                                  custom_metadata=metadata)
-            if urgent:
-                manager.wait_until_finished()
-        if urgent:
-            self.print(f"{self.preemption.reason}: checkpoint of step {step} saved in "
-                       f"{self.root}; run the same command again to continue", flush=True)
-            self.preemption.finished(step)
+        if self._urgent():  # asked before this save or while it was being prepared
+            self._saved_for_signal(step)
         return saved
+
+    def _urgent(self) -> bool:
+        return self.preemption is not None and self.preemption.requested
+
+    def _saved_for_signal(self, step: int) -> None:
+        """Waits for the save of `step` to commit and says so: the step a signal ends on."""
+        if self.preemption.saved_step == step:
+            return
+        with self._storage_errors(step):
+            self._checkpoint_manager.wait_until_finished()
+        self.print(f"{self.preemption.reason}: checkpoint of step {step} saved in "
+                   f"{self.root}; run the same command again to continue", flush=True)
+        self.preemption.finished(step)
 
     @contextlib.contextmanager
     def _storage_errors(self, step: int | None):
@@ -283,6 +294,16 @@ def adopt(trainer, root: str | None, options, **guard) -> GuardedCheckpoints:
         max_step=max_steps * accumulation if max_steps is not None else None,
         profiler_options=trainer.config.profiler_options)
     return manager
+
+
+def report_pending_step(trainer) -> None:
+    """Has a Tunix trainer report the step it holds back. Tunix reports step N's metrics
+    after step N+1 has started (to overlap the transfer), so a checkpoint of step N would
+    otherwise commit before step N's record exists, and a kill between the two loses that
+    record for good (the resumed run starts at N+1). Called before a save, this reports
+    step N now; Tunix's next step then starts a new hold-back as on a run's first step."""
+    if trainer._prev_buffered_train_metrics is not None:  # noqa: SLF001 - no public flush
+        trainer._write_train_metrics()  # noqa: SLF001
 
 
 def finite_counters(optimizer) -> tuple[int, int]:

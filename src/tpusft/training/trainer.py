@@ -32,7 +32,7 @@ from tunix.sft import profiler as tunix_profiler
 from tpusft.errors import Diverged
 from tpusft.models.sharding import BATCH_AXES
 from tpusft.training import loss as loss_lib
-from tpusft.training.checkpoints import adopt
+from tpusft.training.checkpoints import adopt, report_pending_step
 from tpusft.training.divergence import DivergenceGuard
 from tpusft.training.metrics import JsonlWriter, format_duration
 from tpusft.training.preemption import Preemption
@@ -128,6 +128,8 @@ class Progress(tunix_hooks.TrainingHooks):
         self._steady_time = 0.0
         self._steady_steps = 0
         self._last_time = None
+        self._early = False  # a report Tunix was asked for ahead of its usual lag
+        self._untimed = [0, 0, 0]  # steps, tokens, slots reported early, timed with the next
         self.history: list[tuple[int, float]] = []
         self.eval_records: list[dict] = []
         self.divergence: DivergenceGuard | None = None
@@ -139,24 +141,35 @@ class Progress(tunix_hooks.TrainingHooks):
     def on_train_step_end(self, train_ctx, train_step, train_loss):
         # Tunix reports step `train_step` one step late (it overlaps logging with the next
         # step), so timing is measured between consecutive reports.
+        # A step reported early (before its checkpoint, `report_before_save`) comes sooner
+        # after the previous report than a step takes, and the next one later: its time is
+        # counted with the next report's.
         now = time.perf_counter()
         step = int(train_step)
         index = step - 1 - (self._first_step or 0)
         known = 0 <= index < len(self.feeder.step_tokens)
         tokens = self.feeder.step_tokens[index] if known else 0
-        dt = now - self._last_time
-        self._last_time = now
+        slots = self.feeder.step_slots[index] if known else 0
         loss = float(train_loss)
         if self.divergence is not None:
             self.divergence.observe(step, loss, _last(train_ctx, "grad_norm"))
         self.history.append((step, loss))
         first_of_run = step == (self._first_step or 0) + 1
-        if not first_of_run:  # the first report includes compilation
+        early = self._early and not first_of_run
+        dt = now - self._last_time
+        if early:
+            self._untimed = [n + x for n, x in zip(self._untimed, (1, tokens, slots))]
+        else:
+            self._last_time = now
+        if not first_of_run and not early:  # the first report includes compilation
+            steps, tokens, slots = 1 + self._untimed[0], tokens + self._untimed[1], \
+                slots + self._untimed[2]
+            self._untimed = [0, 0, 0]
             self._steady_time += dt
-            self._steady_steps += 1
+            self._steady_steps += steps
             self._window_tokens += tokens
-            self._window_steps += 1
-            self._window_slots += self.feeder.step_slots[index] if known else 0
+            self._window_steps += steps
+            self._window_slots += slots
         record = {"kind": "train", "step": step, "loss": loss}
         if known:
             record["batch_crc32"] = self.feeder.step_crc[index]
@@ -167,7 +180,7 @@ class Progress(tunix_hooks.TrainingHooks):
         if self.divergence is not None and self.divergence.skipped:
             record["skipped_updates"] = self.divergence.skipped
         if step % self.log_period == 0 or step == self.total_steps or first_of_run:
-            window_time = now - self._window_start if self._window_start else None
+            window_time = self._last_time - self._window_start if self._window_start else None
             if self._window_steps and window_time:
                 tps = self._window_tokens / window_time
                 mfu = tps * self.flops_per_token / self.peak if self.peak else 0.0
@@ -187,19 +200,36 @@ class Progress(tunix_hooks.TrainingHooks):
                            f"MFU {100 * mfu:.1f}% | {1000 * step_time:.0f} ms/step | "
                            f"packed {100 * packing:.0f}% | ETA {eta}",
                            flush=True)
-            else:
+            elif first_of_run:
                 self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
                            f"first step (compilation) {dt:.1f} s", flush=True)
-            self._window_start, self._window_tokens, self._window_steps = now, 0, 0
+            else:
+                self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
+                           + self._extras_line(record) +
+                           f"lr {record.get('learning_rate', 0):.2e} | timed with the next step",
+                           flush=True)
+            self._window_start, self._window_tokens, self._window_steps = self._last_time, 0, 0
             self._window_slots = 0
         if self.jsonl is not None:
             self.jsonl.write(record)
             if step % self.log_period == 0 or step == self.total_steps:
                 self.jsonl.flush()
 
+    def report_before_save(self, trainer) -> None:
+        """Step N's record reaches metrics.jsonl before step N's checkpoint is written: a
+        kill between the two would otherwise lose it (the resumed run starts at N+1)."""
+        self._early = True
+        try:
+            report_pending_step(trainer)
+        finally:
+            self._early = False
+        if self.jsonl is not None:
+            self.jsonl.flush()
+
     def on_train_end(self, train_ctx):
         if self.jsonl is not None:
             self.jsonl.flush()
+
 
     def on_train_step_start(self, train_ctx):
         # Tunix evaluates after the steps that are multiples of eval_every_n_steps (read from
@@ -357,9 +387,15 @@ def make_resilient(trainer, cfg: Any, feeder: BatchFeeder | None = None, root: s
     divergence = DivergenceGuard(cfg.nan_policy, cfg.max_skipped_steps,
                                  last_good=lambda: manager.latest_description())
     extra = {"metadata_fn": metadata_fn} if metadata_fn is not None else {}
+
+    def before_save(step: int, optimizer) -> None:
+        hooks = trainer.training_hooks
+        if isinstance(hooks, Progress):
+            hooks.report_before_save(trainer)
+        divergence.before_save(step, optimizer)
+
     manager = adopt(trainer, root, checkpoint_options(cfg), layout=layout or run_layout(cfg),
-                    required=required, before_save=divergence.before_save,
-                    preemption=preemption, **extra)
+                    required=required, before_save=before_save, preemption=preemption, **extra)
     divergence.start(trainer.optimizer)
     trainer.preemption, trainer.divergence = preemption, divergence
     if feeder is not None:
