@@ -71,6 +71,12 @@ def _fetch_from_hub(repo_id: str) -> str:
                           f"from the hub: {str(e).splitlines()[0]}") from None
 
 
+def _absolute(path: str) -> str:
+    """A local path as an absolute one (Orbax and TensorStore refuse relative paths); URLs
+    such as gs:// as given."""
+    return path if not path or "://" in path else str(Path(path).expanduser().absolute())
+
+
 def hf_to_native_main(argv: Sequence[str]) -> int:
     p = _Parser(prog="hf_to_native.py", description=(
         "Convert a Hugging Face checkpoint (safetensors) to a native Orbax checkpoint at "
@@ -85,6 +91,7 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
     p.add_argument("--model_name", default="",
                    help="a preset the checkpoint must match (name or YAML path)")
     a = p.parse_args(argv)
+    a.output = _absolute(a.output)
 
     from tpusft.checkpoint.convert import check_new_output, hf_to_native
     from tpusft.config.loader import load_preset
@@ -136,6 +143,8 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
     p.add_argument("--base", default="", help="a LoRA checkpoint's base model (native); "
                    "default: the run's load_parameters_path")
     a = p.parse_args(argv)
+    a.native_path, a.output = _absolute(a.native_path), _absolute(a.output)
+    a.hf_assets, a.base = _absolute(a.hf_assets), _absolute(a.base)
 
     from tpusft.checkpoint.convert import native_to_hf
     from tpusft.config.loader import load_preset

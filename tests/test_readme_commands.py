@@ -1,0 +1,152 @@
+"""The README's commands run as written from a clone after the quick start.
+
+Every command in the README's ```bash blocks is checked: it calls the project's environment
+(`.venv/bin/python`), the files and modules it names exist, and its config and `key=value`
+overrides load against the schema. The demo's commands (they name nothing a user must
+supply) are then run in README order in a scratch copy of the clone's layout, each with a
+few overrides appended that shorten it (fewer steps, the supervised demo's early
+checkpoint), so a renamed config, key, flag, script or output path fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tpusft.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+# Words that mark a command as the user's own (a model, bucket or file they supply).
+PLACEHOLDERS = ("/path/to/", "gs://my-bucket", "meta-llama/", "HuggingFaceH4/", "HF_OUT",
+                " OUT", "[--", "data/train.jsonl", "runs/my-sft")
+# What the shortened demo run appends to each command, by module or script.
+SHORTER = {
+    "tpusft.train_sft": ["steps=4", "checkpoint_period=2", "eval_interval=4", "eval_steps=1",
+                         "log_period=2"],
+    "tpusft.train_grpo": ["steps=2", "eval_interval=0", "eval_prompts=8", "global_batch_size=8",
+                          "log_period=1"],
+    "tpusft.train_dpo": ["steps=2", "eval_interval=2", "eval_steps=1", "log_period=1"],
+    "tpusft.generate": [],
+}
+# The supervised demo's shortened run has checkpoints 2 and 4 where the full one has 200.
+EARLY_CHECKPOINT = ("runs/demo-sft/checkpoints/200", "runs/demo-sft/checkpoints/2")
+SKIPPED = ("tools/setup/setup.sh", "-m pytest")  # the install and the suite: what CI runs
+
+
+def readme_commands() -> list[tuple[int, str]]:
+    """(line number, command) of every command in the README's bash blocks; continuation
+    lines joined, comments dropped, `a && b` split in two."""
+    out, block, pending, start = [], False, "", 0
+    for number, line in enumerate(README.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            block = line.strip() == "```bash"
+            continue
+        if not block:
+            continue
+        text = re.sub(r"(^|\s)#.*$", "", line).rstrip()
+        if not text.strip() and not pending:
+            continue
+        if not pending:
+            start = number
+        if text.endswith("\\"):
+            pending += text[:-1] + " "
+            continue
+        command, pending = (pending + text).strip(), ""
+        out.extend((start, part.strip()) for part in command.split("&&"))
+    return out
+
+
+def _argv(command: str) -> list[str]:
+    return shlex.split(command)
+
+
+def _is_placeholder(command: str) -> bool:
+    return any(p in f" {command}" for p in PLACEHOLDERS)
+
+
+def test_readme_has_the_commands_this_test_walks():
+    commands = [c for _, c in readme_commands()]
+    assert any("tpusft.train_sft configs/demo/sft.yml" in c for c in commands)
+    assert any("tpusft.train_grpo configs/demo/grpo.yml" in c for c in commands)
+    assert len(commands) >= 10, commands
+
+
+@pytest.mark.parametrize("line, command", readme_commands(),
+                         ids=[f"line{n}" for n, _ in readme_commands()])
+def test_each_readme_command_names_what_exists(line, command):
+    argv = _argv(command)
+    assert argv[0] in (".venv/bin/python", "bash"), (
+        f"README line {line}: {command!r} must call .venv/bin/python (the quick start's "
+        f"environment), not {argv[0]!r}")
+    if argv[0] == "bash":
+        assert (REPO / argv[1]).is_file(), f"README line {line}: no {argv[1]}"
+        return
+    if argv[1] == "-m":
+        module = argv[2]
+        if module == "pytest":
+            return
+        assert module.startswith("tpusft."), f"README line {line}: module {module}"
+        rel = module.replace(".", "/")
+        assert ((REPO / "src" / f"{rel}.py").is_file()
+                or (REPO / "src" / rel / "__main__.py").is_file()), f"README line {line}"
+        config_args = argv[3:]
+        if module in ("tpusft.train_sft", "tpusft.train_grpo", "tpusft.train_dpo",
+                      "tpusft.generate"):
+            load_config(config_args)  # unknown keys, wrong types, missing configs raise
+        return
+    script = REPO / argv[1]
+    assert script.is_file(), f"README line {line}: no {argv[1]}"
+    flags = [a.strip("[]") for a in argv[2:] if a.lstrip("[").startswith("--")]
+    if flags:
+        helptext = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO,
+                                  capture_output=True, text=True, timeout=300)
+        assert helptext.returncode == 0, helptext.stderr[-2000:]
+        for flag in flags:
+            assert flag in helptext.stdout, f"README line {line}: {script.name} has no {flag}"
+
+
+def _runnable() -> list[tuple[int, str]]:
+    return [(n, c) for n, c in readme_commands()
+            if not _is_placeholder(c) and not any(s in c for s in SKIPPED)]
+
+
+def _clone_layout(work: Path) -> None:
+    """What a clone after the quick start has where the README's commands look."""
+    for name in ("configs", "tools", "benchmarks", "src"):
+        (work / name).symlink_to(REPO / name)
+    (work / ".venv").symlink_to(Path(sys.prefix))
+
+
+@pytest.mark.slow
+def test_the_readme_demo_commands_run_as_written(tmp_path):
+    runnable = _runnable()
+    modules = [(_argv(c)[2] if _argv(c)[1] == "-m" else _argv(c)[1]) for _, c in runnable]
+    assert "tpusft.train_sft" in modules and "tpusft.train_grpo" in modules, runnable
+    _clone_layout(tmp_path)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done: set[str] = set()
+    for line, command in runnable:
+        argv = _argv(command)
+        if command in done:  # the acts repeat "the supervised demo first"
+            continue
+        done.add(command)
+        name = argv[2] if argv[1] == "-m" else argv[1]
+        argv = [EARLY_CHECKPOINT[1] if a.endswith(EARLY_CHECKPOINT[0]) else a for a in argv]
+        if name.startswith("tpusft.") and "load_parameters_path=" not in command and any(
+                "load_parameters_path: runs/demo-sft/checkpoints/200" in p.read_text()
+                for p in [REPO / a for a in argv if a.endswith(".yml")]):
+            argv.append(f"load_parameters_path={EARLY_CHECKPOINT[1]}")
+        argv += SHORTER.get(name, [])
+        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, (
+            f"README line {line}: {command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
