@@ -5,7 +5,8 @@
         [--seeds 0 1 2 3] [--json benchmarks/results/demo_acts-grpo.json] [key=value ...]
 
 Each (start, seed) pair runs the act's config (`configs/demo/<act>.yml`) in a fresh process
-with `load_parameters_path=<start> seed=<seed>` and its own run_name, then reads the
+with `load_parameters_path=<start> seed=<seed>` (and the other `--vary` keys) and its own
+run_name, then reads the
 run's before/after line and every held-out evaluation from metrics.jsonl. It prints one
 row per run (before, after, gain, best along the way and its step) and the range of the
 gains; the starting checkpoints are the supervised demo's step 200 as made by different
@@ -36,11 +37,13 @@ ACTS = {  # module, config, the line with the before/after figures
 }
 
 
-def run_one(act: str, start: str, seed: int, out: Path, extra: list[str]) -> dict:
+def run_one(act: str, start: str, seed: int, out: Path, extra: list[str],
+            vary: list[str]) -> dict:
     module, config, pattern = ACTS[act]
     run_name = f"{act}-{Path(start).parent.parent.name}-s{seed}-{time.time_ns() % 10**9}"
     argv = [sys.executable, "-m", module, config, f"load_parameters_path={start}",
-            f"seed={seed}", f"base_output_directory={out}", f"run_name={run_name}", *extra]
+            *(f"{key}={seed}" for key in vary), f"base_output_directory={out}",
+            f"run_name={run_name}", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -67,6 +70,9 @@ def main() -> None:
     p.add_argument("--start", action="append", required=True,
                    help="NAME=PATH of a starting checkpoint (repeat for several builds)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--vary", nargs="+", default=["seed"],
+                   help="the keys a run's seed is given to (default: seed; shuffle_seed "
+                        "changes the data order)")
     p.add_argument("--json", default="", help="write the rows here")
     args, extra = p.parse_known_args()
     bad = [e for e in extra if "=" not in e or e.startswith("-")]
@@ -78,7 +84,8 @@ def main() -> None:
         for name, path in starts:
             path = str(Path(path).absolute())
             for seed in args.seeds:
-                row = {"start": name, **run_one(args.act, path, seed, Path(tmp), extra)}
+                row = {"start": name, **run_one(args.act, path, seed, Path(tmp), extra,
+                                                     args.vary)}
                 rows.append(row)
                 at = f" (step {row['best_step']})" if row["best_step"] is not None else ""
                 print(f"{args.act} | start {name:<8} | seed {seed} | {row['before']:5.1f}% -> "
@@ -91,7 +98,7 @@ def main() -> None:
           f"best evaluation by at most {max(lost):.1f} points")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "act": args.act, "overrides": extra, "starts": dict(starts),
+            "act": args.act, "overrides": extra, "seed_keys": args.vary, "starts": dict(starts),
             "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
             "rows": rows}, indent=1) + "\n")
 

@@ -2,14 +2,17 @@
 
 Every command in the README's ```bash blocks is checked: it calls the project's environment
 (`.venv/bin/python`), the files and modules it names exist, and its config and `key=value`
-overrides load against the schema. The demo's commands (they name nothing a user must
-supply) are then run in README order in a scratch copy of the clone's layout, each with a
-few overrides appended that shorten it (fewer steps, the supervised demo's early
-checkpoint), so a renamed config, key, flag, script or output path fails here.
+overrides load against the schema (flags: the script's --help lists them). Then the commands
+that name nothing a user must supply run in README order in a scratch copy of the clone's
+layout: the quick start's supervised demo as written, in full (and it must learn), the
+sampling and conversion commands as written, and each later act with a few overrides
+appended that shorten it. A renamed config, key, flag, script or output path fails here.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
 import shlex
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tpusft.config import load_config
+from tpusft.training.metrics import last_per_step, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -27,17 +31,15 @@ README = REPO / "README.md"
 # Words that mark a command as the user's own (a model, bucket or file they supply).
 PLACEHOLDERS = ("/path/to/", "gs://my-bucket", "meta-llama/", "HuggingFaceH4/", "HF_OUT",
                 " OUT", "[--", "data/train.jsonl", "runs/my-sft")
-# What the shortened demo run appends to each command, by module or script.
+# What each act's command gets appended to run in seconds (the supervised demo that the acts
+# start from runs as written, in full).
 SHORTER = {
-    "tpusft.train_sft": ["steps=4", "checkpoint_period=2", "eval_interval=4", "eval_steps=1",
-                         "log_period=2"],
-    "tpusft.train_grpo": ["steps=2", "eval_interval=0", "eval_prompts=8", "global_batch_size=8",
-                          "log_period=1"],
-    "tpusft.train_dpo": ["steps=2", "eval_interval=2", "eval_steps=1", "log_period=1"],
-    "tpusft.generate": [],
+    "configs/demo/sft_lora.yml": ["steps=4", "checkpoint_period=2", "eval_interval=4",
+                                  "eval_steps=1", "log_period=2"],
+    "configs/demo/grpo.yml": ["steps=2", "eval_interval=0", "eval_prompts=8",
+                              "global_batch_size=8", "log_period=1"],
+    "configs/demo/dpo.yml": ["steps=2", "eval_interval=2", "eval_steps=1", "log_period=1"],
 }
-# The supervised demo's shortened run has checkpoints 2 and 4 where the full one has 200.
-EARLY_CHECKPOINT = ("runs/demo-sft/checkpoints/200", "runs/demo-sft/checkpoints/2")
 SKIPPED = ("tools/setup/setup.sh", "-m pytest")  # the install and the suite: what CI runs
 
 
@@ -125,28 +127,43 @@ def _clone_layout(work: Path) -> None:
     (work / ".venv").symlink_to(Path(sys.prefix))
 
 
+def _check_the_demo_learned(result, run: Path) -> None:
+    found = re.search(r"exact match: ([\d.]+)% before training -> ([\d.]+)% after",
+                      result.stdout)
+    assert found, result.stdout[-2000:]
+    before, after = float(found.group(1)), float(found.group(2))
+    assert after >= before + 30, result.stdout[-2000:]
+    losses = last_per_step(read_jsonl(str(run / "metrics.jsonl")), "train", "loss")
+    assert losses[max(losses)] < losses[1] / 3, losses
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert glob.glob(str(run / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
+    meta = json.loads((run / "checkpoints" / "600" / "_CHECKPOINT_METADATA").read_text())
+    assert meta["custom_metadata"]["tpusft_data_state"]
+    assert (run / "checkpoints" / "200" / "model_params").is_dir()  # where the acts start
+
+
 @pytest.mark.slow
 def test_the_readme_demo_commands_run_as_written(tmp_path):
+    """The quick start's demo runs as written and learns; then every other command that
+    needs nothing of the user's runs in README order (the acts shortened)."""
     runnable = _runnable()
-    modules = [(_argv(c)[2] if _argv(c)[1] == "-m" else _argv(c)[1]) for _, c in runnable]
-    assert "tpusft.train_sft" in modules and "tpusft.train_grpo" in modules, runnable
+    names = [_argv(c)[3] if _argv(c)[1] == "-m" else _argv(c)[1] for _, c in runnable]
+    assert names[0] == "configs/demo/sft.yml", runnable  # the quick start's, first
+    assert {"configs/demo/grpo.yml", "configs/demo/sft_lora.yml",
+            "tools/convert_checkpoint/native_to_hf.py"} <= set(names), runnable
     _clone_layout(tmp_path)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     done: set[str] = set()
-    for line, command in runnable:
-        argv = _argv(command)
+    for (line, command), name in zip(runnable, names, strict=True):
         if command in done:  # the acts repeat "the supervised demo first"
             continue
         done.add(command)
-        name = argv[2] if argv[1] == "-m" else argv[1]
-        argv = [EARLY_CHECKPOINT[1] if a.endswith(EARLY_CHECKPOINT[0]) else a for a in argv]
-        if name.startswith("tpusft.") and "load_parameters_path=" not in command and any(
-                "load_parameters_path: runs/demo-sft/checkpoints/200" in p.read_text()
-                for p in [REPO / a for a in argv if a.endswith(".yml")]):
-            argv.append(f"load_parameters_path={EARLY_CHECKPOINT[1]}")
-        argv += SHORTER.get(name, [])
-        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=900)
+        result = subprocess.run(_argv(command) + SHORTER.get(name, []), cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=1200)
         assert result.returncode == 0, (
             f"README line {line}: {command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        if name == "configs/demo/sft.yml" and "tpusft.train_sft" in command:
+            _check_the_demo_learned(result, tmp_path / "runs" / "demo-sft")
+        if "tpusft.generate" in command and 'prompt="12+30="' in command:
+            assert "42" in result.stdout, result.stdout[-1000:]

@@ -611,3 +611,44 @@ def test_a_refused_checkpoint_write_is_one_line_and_the_last_one_stays(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step 4" in resumed.stdout
     assert "damaged" not in resumed.stdout
+
+
+def test_a_step_reported_before_its_checkpoint_is_timed_with_the_next(tmp_path, monkeypatch):
+    """Tunix reports step N after step N+1 ran; a checkpoint of N has it report N at once.
+    Steps of 1 s each: every logged step time stays 1 s (not 0.5 s, then 2 s)."""
+    from types import SimpleNamespace
+
+    from tpusft.training import trainer as trainer_lib
+    from tpusft.training.metrics import JsonlWriter
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_lib.time, "perf_counter", lambda: clock[0])
+    feeder = SimpleNamespace(step_tokens=[100] * 6, step_slots=[100] * 6, step_crc=[0] * 6,
+                             stats=None)
+    ctx = SimpleNamespace(train_steps=0, _try_get_learning_rate=lambda: None,
+                          metrics_logger=SimpleNamespace(log=lambda *a, **k: None,
+                                                         metric_exists=lambda *a: False))
+    progress = trainer_lib.Progress(feeder, total_steps=6, log_period=2, flops_per_token=1.0,
+                                    peak_flops_total=0.0,
+                                    jsonl=JsonlWriter(str(tmp_path / "metrics.jsonl")),
+                                    print_fn=lambda *a, **k: None)
+    progress.on_train_start(ctx)
+
+    class HeldBack:  # a trainer holding step 4's report when step 4's checkpoint is saved
+        _prev_buffered_train_metrics = object()
+
+        def _write_train_metrics(self):
+            progress.on_train_step_end(ctx, 4, 1.0)
+
+    for step, at in ((1, 2.0), (2, 3.0), (3, 4.0), (4, None), (5, 6.0), (6, 7.0)):
+        if at is None:
+            progress.report_before_save(HeldBack())
+            continue
+        clock[0] = at
+        progress.on_train_step_end(ctx, step, 1.0)
+    progress.on_train_end(ctx)
+    records = {r["step"]: r for r in read_jsonl(str(tmp_path / "metrics.jsonl"))}
+    assert sorted(records) == [1, 2, 3, 4, 5, 6]
+    for step in (2, 4, 6):
+        assert records[step]["step_time_s"] == pytest.approx(1.0), (step, records[step])
+        assert records[step]["tokens_per_s"] == pytest.approx(100.0), (step, records[step])

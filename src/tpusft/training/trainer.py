@@ -155,10 +155,11 @@ class Progress(tunix_hooks.TrainingHooks):
             self.divergence.observe(step, loss, _last(train_ctx, "grad_norm"))
         self.history.append((step, loss))
         first_of_run = step == (self._first_step or 0) + 1
-        early = self._early and not first_of_run
+        # (no step follows the last one: it is timed now)
+        early = self._early and not first_of_run and step != self.total_steps
         dt = now - self._last_time
         if early:
-            self._untimed = [n + x for n, x in zip(self._untimed, (1, tokens, slots))]
+            self._untimed = [n + x for n, x in zip(self._untimed, (1, tokens, slots), strict=True)]
         else:
             self._last_time = now
         if not first_of_run and not early:  # the first report includes compilation
