@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -34,6 +35,9 @@ class Diverged(RunFailed):
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
     """Runs `main(argv)`; a UserError prints `error: ...` and exits 2 unless --debug is given."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # transformers' advice on import ("PyTorch was not found ...") is about its models, which
+    # no tpusft command uses: its tokenizers and configs need no PyTorch.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
