@@ -11,6 +11,8 @@ run's before/after line and every held-out evaluation from metrics.jsonl. It pri
 row per run (before, after, gain, best along the way and its step) and the range of the
 gains; the starting checkpoints are the supervised demo's step 200 as made by different
 builds (e.g. fresh clones with Python 3.11 and 3.12), which differ in their last digits.
+Other starting points: `train_sft configs/demo/sft.yml seed=1 run_name=sft-seed1`, stopped
+with Ctrl-C (or SIGTERM) once step 200 is saved, or at any step (it saves the step it is at).
 Trailing key=value overrides go to every run (to try other settings).
 """
 

@@ -44,7 +44,8 @@ def _start(args: list[str], env: dict | None = None,
         for line in proc.stdout:
             lines.append(line)
 
-    threading.Thread(target=pump, daemon=True).start()
+    proc.pump = threading.Thread(target=pump, daemon=True)  # join it to read all output
+    proc.pump.start()
     return proc, lines
 
 
@@ -55,6 +56,7 @@ def _sigterm_once(module: str, args: list[str], at: str) -> int:
     assert _wait_for(lambda: any(line.startswith(at) for line in lines), proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, "".join(lines)
+    proc.pump.join(timeout=30)
     saved = [line for line in lines if "checkpoint of step" in line]
     assert len(saved) == 1 and "run the same command again" in saved[0], "".join(lines)
     return int(saved[0].split("checkpoint of step ")[1].split()[0])
@@ -604,8 +606,10 @@ def test_a_refused_checkpoint_write_is_one_line_and_the_last_one_stays(tmp_path)
     assert _wait_for(first.exists, proc)
     subprocess.run(["prlimit", f"--pid={proc.pid}", "--fsize=65536"], check=True)
     assert proc.wait(timeout=120) == 1, "".join(lines)
-    last = lines[-1].strip()
-    assert last.startswith("error: cannot write checkpoint step") and "is intact" in last, last
+    proc.pump.join(timeout=30)
+    last = [line.strip() for line in lines if line.strip()][-1]
+    assert last.startswith("error: cannot write checkpoint step") and "is intact" in last, \
+        "".join(lines[-8:])
     assert not any("Traceback" in line for line in lines), "".join(lines)
     resumed = run_cli("tpusft.train_sft", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
