@@ -129,7 +129,7 @@ class Progress(tunix_hooks.TrainingHooks):
         self._steady_steps = 0
         self._last_time = None
         self._early = False  # a report Tunix was asked for ahead of its usual lag
-        self._untimed = [0, 0, 0]  # steps, tokens, slots reported early, timed with the next
+        self._untimed = (0, 0, 0)  # steps, tokens, slots reported early, timed with the next
         self.history: list[tuple[int, float]] = []
         self.eval_records: list[dict] = []
         self.divergence: DivergenceGuard | None = None
@@ -140,10 +140,9 @@ class Progress(tunix_hooks.TrainingHooks):
 
     def on_train_step_end(self, train_ctx, train_step, train_loss):
         # Tunix reports step `train_step` one step late (it overlaps logging with the next
-        # step), so timing is measured between consecutive reports.
-        # A step reported early (before its checkpoint, `report_before_save`) comes sooner
-        # after the previous report than a step takes, and the next one later: its time is
-        # counted with the next report's.
+        # step), so timing is measured between consecutive reports. A step reported early
+        # (before its checkpoint, `report_before_save`) is counted with the next report; the
+        # last step has none after it and the first includes compilation.
         now = time.perf_counter()
         step = int(train_step)
         index = step - 1 - (self._first_step or 0)
@@ -155,22 +154,21 @@ class Progress(tunix_hooks.TrainingHooks):
             self.divergence.observe(step, loss, _last(train_ctx, "grad_norm"))
         self.history.append((step, loss))
         first_of_run = step == (self._first_step or 0) + 1
-        # (no step follows the last one: it is timed now)
         early = self._early and not first_of_run and step != self.total_steps
         dt = now - self._last_time
         if early:
-            self._untimed = [n + x for n, x in zip(self._untimed, (1, tokens, slots), strict=True)]
+            n, t, s = self._untimed
+            self._untimed = (n + 1, t + tokens, s + slots)
         else:
             self._last_time = now
-        if not first_of_run and not early:  # the first report includes compilation
-            steps, tokens, slots = 1 + self._untimed[0], tokens + self._untimed[1], \
-                slots + self._untimed[2]
-            self._untimed = [0, 0, 0]
-            self._steady_time += dt
-            self._steady_steps += steps
-            self._window_tokens += tokens
-            self._window_steps += steps
-            self._window_slots += slots
+            if not first_of_run:
+                n, t, s = self._untimed
+                self._untimed = (0, 0, 0)
+                self._steady_time += dt
+                self._steady_steps += 1 + n
+                self._window_steps += 1 + n
+                self._window_tokens += tokens + t
+                self._window_slots += slots + s
         record = {"kind": "train", "step": step, "loss": loss}
         if known:
             record["batch_crc32"] = self.feeder.step_crc[index]
@@ -181,6 +179,7 @@ class Progress(tunix_hooks.TrainingHooks):
         if self.divergence is not None and self.divergence.skipped:
             record["skipped_updates"] = self.divergence.skipped
         if step % self.log_period == 0 or step == self.total_steps or first_of_run:
+            head = f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
             window_time = self._last_time - self._window_start if self._window_start else None
             if self._window_steps and window_time:
                 tps = self._window_tokens / window_time
@@ -195,18 +194,15 @@ class Progress(tunix_hooks.TrainingHooks):
                                     ("packing_efficiency", packing), ("bad_rows", bad)):
                     train_ctx.metrics_logger.log("", name, value, tunix_metrics.Mode.TRAIN, step)
                 eta = format_duration(step_time * (self.total_steps - step))
-                self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
-                           + self._extras_line(record) +
+                self.print(head + self._extras_line(record) +
                            f"lr {record.get('learning_rate', 0):.2e} | {tps:,.0f} tokens/s | "
                            f"MFU {100 * mfu:.1f}% | {1000 * step_time:.0f} ms/step | "
                            f"packed {100 * packing:.0f}% | ETA {eta}",
                            flush=True)
             elif first_of_run:
-                self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
-                           f"first step (compilation) {dt:.1f} s", flush=True)
+                self.print(head + f"first step (compilation) {dt:.1f} s", flush=True)
             else:
-                self.print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
-                           + self._extras_line(record) +
+                self.print(head + self._extras_line(record) +
                            f"lr {record.get('learning_rate', 0):.2e} | timed with the next step",
                            flush=True)
             self._window_start, self._window_tokens, self._window_steps = self._last_time, 0, 0
@@ -230,7 +226,6 @@ class Progress(tunix_hooks.TrainingHooks):
     def on_train_end(self, train_ctx):
         if self.jsonl is not None:
             self.jsonl.flush()
-
 
     def on_train_step_start(self, train_ctx):
         # Tunix evaluates after the steps that are multiples of eval_every_n_steps (read from
