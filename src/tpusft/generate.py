@@ -28,14 +28,13 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic, evaluate
     from tpusft.models.decoder import ModelArgs, create_model
-    from tpusft.models.sharding import make_mesh
+    from tpusft.models.sharding import mesh_of
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     if cfg.demo_task:
         arithmetic.apply_to_config(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
-    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
-                     cfg.ici_tensor_parallelism)
+    mesh = mesh_of(cfg)
     with mesh:
         model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, cfg.seed)
         restore_params(model, cfg.load_parameters_path)

@@ -26,6 +26,9 @@ def main(argv: Sequence[str]) -> int:
     if cfg.print_config:
         sys.stdout.write(resolved_yaml(cfg))
         return 0
+    from tpusft import distributed
+
+    distributed.initialize(cfg)  # several processes, when the config or environment says so
 
     import jax
 
@@ -33,11 +36,10 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic, evaluate
     from tpusft.models.decoder import ModelArgs
-    from tpusft.models.sharding import make_mesh
+    from tpusft.models.sharding import mesh_of
     from tpusft.training import preference, report
     from tpusft.training import trainer as trainer_lib
     from tpusft.training.metrics import (
-        JsonlWriter,
         peak_tflops_per_device,
         training_flops_per_token,
     )
@@ -48,9 +50,11 @@ def main(argv: Sequence[str]) -> int:
         check_batch,
         check_vocab,
         existing_checkpoint,
+        metrics_writer,
         prepare_run_directory,
         reference_model,
         train_and_eval_data,
+        write_resolved_config,
     )
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
@@ -60,11 +64,10 @@ def main(argv: Sequence[str]) -> int:
     method = PreferenceLoss.from_config(cfg)
 
     # ---- data: batches of global_batch_size pairs
-    (out / "config.yml").write_text(resolved_yaml(cfg))
+    write_resolved_config(cfg, out)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     check_vocab(cfg, tokenizer)
-    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
-                     cfg.ici_tensor_parallelism)
+    mesh = mesh_of(cfg)
     check_batch(cfg, mesh)
     train_ds, stats, eval_ds = train_and_eval_data(cfg, tokenizer, pairs.build_dataset)
 
@@ -94,8 +97,7 @@ def main(argv: Sequence[str]) -> int:
                      "orpo": f"lambda {method.orpo_lambda:g}"}[method.loss_type]
         smoothing = (f", label smoothing {method.label_smoothing:g}"
                      if method.label_smoothing else "")
-        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-              f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source}); "
+        print(f"{report.devices(mesh)}; peak {peak:.2f} TFLOP/s per device ({peak_source}); "
               f"{report.allocator()}\n{method.loss_type}: {constants}{smoothing}; "
               f"reference model: {reference}")
         accumulation = cfg.gradient_accumulation_steps
@@ -111,7 +113,7 @@ def main(argv: Sequence[str]) -> int:
 
         progress = trainer_lib.Progress(
             feeder, cfg.steps, cfg.log_period, flops_per_token,
-            peak * 1e12 * jax.device_count(), JsonlWriter(str(out / "metrics.jsonl")),
+            peak * 1e12 * jax.device_count(), metrics_writer(out),
             extras=preference.metrics(method))
         if not trainer_lib.fit(trainer, cfg, progress, eval_ds is not None):
             return 0
@@ -128,7 +130,7 @@ def main(argv: Sequence[str]) -> int:
                 print(f"exact match: {100 * demo_before:.1f}% before training -> "
                       f"{100 * after:.1f}% after")
 
-    report.finish(cfg, stats, f"tpusft {method.loss_type.upper()}")
+    report.finish(cfg, feeder.data_stats(), f"tpusft {method.loss_type.upper()}")
     return 0
 
 

@@ -25,8 +25,10 @@ def main(argv: Sequence[str]) -> int:
     if cfg.print_config:
         sys.stdout.write(resolved_yaml(cfg))
         return 0
+    from tpusft import distributed
 
-    import jax
+    distributed.initialize(cfg)  # several processes, when the config or environment says so
+
 
     from tpusft.data import prompts, sources
     from tpusft.data.chat import load_tokenizer
@@ -35,18 +37,19 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.demo import arithmetic
     from tpusft.errors import DataError
     from tpusft.models.decoder import ModelArgs
-    from tpusft.models.sharding import make_mesh
+    from tpusft.models.sharding import mesh_of
     from tpusft.rl import grpo
     from tpusft.rl import rewards as rewards_lib
     from tpusft.training import report
     from tpusft.training import trainer as trainer_lib
-    from tpusft.training.metrics import JsonlWriter
     from tpusft.training.setup import (
         build_model,
         check_batch,
         check_vocab,
         existing_checkpoint,
+        metrics_writer,
         prepare_run_directory,
+        write_resolved_config,
     )
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
@@ -55,11 +58,10 @@ def main(argv: Sequence[str]) -> int:
         arithmetic.apply_to_config(cfg)
 
     # ---- prompts and rewards
-    (out / "config.yml").write_text(resolved_yaml(cfg))
+    write_resolved_config(cfg, out)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     check_vocab(cfg, tokenizer)
-    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
-                     cfg.ici_tensor_parallelism)
+    mesh = mesh_of(cfg)
     check_batch(cfg, mesh)
     popts = PromptOptions.from_config(cfg)
     train_sources, part = sources.sources(cfg, train=True)
@@ -97,8 +99,8 @@ def main(argv: Sequence[str]) -> int:
         ref = "none (beta=0)" if not grpo.needs_reference(cfg) else (
             "the base weights (shared with the model)" if args.lora_rank
             else "a copy of the starting weights")
-        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-              f"device(s); reference model: {ref}; rollouts: {cfg.rollout_engine} sampler")
+        print(f"{report.devices(mesh)}; reference model: {ref}; rollouts: "
+              f"{cfg.rollout_engine} sampler")
         print(f"{cfg.global_batch_size} prompts x {cfg.num_generations} completions per step, "
               f"prompt <= {cfg.max_prompt_length}, completion <= {cfg.max_completion_length} "
               f"tokens, temperature {cfg.temperature:g}; {cfg.steps} steps; rewards: "
@@ -115,7 +117,7 @@ def main(argv: Sequence[str]) -> int:
 
         trainer = cluster.actor_trainer
         progress = grpo.Progress(cfg, rewards, timings, evaluate,
-                                 JsonlWriter(str(out / "metrics.jsonl")))
+                                 metrics_writer(out))
         progress.divergence = trainer.divergence
         trainer.with_training_hooks(progress)
         if start < cfg.steps:

@@ -23,6 +23,9 @@ def main(argv: Sequence[str]) -> int:
     if cfg.print_config:
         sys.stdout.write(resolved_yaml(cfg))
         return 0
+    from tpusft import distributed
+
+    distributed.initialize(cfg)  # several processes, when the config or environment says so
 
     import jax
 
@@ -30,11 +33,10 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic, evaluate
     from tpusft.models.decoder import ModelArgs
-    from tpusft.models.sharding import make_mesh
+    from tpusft.models.sharding import mesh_of
     from tpusft.training import report
     from tpusft.training import trainer as trainer_lib
     from tpusft.training.metrics import (
-        JsonlWriter,
         peak_tflops_per_device,
         training_flops_per_token,
     )
@@ -44,8 +46,10 @@ def main(argv: Sequence[str]) -> int:
         check_batch,
         check_vocab,
         existing_checkpoint,
+        metrics_writer,
         prepare_run_directory,
         train_and_eval_data,
+        write_resolved_config,
     )
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
@@ -54,11 +58,10 @@ def main(argv: Sequence[str]) -> int:
         arithmetic.apply_to_config(cfg)
 
     # ---- data
-    (out / "config.yml").write_text(resolved_yaml(cfg))
+    write_resolved_config(cfg, out)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     check_vocab(cfg, tokenizer)
-    mesh = make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
-                     cfg.ici_tensor_parallelism)
+    mesh = mesh_of(cfg)
     check_batch(cfg, mesh)
     train_ds, stats, eval_ds = train_and_eval_data(cfg, tokenizer, packing.build_dataset)
 
@@ -68,7 +71,8 @@ def main(argv: Sequence[str]) -> int:
         model = build_model(cfg, args, mesh, existing_checkpoint(cfg))
 
         feeder = trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
-                                         cfg.eval_steps, stats)
+                                         cfg.eval_steps, stats,
+                                         replicated=cfg.data_sharding == "global")
         trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
         start = trainer.train_steps
 
@@ -76,8 +80,7 @@ def main(argv: Sequence[str]) -> int:
         flops_per_token = training_flops_per_token(args, cfg.max_target_length)
         print(f"tpusft SFT | run {cfg.run_directory}")
         report.describe_model(cfg, args, model)
-        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-              f"device(s); peak {peak:.2f} TFLOP/s per device ({peak_source}); "
+        print(f"{report.devices(mesh)}; peak {peak:.2f} TFLOP/s per device ({peak_source}); "
               f"{report.allocator()}")
         accumulation = cfg.gradient_accumulation_steps
         micro = f" ({accumulation} micro-batches)" if accumulation > 1 else ""
@@ -92,7 +95,7 @@ def main(argv: Sequence[str]) -> int:
 
         progress = trainer_lib.Progress(
             feeder, cfg.steps, cfg.log_period, flops_per_token,
-            peak * 1e12 * jax.device_count(), JsonlWriter(str(out / "metrics.jsonl")))
+            peak * 1e12 * jax.device_count(), metrics_writer(out))
         if not trainer_lib.fit(trainer, cfg, progress, eval_ds is not None):
             return 0
 
@@ -102,7 +105,7 @@ def main(argv: Sequence[str]) -> int:
                 print(f"exact match: {100 * demo_before:.1f}% before training -> "
                       f"{100 * after:.1f}% after")
 
-    report.finish(cfg, stats, "tpusft SFT")
+    report.finish(cfg, feeder.data_stats(), "tpusft SFT")
     return 0
 
 

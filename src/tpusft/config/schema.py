@@ -165,9 +165,39 @@ class Config:
         "split). -1: all remaining devices.")
     ici_tensor_parallelism: int = key(
         1, "Devices on the tensor axis (heads and MLP sharded). -1: all remaining devices.")
+    dcn_data_parallelism: int = key(
+        1, "Slices on the data axis of a multi-slice run (the mesh's axis is dcn * ici "
+        "devices; ici_* then count the devices of one slice). -1: all remaining slices.")
+    dcn_fsdp_parallelism: int = key(
+        1, "Slices on the fsdp axis of a multi-slice run. -1: all remaining slices.")
+    dcn_tensor_parallelism: int = key(
+        1, "Slices on the tensor axis of a multi-slice run. -1: all remaining slices.")
     logical_axis_rules: list = key(
         DEFAULT_LOGICAL_AXIS_RULES, "Logical axis -> mesh axes. A dimension whose size the "
         "mesh axes do not divide is replicated instead.")
+
+    # -------------------------------------------------------- multi-process
+    coordinator_address: str = key(
+        "", "host:port of process 0 in a multi-process run (else JAX_COORDINATOR_ADDRESS). "
+        "Empty with num_processes and process_id unset: one process, unless the environment "
+        "names a run.", section="Multi-process runs")
+    num_processes: int | None = key(None, "Processes in the run (else JAX_NUM_PROCESSES).",
+                                    minimum=1)
+    process_id: int | None = key(None, "This process's index, 0 .. num_processes-1 (else "
+                                 "JAX_PROCESS_ID).", minimum=0)
+    distributed: bool = key(
+        False, "Join the run's processes with jax.distributed even when no key or variable "
+        "names the coordinator (JAX finds it on TPU pod slices, SLURM, ...). A TPU pod whose "
+        "TPU_WORKER_HOSTNAMES names several hosts joins without it.")
+    distributed_timeout_s: int = key(
+        300, "Seconds to wait for every process to join, and after which a process that "
+        "stopped answering ends the run.", minimum=10)
+    data_sharding: str = key(
+        "process", "How several processes read the data: process (each reads its own 1/N of "
+        "the rows and builds its part of every batch: scales with hosts; resuming on another "
+        "process count restarts the data's epoch) or global (each reads every row, builds the "
+        "whole batch and keeps its part: batches, losses and the data position are those of a "
+        "one-process run, on any process count).", choices=("process", "global"))
 
     # ----------------------------------------------------------------- data
     hf_path: str = key(

@@ -68,6 +68,23 @@ class DataStats:
             self.rows = self.truncated = 0
             self.bad.clear()
 
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"rows": self.rows, "truncated": self.truncated, "bad": dict(self.bad),
+                    "examples": dict(self.examples)}
+
+    @classmethod
+    def combined(cls, snapshots: Sequence[dict]) -> DataStats:
+        """The counts of several processes' pipelines (their `snapshot()`s) added up."""
+        out = cls()
+        for snap in snapshots:
+            out.rows += snap["rows"]
+            out.truncated += snap["truncated"]
+            out.bad.update(snap["bad"])
+            for reason, example in snap["examples"].items():
+                out.examples.setdefault(reason, example)
+        return out
+
     def summary(self) -> str:
         """One line per kind of bad row with its count and first example."""
         lines = [f"{self.rows} rows read, {self.dropped} skipped, {self.truncated} truncated"]

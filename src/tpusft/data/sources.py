@@ -131,4 +131,6 @@ def options(cfg: Any, *, train: bool) -> DataOptions:
         packing_strategy=cfg.packing_strategy, truncation=cfg.truncation,
         bad_row_policy=cfg.bad_row_policy, completion_only=cfg.sft_train_on_completion_only,
         seed=cfg.shuffle_seed, num_epochs=cfg.num_epochs if train else 1,
-        eval_fraction=cfg.eval_fraction)
+        eval_fraction=cfg.eval_fraction,
+        # data_sharding=global: every process reads every row (and keeps its part of a batch)
+        **({"shard_index": 0, "shard_count": 1} if cfg.data_sharding == "global" else {}))

@@ -15,29 +15,55 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-    """Resolves one -1 to the remaining devices and checks the product."""
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int,
+               what: str = "ici") -> tuple[int, int, int]:
+    """Resolves one -1 to the remaining devices (or slices: what="dcn") and checks the
+    product."""
     dims = [data, fsdp, tensor]
+    unit = "devices" if what == "ici" else "slices"
     known = math.prod(d for d in dims if d != -1)
     if -1 in dims:
         if num_devices % known:
-            raise ConfigError(f"{num_devices} devices cannot be split by the fixed "
-                              f"ici_*_parallelism product {known}")
+            raise ConfigError(f"{num_devices} {unit} cannot be split by the fixed "
+                              f"{what}_*_parallelism product {known}")
         dims[dims.index(-1)] = num_devices // known
     if math.prod(dims) != num_devices:
         raise ConfigError(
-            f"ici_data_parallelism * ici_fsdp_parallelism * ici_tensor_parallelism = "
-            f"{math.prod(dims)} but there are {num_devices} devices; make the product equal "
+            f"{what}_data_parallelism * {what}_fsdp_parallelism * {what}_tensor_parallelism = "
+            f"{math.prod(dims)} but there are {num_devices} {unit}; make the product equal "
             f"or set one of them to -1")
     return tuple(dims)  # type: ignore[return-value]
 
 
-def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence | None = None) -> Mesh:
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence | None = None,
+              dcn: tuple[int, int, int] = (1, 1, 1)) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (every process's, by default). With a dcn
+    product above 1, each axis is dcn * ici long: ici devices within a slice (devices that
+    share `slice_index`, or a process where devices have none), dcn across slices, so the
+    collectives that cross slices are the ones on the dcn part of an axis."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
     # Auto axis types: Tunix's sharding calls fail under jax 0.10's default Explicit axes.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    if math.prod(d for d in dcn if d != -1) == 1 and -1 not in dcn:
+        shape = mesh_shape(data, fsdp, tensor, len(devices))
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    from jax.experimental import mesh_utils
+
+    by_slice = hasattr(devices[0], "slice_index")
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    dcn_shape = mesh_shape(*dcn, granules, what="dcn")
+    ici_shape = mesh_shape(data, fsdp, tensor, len(devices) // granules)
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                process_is_granule=not by_slice)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def mesh_of(cfg) -> Mesh:
+    """The run's mesh from its ici_* and dcn_* keys, over every process's devices."""
+    return make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
+                     cfg.ici_tensor_parallelism,
+                     dcn=(cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism,
+                          cfg.dcn_tensor_parallelism))
 
 
 @dataclass(frozen=True)

@@ -30,16 +30,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 from flax import nnx
 from tunix.sft import checkpoint_manager as tunix_checkpoints
 from tunix.sft import profiler as tunix_profiler
 
+from tpusft import distributed
 from tpusft.checkpoint import integrity
 from tpusft.errors import CheckpointError, Diverged, RunFailed
 
 SHAPES_KEY = "tpusft_shapes"
 LAYOUT_KEY = "tpusft_layout"
+PER_PROCESS_KEY = "tpusft_per_process"  # {this: [process 0's value, process 1's, ...]}
+
+
+def per_process_values(value: Any) -> list[Any]:
+    """The per-process values of a metadata entry saved by `per_process` (one value when a
+    single process saved it)."""
+    if isinstance(value, dict) and PER_PROCESS_KEY in value:
+        return list(value[PER_PROCESS_KEY])
+    return [value]
 
 
 def _shapes(trees: dict[str, Any]) -> dict[str, list[int]]:
@@ -83,11 +94,18 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
     `before_save(step, optimizer)` may raise Diverged to stop a save (nan_policy). Once
     `preemption` is requested every step is saved (and waited for) until the run stops.
     `metadata_fn` gives the custom metadata of saves that come without it (Tunix's save at
-    the end of a run)."""
+    the end of a run). `per_process`: metadata keys whose value each process holds its own
+    of (the data position); with several processes all of them are gathered into the one
+    metadata that process 0 writes.
+
+    With several processes every process calls `save` at every step (Tunix's loop runs in
+    lockstep), each writes its shards of the one Orbax checkpoint, and they agree at each call
+    whether a signal asks for a save; damaged steps are moved aside by process 0."""
 
     def __init__(self, root: str | None, options, *, layout: dict[str, Any] | None = None,
                  required: Sequence[str] = (), before_save: Callable | None = None,
-                 preemption=None, metadata_fn: Callable | None = None, print_fn=print):
+                 preemption=None, metadata_fn: Callable | None = None, print_fn=print,
+                 per_process: Sequence[str] = ()):
         if options is not None:
             options.cleanup_tmp_directories = True  # saves cut by a kill leave tmp folders
         super().__init__(root, options)
@@ -95,6 +113,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         self.layout, self.required = dict(layout or {}), tuple(required)
         self.before_save, self.print = before_save, print_fn
         self.preemption, self.metadata_fn = preemption, metadata_fn
+        self.per_process = tuple(per_process)
         self.damaged: list[tuple[int, str]] = []
 
     # ---------------------------------------------------------------- save
@@ -105,6 +124,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
 
     def save(self, step: int, model, optimizer=None, save_only_lora_params: bool = False,
              force: bool = False, custom_metadata: dict[str, Any] | None = None) -> bool:
+        self._agree_on_signal()
         manager = self._checkpoint_manager
         if manager is None:
             return False
@@ -128,6 +148,10 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         if custom_metadata is None and self.metadata_fn is not None:
             custom_metadata = self.metadata_fn()
         metadata = dict(custom_metadata or {})
+        if distributed.count() > 1:
+            for name in self.per_process:
+                if name in metadata:
+                    metadata[name] = {PER_PROCESS_KEY: distributed.gather_json(metadata[name])}
         metadata.update({integrity.FINGERPRINTS_KEY: fingerprints, SHAPES_KEY: _shapes(trees),
                          LAYOUT_KEY: self.layout})
         with self._storage_errors(step):
@@ -136,6 +160,15 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         if self._urgent():  # asked before this save or while it was being prepared
             self._saved_for_signal(step)
         return saved
+
+    def _agree_on_signal(self) -> None:
+        """With several processes: a signal to any of them is a signal to all, decided at
+        the same step on every process (each would otherwise save, or stop, on its own)."""
+        if self.preemption is None or distributed.count() == 1:
+            return
+        asked = distributed.allgather(np.array([self.preemption.requested]))[:, 0]
+        if asked.any() and not self.preemption.requested:
+            self.preemption.request("a signal to another process of the run")
 
     def _urgent(self) -> bool:
         return self.preemption is not None and self.preemption.requested
@@ -264,13 +297,15 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         while dst.exists():
             dst = self._aside_root() / f"{step}.{n}"
             n += 1
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            src.rename(dst)
-        except OSError as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.root} is damaged ({why}) and "
-                                  f"cannot be moved aside ({_one_line(e)}); remove it to resume "
-                                  f"from the step before it") from None
+        if distributed.is_primary():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                src.rename(dst)
+            except OSError as e:
+                raise CheckpointError(f"checkpoint step {step} in {self.root} is damaged ({why}) "
+                                      f"and cannot be moved aside ({_one_line(e)}); remove it "
+                                      f"to resume from the step before it") from None
+        distributed.sync(f"tpusft-set-aside-{step}")
         self.damaged.append((step, why))
         self.print(f"checkpoint step {step} is damaged: {why}; moved to {dst}")
         self._checkpoint_manager.reload()  # Orbax caches the list of steps

@@ -121,8 +121,11 @@ def seeded_sft_loss(seed: int, vocab_tiles: int = 1):
     return loss_fn
 
 
-def add_loss_denominators(micro_batches: list[dict]) -> list[dict]:
-    """Adds `loss_denominator` (a scalar) to each micro-batch of one optimizer step."""
-    total = float(sum(np.sum(b["weights"]) for b in micro_batches))
+def add_loss_denominators(micro_batches: list[dict], total: float | None = None) -> list[dict]:
+    """Adds `loss_denominator` (a scalar) to each micro-batch of one optimizer step: the
+    step's loss weight `total` (over every process of the run; by default these batches')
+    shared out over the micro-batches."""
+    if total is None:
+        total = float(sum(np.sum(b["weights"]) for b in micro_batches))
     denom = np.float32(max(total, 1.0) / len(micro_batches))
     return [dict(b, loss_denominator=denom) for b in micro_batches]

@@ -37,13 +37,14 @@ ORPO_METRICS = (("log_odds_ratio", "log_odds_ratio", "log odds {:.3f}"),
                 ("nll_loss", "nll_loss", "nll {:.4f}"))
 
 
-def _pairs(micro_batches: list[dict]) -> list[dict]:
+def _pairs(micro_batches: list[dict], total: float | None = None) -> list[dict]:
     return micro_batches  # the loss is a mean over pairs: nothing to add per micro-batch
 
 
 def batch_feeder(train_ds, cfg: Any, eval_ds=None, stats=None) -> trainer_lib.BatchFeeder:
     return trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
-                                   cfg.eval_steps, stats, prepare=_pairs)
+                                   cfg.eval_steps, stats, prepare=_pairs,
+                                   replicated=cfg.data_sharding == "global")
 
 
 def metrics(method: PreferenceLoss) -> tuple[tuple[str, str, str], ...]:
@@ -94,6 +95,7 @@ def build_trainer(model: nnx.Module, ref_model: nnx.Module | None,
     trainer = PreferenceTrainer(model, ref_model, optimizer, training_config(cfg, method),
                                 method, cfg.seed, tiles)
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
+    feeder.mesh = mesh
     trainer_lib.make_resilient(trainer, cfg, feeder)
     trainer.attach(feeder)
     return trainer

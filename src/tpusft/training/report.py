@@ -23,14 +23,28 @@ def describe_model(cfg: Any, args, model, print_fn=print) -> None:
                  f"{100 * adapter / (total - adapter):.2f}%")
 
 
+def devices(mesh) -> str:
+    """'mesh {...} on N <platform> device(s)', and the processes they are spread over."""
+    import jax
+
+    from tpusft import distributed
+
+    where = f" in {distributed.count()} processes" if distributed.count() > 1 else ""
+    return (f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+            f"device(s){where}")
+
+
 def allocator() -> str:
     return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
 
 
 def finish(cfg: Any, stats, title: str, checkpoints: str = "", print_fn=print) -> None:
     """The data summary, the loss curve and where the outputs are."""
+    from tpusft import distributed
     from tpusft.training.metrics import write_loss_curve
 
+    if not distributed.is_primary():  # process 0 writes the plot and says where things are
+        return
     out = epath.Path(cfg.run_directory)
     print_fn(f"data: {stats.summary()}")
     png = str(out / "loss_curve.png")

@@ -19,6 +19,8 @@ def check_vocab(cfg: Any, tokenizer) -> None:
 
 
 def check_batch(cfg: Any, mesh) -> None:
+    from tpusft import distributed
+
     micro = cfg.global_batch_size // cfg.gradient_accumulation_steps
     ways = 1
     for axis in BATCH_AXES:
@@ -28,6 +30,20 @@ def check_batch(cfg: Any, mesh) -> None:
             f"global_batch_size={cfg.global_batch_size} / gradient_accumulation_steps="
             f"{cfg.gradient_accumulation_steps} = {micro} sequences per micro-batch cannot be "
             f"split over the {ways} devices of the data and fsdp axes; use a multiple of {ways}")
+    processes = distributed.count()
+    if micro % processes:
+        raise ConfigError(
+            f"{micro} sequences per micro-batch cannot be split over the run's {processes} "
+            f"processes; use a global_batch_size / gradient_accumulation_steps that is a "
+            f"multiple of {processes}")
+
+
+def local_rows(cfg: Any, rows: int) -> int:
+    """The rows of a `rows`-row batch that this process's data pipeline builds: its share
+    with data_sharding=process, all of them with global (the feeder keeps this process's)."""
+    from tpusft import distributed
+
+    return rows if cfg.data_sharding == "global" else rows // distributed.count()
 
 
 def check_bucket(url: str, timeout_s: float = 10.0) -> None:
@@ -75,9 +91,11 @@ def prepare_run_directory(cfg: Any):
     if cfg.run_directory.startswith("gs://"):
         check_bucket(cfg.run_directory)
     out = epath.Path(cfg.run_directory)
+    from tpusft import distributed
+
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tpusft-write-test"
+        probe = out / f".tpusft-write-test-{distributed.index()}"
         probe.write_text("ok")
         probe.unlink()
     except Exception as e:  # noqa: BLE001 - OSError locally; gcsfs/google-auth errors on gs://
@@ -85,6 +103,23 @@ def prepare_run_directory(cfg: Any):
         raise ConfigError(f"cannot write the run's outputs to {cfg.run_directory} ({detail}); "
                           f"set base_output_directory= to a writable directory or bucket") from None
     return out
+
+
+def write_resolved_config(cfg: Any, out) -> None:
+    """run_directory/config.yml: the run's config as resolved (process 0 writes it)."""
+    from tpusft import distributed
+    from tpusft.config import resolved_yaml
+
+    if distributed.is_primary():
+        (out / "config.yml").write_text(resolved_yaml(cfg))
+
+
+def metrics_writer(out):
+    """run_directory/metrics.jsonl's writer on process 0; None on the others."""
+    from tpusft import distributed
+    from tpusft.training.metrics import JsonlWriter
+
+    return JsonlWriter(str(out / "metrics.jsonl")) if distributed.is_primary() else None
 
 
 def existing_checkpoint(cfg: Any, sub: str = "") -> bool:
@@ -148,13 +183,13 @@ def train_and_eval_data(cfg: Any, tokenizer, build) -> tuple[Any, Any, Any]:
 
     train_sources, part = sources.sources(cfg, train=True)
     train_ds, stats = build(train_sources, sources.options(cfg, train=True), tokenizer,
-                            cfg.global_batch_size, train=True, part=part)
+                            local_rows(cfg, cfg.global_batch_size), train=True, part=part)
     pipeline.first_batch_or_error(train_ds, stats, "training")
     eval_ds = None
     eval_sources, part = sources.sources(cfg, train=False)
     if eval_sources:
         micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
         eval_ds, _ = build(eval_sources, sources.options(cfg, train=False), tokenizer,
-                           micro_batch, train=False, part=part)
+                           local_rows(cfg, micro_batch), train=False, part=part)
         pipeline.first_batch_or_error(eval_ds, None, "eval")
     return train_ds, stats, eval_ds

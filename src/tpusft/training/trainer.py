@@ -24,30 +24,40 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tunix.sft import hooks as tunix_hooks
 from tunix.sft import metrics_logger as tunix_metrics
 from tunix.sft import peft_trainer
 from tunix.sft import profiler as tunix_profiler
 
+from tpusft import distributed
 from tpusft.errors import Diverged
 from tpusft.models.sharding import BATCH_AXES
 from tpusft.training import loss as loss_lib
-from tpusft.training.checkpoints import adopt, report_pending_step
+from tpusft.training.checkpoints import adopt, per_process_values, report_pending_step
 from tpusft.training.divergence import DivergenceGuard
 from tpusft.training.metrics import JsonlWriter, format_duration
 from tpusft.training.preemption import Preemption
 
 DATA_STATE_KEY = "tpusft_data_state"
+DATA_PROCESSES_KEY = "tpusft_data_processes"  # processes whose positions the state holds
 
 
 class BatchFeeder(tunix_hooks.DataHooks):
-    """Pulls one optimizer step's batch from grain and hands it out as micro-batches."""
+    """Pulls one optimizer step's batch from grain and hands it out as micro-batches.
+
+    With several processes (distributed.py) each process hands Tunix its rows of every
+    micro-batch, and Tunix assembles the global arrays from them. `replicated=True`
+    (data_sharding=global): every process's pipeline builds the whole batch and this process
+    keeps its rows; otherwise each builds only its rows. Either way the processes agree each
+    step on the loss's token count, the step's tokens, bad rows and whether any of them has
+    run out of data or been asked to stop (one small allgather)."""
 
     def __init__(self, train_dataset, accumulation: int, eval_dataset=None,
                  eval_steps: int | None = None, stats=None,
-                 prepare=loss_lib.add_loss_denominators):
+                 prepare=loss_lib.add_loss_denominators, replicated: bool = False):
         self._train_iter = iter(train_dataset)
-        self._prepare = prepare  # one step's micro-batches -> what the loss takes
+        self._prepare = prepare  # (one step's micro-batches, their weight total) -> the loss's
         self._accumulation = accumulation
         self._pending: list[dict] = []
         self._eval_dataset = eval_dataset
@@ -58,29 +68,84 @@ class BatchFeeder(tunix_hooks.DataHooks):
         self.step_slots: list[int] = []   # token slots (batch x length) of each step
         self.step_crc: list[int] = []     # CRC-32 of each step's input ids (exact-resume checks)
         self.stats = stats                # the pipeline's DataStats (bad rows, truncation)
+        self.bad_rows = 0                 # bad rows so far, over all processes
         self.dropout = False              # tag training micro-batches with their step number
-        self.stop_when = None             # () -> bool: end the loop at the next step boundary
+        self.preemption = None            # a Preemption: end the loop at the next step boundary
+        self.mesh = None                  # the run's mesh (for global batches: several processes)
+        self.processes, self.process = distributed.count(), distributed.index()
+        self.replicated = replicated and self.processes > 1
+        # how many processes' positions a data state holds (1: one position for any count)
+        self.data_processes = 1 if replicated else self.processes
 
     # -- train
     def load_next_train_batch(self, train_ctx) -> dict | None:
         if not self._pending:
-            if self.stop_when is not None and self.stop_when():
+            stop = self.preemption is not None and self.preemption.requested
+            group = None if stop else next(self._train_iter, None)
+            figures = self._agree(group, stop)
+            if figures is None:
                 return None
-            try:
-                group = next(self._train_iter)
-            except StopIteration:
-                return None
+            tokens, slots, crc, total = figures
             n = len(group["inputs"]) // self._accumulation
             micro = [{k: v[i * n:(i + 1) * n] for k, v in group.items()}
                      for i in range(self._accumulation)]
-            self._pending = self._prepare(micro)
-            self.step_tokens.append(int(np.count_nonzero(group["segment_ids"])))
-            self.step_slots.append(int(group["segment_ids"].size))
-            self.step_crc.append(zlib.crc32(np.ascontiguousarray(group["inputs"]).tobytes()))
+            self._pending = [self._global(self._own_rows(b))
+                             for b in self._prepare(micro, total)]
+            self.step_tokens.append(tokens)
+            self.step_slots.append(slots)
+            self.step_crc.append(crc)
         batch = self._pending.pop(0)
         if self.dropout:  # the micro-batch counter keys the dropout masks (same after resume)
             batch = dict(batch, dropout_step=np.int32(train_ctx.iter_steps))
         return batch
+
+    def _agree(self, group: dict | None, stop: bool) -> tuple[int, int, int, float] | None:
+        """(tokens, token slots, CRC-32 of the input ids, loss-weight total) of this step's
+        batch over all processes, or None when the loop ends here: the data ran out or a
+        signal came, on this process or on any other (which then all stop together)."""
+        if group is None:
+            figures = (0, 0, 0, 0.0)
+        else:
+            figures = (int(np.count_nonzero(group["segment_ids"])),
+                       int(group["segment_ids"].size),
+                       zlib.crc32(np.ascontiguousarray(group["inputs"]).tobytes()),
+                       float(np.sum(group["weights"])) if "weights" in group else 0.0)
+        dropped = self.stats.dropped if self.stats is not None else 0
+        if self.processes == 1:
+            self.bad_rows = dropped
+            return None if group is None else figures
+        rows = distributed.allgather(
+            np.array([stop, group is None, *figures, dropped], np.float64))
+        if rows[:, 0].any() and self.preemption is not None and not stop:
+            self.preemption.request("a signal to another process of the run")
+        if rows[:, :2].any():
+            return None
+        if self.replicated:  # every process built the whole batch: its figures are global
+            self.bad_rows = dropped
+            return figures
+        self.bad_rows = int(rows[:, 6].sum())
+        crc = zlib.crc32(rows[:, 4].astype(np.uint32).tobytes())
+        return int(rows[:, 2].sum()), int(rows[:, 3].sum()), crc, float(rows[:, 5].sum())
+
+    def _own_rows(self, batch: dict) -> dict:
+        """This process's rows of a micro-batch that every process built whole."""
+        if not self.replicated:
+            return batch
+        rows = len(batch["inputs"]) // self.processes
+        part = slice(self.process * rows, (self.process + 1) * rows)
+        return {k: v[part] if np.ndim(v) and len(v) == rows * self.processes else v
+                for k, v in batch.items()}
+
+    def _global(self, batch: dict) -> dict:
+        """With several processes: the micro-batch as global arrays, each process's rows its
+        part of the batch axes (Tunix's own assembly checks divisibility against the local
+        rows and would replicate them instead)."""
+        if self.processes == 1:
+            return batch
+        rows = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
+        scalar = NamedSharding(self.mesh, PartitionSpec())
+        return {k: jax.make_array_from_process_local_data(rows if np.ndim(v) else scalar, v)
+                for k, v in batch.items()}
 
     def get_state(self) -> dict:
         return self._train_iter.get_state()
@@ -88,6 +153,27 @@ class BatchFeeder(tunix_hooks.DataHooks):
     def set_state(self, state: dict) -> None:
         self._train_iter.set_state(state)
         self._pending = []
+
+    def restore_position(self, states: list[dict], written_by: int, step: int,
+                         print_fn=print) -> None:
+        """Continues at a checkpoint's data position: `states` of the `written_by` processes
+        whose positions it holds (1 when one position serves any process count)."""
+        if written_by == self.data_processes:
+            self.set_state(states[self.process if written_by > 1 else 0])
+            return
+        how = ("one position for every process" if written_by == 1
+               else f"the positions of {written_by} processes each reading its own rows")
+        now = ("each of its processes reading its own rows" if self.data_processes > 1
+               else "one position")
+        print_fn(f"data position: checkpoint step {step} holds {how}, this run has "
+                 f"{self.processes} process(es) with {now}; model and optimizer are restored "
+                 f"and the data starts again at the beginning of its first epoch", flush=True)
+
+    def data_stats(self):
+        """The pipeline's DataStats over every process (a collective with several)."""
+        if self.stats is None or self.processes == 1 or self.replicated:
+            return self.stats
+        return type(self.stats).combined(distributed.gather_json(self.stats.snapshot()))
 
     # -- eval: one pass per evaluation (or eval_steps batches)
     def load_next_eval_batch(self, train_ctx) -> dict | None:
@@ -100,11 +186,25 @@ class BatchFeeder(tunix_hooks.DataHooks):
             batch = None
         else:
             batch = next(self._eval_iter, None)
-        if batch is None:
+        figures = self._agree_eval(batch)
+        if figures is None:
             self._eval_iter = None
             return None
         self._eval_count += 1
-        return self._prepare([batch])[0]
+        return self._global(self._own_rows(self._prepare([batch], figures)[0]))
+
+    def _agree_eval(self, batch: dict | None) -> float | None:
+        """The eval batch's loss-weight total over all processes, or None when any process
+        has no batch left (the evaluation ends on all of them)."""
+        total = float(np.sum(batch["weights"])) if batch is not None and "weights" in batch \
+            else 0.0
+        if self.processes == 1 or self.replicated:
+            ended = batch is None
+            if self.processes > 1:  # the same data everywhere: just the same decision
+                ended = bool(distributed.allgather(np.array([ended]))[:, 0].any())
+            return None if ended else total
+        rows = distributed.allgather(np.array([batch is None, total], np.float64))
+        return None if rows[:, 0].any() else float(rows[:, 1].sum())
 
 
 class Progress(tunix_hooks.TrainingHooks):
@@ -186,7 +286,7 @@ class Progress(tunix_hooks.TrainingHooks):
                 mfu = tps * self.flops_per_token / self.peak if self.peak else 0.0
                 step_time = window_time / self._window_steps
                 packing = self._window_tokens / max(self._window_slots, 1)
-                bad = self.feeder.stats.dropped if self.feeder.stats is not None else 0
+                bad = self.feeder.bad_rows
                 record.update(tokens_per_s=tps, mfu=mfu, step_time_s=step_time,
                               packing_efficiency=packing, bad_rows=bad)
                 for name, value in (("tokens_per_sec", tps), ("mfu", mfu),
@@ -283,7 +383,9 @@ class DataStateCheckpoints:
     def custom_checkpoint_metadata(self) -> dict[str, Any]:
         if self.feeder is None:
             return {}
-        return {DATA_STATE_KEY: self.feeder.get_state()}
+        # With several processes, GuardedCheckpoints gathers every process's state at a save.
+        return {DATA_STATE_KEY: self.feeder.get_state(),
+                DATA_PROCESSES_KEY: self.feeder.data_processes}
 
     @property
     def restored_metadata(self) -> dict[str, Any]:
@@ -293,9 +395,10 @@ class DataStateCheckpoints:
         """Feeds the trainer from `feeder`, resumed at the checkpoint's data position."""
         self.with_data_hooks(feeder)
         self.feeder = feeder
-        state = self.restored_metadata.get(DATA_STATE_KEY)
-        if state is not None:
-            feeder.set_state(state)
+        metadata = self.restored_metadata
+        if metadata.get(DATA_STATE_KEY) is not None:
+            feeder.restore_position(per_process_values(metadata[DATA_STATE_KEY]),
+                                    metadata.get(DATA_PROCESSES_KEY, 1), self.train_steps)
 
 
 class SftTrainer(DataStateCheckpoints, peft_trainer.PeftTrainer):
@@ -359,6 +462,7 @@ def build_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cf
     trainer.with_loss_fn(loss_lib.seeded_sft_loss(cfg.seed, vocab_tiles(cfg, mesh)))
     trainer.with_gen_model_input_fn(lambda batch: batch)
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
+    feeder.mesh = mesh
     make_resilient(trainer, cfg, feeder)
     trainer.attach(feeder)
     return trainer
@@ -391,11 +495,12 @@ def make_resilient(trainer, cfg: Any, feeder: BatchFeeder | None = None, root: s
         divergence.before_save(step, optimizer)
 
     manager = adopt(trainer, root, checkpoint_options(cfg), layout=layout or run_layout(cfg),
-                    required=required, before_save=before_save, preemption=preemption, **extra)
+                    required=required, before_save=before_save, preemption=preemption,
+                    per_process=(DATA_STATE_KEY,), **extra)
     divergence.start(trainer.optimizer)
     trainer.preemption, trainer.divergence = preemption, divergence
     if feeder is not None:
-        feeder.stop_when = lambda: preemption.requested
+        feeder.preemption = preemption
 
 
 def run_training(trainer, cfg: Any, train: Any) -> None:
