@@ -45,3 +45,69 @@ def reexec_with_tcmalloc(module: str | None = None) -> None:
         return
     target = ["-m", module] if module else [sys.argv[0]]
     os.execve(sys.executable, [sys.executable, *target, *sys.argv[1:]], env)
+
+
+SUPERVISED = "TPUSFT_SUPERVISED"
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: Linux sends it SIGKILL when its parent dies."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise_multiprocess(module: str, argv: list[str] | None = None) -> None:
+    """In a multi-process run, runs `python -m module` as a child and waits for it.
+
+    When another process of the run dies, JAX's runtime ends this one from a C++ thread
+    (gloo's failed collective, or the coordination service's missed heartbeats), with an
+    abort and a stack trace but no word from the run. The parent outlives that and says
+    what happened in one line (exit 1); signals are passed on to the child, whose exit code
+    is this process's. One-process runs, and a config that does not load (the child says
+    why), run as they are. TPUSFT_SUPERVISED=0 opts out.
+    """
+    if os.environ.get(SUPERVISED):
+        return
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from tpusft import distributed
+        from tpusft.config import load_config
+
+        cfg = load_config([a for a in args if a != "--debug"])
+        if cfg.print_config or distributed.initialize_arguments(cfg) is None:
+            return
+        process = cfg.process_id if cfg.process_id is not None else os.environ.get(
+            "JAX_PROCESS_ID", "?")
+    except Exception:  # noqa: BLE001 - the child reports a bad config in one line
+        return
+    import signal
+    import subprocess
+
+    # Its own process group: a Ctrl-C or a group's SIGTERM reaches it once, through here
+    # (twice would be the "exit at once" signal); it dies with this process.
+    child = subprocess.Popen([sys.executable, "-m", module, *args],
+                             env=dict(os.environ, **{SUPERVISED: "1"}), process_group=0,
+                             preexec_fn=_die_with_parent)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    while True:
+        try:
+            code = child.wait()
+            break
+        except InterruptedError:  # pragma: no cover - wait() retries on EINTR itself
+            continue
+    if code < 0 and -code not in (signal.SIGTERM, signal.SIGINT):
+        name = signal.Signals(-code).name
+        sys.stderr.write(
+            f"error: process {process} of the run ended by {name}: another process of the "
+            f"run stopped or lost contact (its log says why). Completed checkpoints in "
+            f"{cfg.checkpoint_directory} are intact: start every process again with the "
+            f"same command to resume\n")
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(code if code >= 0 else 128 - code)

@@ -137,9 +137,10 @@ def main(argv: Sequence[str]) -> int:
 def cli() -> None:
     """Console script and `python -m tpusft.train_dpo` entry: one-line errors, tcmalloc."""
     from tpusft.errors import run_cli
-    from tpusft.launch import reexec_with_tcmalloc
+    from tpusft.launch import reexec_with_tcmalloc, supervise_multiprocess
 
     reexec_with_tcmalloc("tpusft.train_dpo")
+    supervise_multiprocess("tpusft.train_dpo")
     run_cli(main)
 
 

@@ -10,6 +10,7 @@ from run_name's last checkpoint if there is one) -> held-out accuracy, train, he
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -28,7 +29,6 @@ def main(argv: Sequence[str]) -> int:
     from tpusft import distributed
 
     distributed.initialize(cfg)  # several processes, when the config or environment says so
-
 
     from tpusft.data import prompts, sources
     from tpusft.data.chat import load_tokenizer
@@ -66,8 +66,11 @@ def main(argv: Sequence[str]) -> int:
     popts = PromptOptions.from_config(cfg)
     train_sources, part = sources.sources(cfg, train=True)
     stats = DataStats()
-    train_ds = prompts.train_batches(train_sources, popts, sources.options(cfg, train=True),
-                                     tokenizer, cfg.global_batch_size, part, stats)
+    # Every process reads every prompt: Tunix's rollouts take the same prompts on all of them.
+    every_row = {"shard_index": 0, "shard_count": 1}
+    train_ds = prompts.train_batches(
+        train_sources, popts, dataclasses.replace(sources.options(cfg, train=True), **every_row),
+        tokenizer, cfg.global_batch_size, part, stats)
     try:
         first = next(iter(train_ds))
     except StopIteration:
@@ -75,8 +78,10 @@ def main(argv: Sequence[str]) -> int:
     problems = []
     eval_sources, eval_part = sources.sources(cfg, train=False)
     if eval_sources and cfg.eval_prompts:
-        problems = prompts.held_out(eval_sources, popts, sources.options(cfg, train=False),
-                                    tokenizer, cfg.eval_prompts, eval_part)
+        problems = prompts.held_out(
+            eval_sources, popts, dataclasses.replace(sources.options(cfg, train=False),
+                                                     **every_row),
+            tokenizer, cfg.eval_prompts, eval_part)
     rewards = rewards_lib.build(
         cfg.reward_functions, cfg.reward_weights, tokenizer=tokenizer,
         format_pattern=cfg.format_pattern,
@@ -143,9 +148,10 @@ def main(argv: Sequence[str]) -> int:
 def cli() -> None:
     """Console script and `python -m tpusft.train_grpo` entry: one-line errors, tcmalloc."""
     from tpusft.errors import run_cli
-    from tpusft.launch import reexec_with_tcmalloc
+    from tpusft.launch import reexec_with_tcmalloc, supervise_multiprocess
 
     reexec_with_tcmalloc("tpusft.train_grpo")
+    supervise_multiprocess("tpusft.train_grpo")
     run_cli(main)
 
 

@@ -112,9 +112,10 @@ def main(argv: Sequence[str]) -> int:
 def cli() -> None:
     """Console script and `python -m tpusft.train_sft` entry: one-line errors, tcmalloc."""
     from tpusft.errors import run_cli
-    from tpusft.launch import reexec_with_tcmalloc
+    from tpusft.launch import reexec_with_tcmalloc, supervise_multiprocess
 
     reexec_with_tcmalloc("tpusft.train_sft")
+    supervise_multiprocess("tpusft.train_sft")
     run_cli(main)
 
 

@@ -83,11 +83,26 @@ def ensure_assets(base_output_directory: str) -> Path:
     else:
         root = Path(base_output_directory) / "demo_assets" / "arithmetic"
     done = root / ".complete-v2"  # v2: with the preference pairs
-    if not done.exists():
-        (root / "tokenizer").mkdir(parents=True, exist_ok=True)
-        build_tokenizer(root / "tokenizer")
-        build_data(root)
-        done.write_text("ok\n")
+    if done.exists():
+        return root
+    # Built aside and moved into place: the processes of a multi-process run (or runs side by
+    # side) that all find no assets never see another's half-written files.
+    import os
+    import shutil
+
+    aside = root.parent / f".{root.name}-{os.getpid()}"
+    (aside / "tokenizer").mkdir(parents=True, exist_ok=True)
+    build_tokenizer(aside / "tokenizer")
+    build_data(aside)
+    (aside / done.name).write_text("ok\n")
+    if root.exists() and not done.exists():  # an older version's assets
+        shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.rename(aside, root)
+    except OSError:
+        if not done.exists():
+            raise
+        shutil.rmtree(aside, ignore_errors=True)  # another process was first
     return root
 
 

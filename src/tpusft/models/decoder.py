@@ -38,7 +38,12 @@ from tpusft.models.families import (
     Family,
     block_counts,
 )
-from tpusft.models.sharding import AxisRules, constrain
+from tpusft.models.sharding import (
+    AxisRules,
+    constrain,
+    decoding_rules,
+    replicate_across_processes,
+)
 
 BATCH_SEQ_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
@@ -434,6 +439,9 @@ class Transformer(nnx.Module):
         `layers` (with a cache) is `layer_params()` taken once outside a decoding loop, so the
         loop does not slice the stacked weights again at every token."""
         a = self.args
+        # Decoding with several processes keeps the batch whole on every device (the host
+        # reads what a sampler fills); otherwise the model's own rules.
+        rules = self.rules if cache is None else decoding_rules(self.rules)
         if attention_mask is None:
             if segment_ids is None:
                 segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
@@ -461,7 +469,7 @@ class Transformer(nnx.Module):
 
         embedding = self.token_embedder.embedding[...]
         x = jnp.take(embedding, input_tokens, axis=0).astype(jnp.dtype(a.dtype))
-        x = constrain(x, self.rules, BATCH_SEQ_EMBED)
+        x = constrain(x, rules, BATCH_SEQ_EMBED)
 
         # One dropout key per layer, or none.
         layer_keys = None
@@ -472,7 +480,7 @@ class Transformer(nnx.Module):
             def body(x, p, kv, key):
                 return layer_forward(rope_halves_order(p, a.fam), x,
                                      local_mask if local else attention_mask, kv, end_index, a,
-                                     rope[local], self.rules, key)
+                                     rope[local], rules, key)
             if a.remat_policy != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[a.remat_policy],
                                       prevent_cse=not a.scan_layers)
@@ -497,7 +505,7 @@ class Transformer(nnx.Module):
             for i, lp in enumerate(layers if layers is not None else self.layer_params()):
                 mask = local_mask if a.is_local(i) else attention_mask
                 x, (k, v) = layer_forward(lp, x, mask, (cache["k"][i], cache["v"][i]),
-                                          end_index, a, rope[a.is_local(i)], self.rules)
+                                          end_index, a, rope[a.is_local(i)], rules)
                 ks.append(k)
                 vs.append(v)
             new_cache = {"k": ks, "v": vs, "end_index": end_index + input_tokens.shape[1]}
@@ -535,7 +543,10 @@ class Transformer(nnx.Module):
             x = x[:, -1:]
         if return_hidden:
             return x, new_cache
-        return self.logits(x), new_cache
+        logits = self.logits(x)
+        if cache is not None:
+            logits = replicate_across_processes(logits, rules)
+        return logits, new_cache
 
     def layer_params(self) -> list[dict]:
         """Each layer's parameter dict, in layer order (slices of the stacked arrays for

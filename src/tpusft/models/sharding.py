@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,3 +116,27 @@ def constrain(x: jax.Array, rules: AxisRules | None, logical: Sequence[str | Non
         return x
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(rules.mesh, rules.spec(logical, x.shape)))
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+    return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def decoding_rules(rules: AxisRules | None) -> AxisRules | None:
+    """The rules for decoding with a KV cache: the model's own, except that on a mesh that
+    spans several processes the batch is not split (Tunix's sampler reads its token buffers
+    with device_get, which needs them whole on every process; the weights stay sharded)."""
+    if rules is None or not spans_processes(rules.mesh):
+        return rules
+    return dataclasses.replace(rules, rules=tuple(
+        (name, () if name == "activation_batch" else axes) for name, axes in rules.rules))
+
+
+def replicate_across_processes(x: jax.Array, rules: AxisRules | None) -> jax.Array:
+    """`x` replicated on every device when the mesh spans several processes, else as it is.
+    Decoding's logits: the tokens picked from them, and the buffers a sampler fills with
+    them, are then whole on every process, where the host reads them (a sampler's
+    device_get of a batch-sharded buffer fails with several processes)."""
+    if rules is None or not spans_processes(rules.mesh):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(rules.mesh, PartitionSpec()))

@@ -58,20 +58,23 @@ def format_duration(seconds: float) -> str:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line to run_directory/metrics.jsonl (local or gs://)."""
+    """Appends one JSON object per line to run_directory/metrics.jsonl (local or gs://).
+    `enabled=False` (the other processes of a multi-process run) writes nothing."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, enabled: bool = True):
         self.path = epath.Path(path)
+        self.enabled = enabled
         self._buffer: list[str] = []
 
     def write(self, record: dict) -> None:
-        self._buffer.append(json.dumps(record))
+        if self.enabled:
+            self._buffer.append(json.dumps(record))
 
     def rewind(self, step: int) -> int:
         """Drops what a run logged after its checkpoint at `step` (it is trained again):
         train records after it and evaluations from it on (a resumed run evaluates at its
         first step). Returns the number of records dropped."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return 0
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         keep = []

@@ -115,11 +115,12 @@ def write_resolved_config(cfg: Any, out) -> None:
 
 
 def metrics_writer(out):
-    """run_directory/metrics.jsonl's writer on process 0; None on the others."""
+    """run_directory/metrics.jsonl's writer (one that writes nothing on processes other
+    than 0)."""
     from tpusft import distributed
     from tpusft.training.metrics import JsonlWriter
 
-    return JsonlWriter(str(out / "metrics.jsonl")) if distributed.is_primary() else None
+    return JsonlWriter(str(out / "metrics.jsonl"), enabled=distributed.is_primary())
 
 
 def existing_checkpoint(cfg: Any, sub: str = "") -> bool:

@@ -161,13 +161,13 @@ class BatchFeeder(tunix_hooks.DataHooks):
         if written_by == self.data_processes:
             self.set_state(states[self.process if written_by > 1 else 0])
             return
-        how = ("one position for every process" if written_by == 1
-               else f"the positions of {written_by} processes each reading its own rows")
-        now = ("each of its processes reading its own rows" if self.data_processes > 1
-               else "one position")
-        print_fn(f"data position: checkpoint step {step} holds {how}, this run has "
-                 f"{self.processes} process(es) with {now}; model and optimizer are restored "
-                 f"and the data starts again at the beginning of its first epoch", flush=True)
+        how = ("one data position of every row" if written_by == 1
+               else f"the data positions of {written_by} processes each reading its own rows")
+        now = (f"{self.processes} processes each reading its own rows" if self.data_processes > 1
+               else "processes that read every row" if self.processes > 1 else "one process")
+        print_fn(f"checkpoint step {step} holds {how}, this run has {now}: model and optimizer "
+                 f"are restored, the data starts again at the beginning of its first epoch",
+                 flush=True)
 
     def data_stats(self):
         """The pipeline's DataStats over every process (a collective with several)."""
