@@ -63,8 +63,8 @@ def write_jsonl(path: Path, rows) -> Path:
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600):
     """Runs `python -m module args` with this interpreter; returns the CompletedProcess."""
     # One CPU device unless a test asks for more (this process simulates 8).
-    full_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                    **(env or {}))
+    full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
