@@ -97,6 +97,26 @@ def _one_process(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
+def _restore(checkpoint: Path) -> dict[str, np.ndarray]:
+    """A checkpoint step's model weights, restored onto this process's 8-device mesh."""
+    import jax
+    from flax import nnx
+
+    from tpusft.checkpoint.native import restore_params
+    from tpusft.config import load_config
+    from tpusft.models.decoder import ModelArgs, create_model
+    from tpusft.models.sharding import mesh_of
+
+    cfg = load_config([*SFT, "demo_task=", "hf_path=json", "hf_data_files=unused.jsonl",
+                       "tokenizer_path=unused"])
+    mesh = mesh_of(cfg)
+    with mesh:
+        model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, seed=1)
+        restore_params(model, str(checkpoint))
+        leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+        return {jax.tree_util.keystr(p).replace(".value", ""): np.asarray(x) for p, x in leaves}
+
+
 def _to_hf(checkpoint: Path, out: Path) -> dict[str, np.ndarray]:
     done = subprocess.run([sys.executable, "tools/convert_checkpoint/native_to_hf.py",
                            str(checkpoint), str(out)], cwd=REPO, capture_output=True, text=True,
@@ -134,20 +154,28 @@ def test_two_processes_train_as_one_and_their_checkpoint_restores_and_converts(t
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)],
                                rtol=2e-5)
 
-    written_by_two = _to_hf(tmp_path / "two" / "checkpoints" / "4", tmp_path / "hf-two")
-    written_by_one = _to_hf(tmp_path / "one" / "checkpoints" / "4", tmp_path / "hf-one")
+    # Restored in this one process (8 devices), the weights the two processes wrote are the
+    # one-process run's, up to float32 reduction order (its Adam steps are 1e-3 here).
+    written_by_two = _restore(tmp_path / "two" / "checkpoints" / "4")
+    written_by_one = _restore(tmp_path / "one" / "checkpoints" / "4")
     assert sorted(written_by_two) == sorted(written_by_one) and written_by_two
     for name, value in written_by_one.items():
-        # the same weights up to float32 reduction order (Adam steps are 1e-3 here)
         np.testing.assert_allclose(written_by_two[name], value, rtol=2e-5, atol=1e-5,
                                    err_msg=name)
+    converted = _to_hf(tmp_path / "two" / "checkpoints" / "4", tmp_path / "hf")
+    np.testing.assert_allclose(converted["model.norm.weight"],
+                               written_by_two["['decoder']['decoder_norm']['scale']"], rtol=1e-6)
+    # every weight converted (the native layers are stacked, HF's one tensor per layer)
+    assert sum(x.size for x in converted.values()) == sum(
+        x.size for x in written_by_two.values())
 
 
 def test_processes_reading_their_own_rows_resume_exactly(tmp_path):
     """data_sharding=process: each process reads its own half of the rows. Resumed on 2
-    processes from its step-2 checkpoint, a run takes its own steps 3 and 4 again, batch for
-    batch (each process's data position is in the checkpoint); on 1 process it restores the
-    model and optimizer and says that the data starts its epoch again."""
+    processes from its step-2 checkpoint (and on a dcn x ici mesh), a run takes its own
+    steps 3 and 4 again, batch for batch (each process's data position is in the checkpoint);
+    on 1 process it restores the model and optimizer and says that the data starts its epoch
+    again."""
     run = Run("tpusft.train_sft", [*SFT, f"base_output_directory={tmp_path}", "run_name=whole",
                                    "steps=4"], tmp_path, "whole")
     run.succeed()
@@ -162,7 +190,10 @@ def test_processes_reading_their_own_rows_resume_exactly(tmp_path):
     shutil.copytree(tmp_path / "whole", cut / "whole")
     shutil.rmtree(cut / "whole" / "checkpoints" / "4")
     base = f"base_output_directory={cut}"
-    again = Run("tpusft.train_sft", [*SFT, base, "run_name=whole", "steps=4"], tmp_path, "again")
+    # resumed on another mesh layout: fsdp as 2 (processes) x 4 (devices), dcn x ici
+    again = Run("tpusft.train_sft", [*SFT, base, "run_name=whole", "steps=4",
+                                     "dcn_fsdp_parallelism=2", "ici_fsdp_parallelism=4"],
+                tmp_path, "again")
     assert "resuming from step 2" in again.succeed()
     ref = [r for r in read_jsonl(str(tmp_path / "whole" / "metrics.jsonl"))
            if r["kind"] == "train"]

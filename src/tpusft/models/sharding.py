@@ -40,7 +40,7 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence | None = None
               dcn: tuple[int, int, int] = (1, 1, 1)) -> Mesh:
     """The (data, fsdp, tensor) mesh over `devices` (every process's, by default). With a dcn
     product above 1, each axis is dcn * ici long: ici devices within a slice (devices that
-    share `slice_index`, or a process where devices have none), dcn across slices, so the
+    share `slice_index`, or of one process where all share one), dcn across slices, so the
     collectives that cross slices are the ones on the dcn part of an axis."""
     devices = list(devices if devices is not None else jax.devices())
     # Auto axis types: Tunix's sharding calls fail under jax 0.10's default Explicit axes.
@@ -50,8 +50,9 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence | None = None
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
     from jax.experimental import mesh_utils
 
-    by_slice = hasattr(devices[0], "slice_index")
-    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    by_slice = len(slices) > 1  # a multi-slice TPU run; else each process is one granule
+    granules = len(slices) if by_slice else len({d.process_index for d in devices})
     dcn_shape = mesh_shape(*dcn, granules, what="dcn")
     ici_shape = mesh_shape(data, fsdp, tensor, len(devices) // granules)
     grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
