@@ -30,8 +30,8 @@ import numpy as np
 ENV_KEYS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def _pod_environment() -> bool:
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+def _pod_environment(env) -> bool:
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     return len(hosts) > 1
 
 
@@ -61,7 +61,7 @@ def initialize_arguments(cfg: Any, environ: dict | None = None) -> dict | None:
         if explicit["num_processes"] == 1:
             return None
         return {**explicit, **timeouts}
-    if cfg.distributed or _pod_environment():
+    if cfg.distributed or _pod_environment(env):
         return dict(timeouts)  # JAX detects the cluster (TPU metadata, SLURM, ...)
     return None
 
