@@ -62,6 +62,8 @@ def test_a_run_is_multi_process_when_keys_or_environment_say_so():
     pod = initialize_arguments(_cfg(), {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
     assert pod == {"initialization_timeout": 300, "heartbeat_timeout_seconds": 300}
     assert initialize_arguments(_cfg(), {"TPU_WORKER_HOSTNAMES": "w0"}) is None
+    assert initialize_arguments(_cfg(), {"TPU_WORKER_HOSTNAMES": "w0",
+                                         "MEGASCALE_NUM_SLICES": "2"}) == pod
     assert initialize_arguments(_cfg("distributed=true"), {}) is not None
 
 

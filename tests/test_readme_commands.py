@@ -41,6 +41,7 @@ SHORTER = {
     "configs/demo/dpo.yml": ["steps=2", "eval_interval=2", "eval_steps=1", "log_period=1"],
 }
 SKIPPED = ("tools/setup/setup.sh", "-m pytest")  # the install and the suite: what CI runs
+REMOTE = ("gcloud", "xpk")  # launchers that run a --command on every host of a TPU pod
 
 
 def readme_commands() -> list[tuple[int, str]]:
@@ -62,8 +63,20 @@ def readme_commands() -> list[tuple[int, str]]:
             pending += text[:-1] + " "
             continue
         command, pending = (pending + text).strip(), ""
-        out.extend((start, part.strip()) for part in command.split("&&"))
+        out.extend((start, part) for part in _split_and(command))
     return out
+
+
+def _split_and(command: str) -> list[str]:
+    """`a && b` -> [a, b]; an `&&` inside quotes (a pod's --command) stays where it is."""
+    parts, words = [], []
+    for word in shlex.split(command):
+        if word == "&&":
+            parts.append(shlex.join(words))
+            words = []
+        else:
+            words.append(word)
+    return [*parts, shlex.join(words)]
 
 
 def _argv(command: str) -> list[str]:
@@ -85,6 +98,11 @@ def test_readme_has_the_commands_this_test_walks():
                          ids=[f"line{n}" for n, _ in readme_commands()])
 def test_each_readme_command_names_what_exists(line, command):
     argv = _argv(command)
+    if argv[0] in REMOTE:  # the command each host of a pod runs: checked as the others are
+        for part in _split_and(argv[argv.index("--command") + 1]):
+            if not part.startswith("cd "):
+                test_each_readme_command_names_what_exists(line, part)
+        return
     assert argv[0] in (".venv/bin/python", "bash"), (
         f"README line {line}: {command!r} must call .venv/bin/python (the quick start's "
         f"environment), not {argv[0]!r}")

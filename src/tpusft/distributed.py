@@ -8,7 +8,8 @@ multi-process when any of these says so (checked in this order):
   * the config keys `coordinator_address=`, `num_processes=`, `process_id=`;
   * the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
   * `distributed=true`, or a TPU pod's environment (TPU_WORKER_HOSTNAMES naming more than one
-    host, as GKE and xpk set it): JAX finds the coordinator itself;
+    host, or MEGASCALE_NUM_SLICES above 1, as GKE and xpk set them): JAX finds the
+    coordinator itself;
 
 and runs as one process otherwise. What the processes must agree on each step (the loss's
 token count, whether to stop for a signal, whether every process still has data) goes
@@ -31,8 +32,9 @@ ENV_KEYS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def _pod_environment(env) -> bool:
+    """A TPU slice of several hosts, or several slices (as GKE and xpk describe them)."""
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    return len(hosts) > 1
+    return len(hosts) > 1 or _int_env(env, "MEGASCALE_NUM_SLICES") not in (None, 0, 1)
 
 
 def initialize_arguments(cfg: Any, environ: dict | None = None) -> dict | None:
