@@ -355,9 +355,11 @@ def test_sharded_dpo_matches_one_device(tmp_path, demo_assets, demo_tokenizer):
         assert a.keys() == b.keys() and "reward_margin" in a
         # At step 1 the policy is its reference: every reward is rounding noise around 0, and
         # which side's noise is larger (the accuracy) means nothing.
+        # The margin is a difference of two rewards of ~0.1 each, themselves beta times
+        # differences of log-probs of ~13: float32 reduction order moves it by a few 1e-6.
         keys = [k for k in a if step or k != "reward_accuracy"]
         np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], rtol=1e-4,
-                                   atol=1e-6)
+                                   atol=1e-5)
     # The policy starts as its reference (loss log 2), then learns to prefer the chosen side.
     np.testing.assert_allclose(ref[0][0], np.log(2), rtol=1e-5)
     assert ref[-1][0] < ref[0][0] and ref[-1][1]["reward_margin"] > 0

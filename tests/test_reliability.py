@@ -628,7 +628,7 @@ def test_a_step_reported_before_its_checkpoint_is_timed_with_the_next(tmp_path, 
     clock = [0.0]
     monkeypatch.setattr(trainer_lib.time, "perf_counter", lambda: clock[0])
     feeder = SimpleNamespace(step_tokens=[100] * 6, step_slots=[100] * 6, step_crc=[0] * 6,
-                             stats=None)
+                             stats=None, bad_rows=0)
     ctx = SimpleNamespace(train_steps=0, _try_get_learning_rate=lambda: None,
                           metrics_logger=SimpleNamespace(log=lambda *a, **k: None,
                                                          metric_exists=lambda *a: False))
