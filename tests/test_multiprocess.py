@@ -90,6 +90,10 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
+def _eval_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(str(run / "metrics.jsonl")) if r["kind"] == "eval"]
+
+
 def _one_process(*args: str) -> subprocess.CompletedProcess:
     done = run_cli("tpusft.train_sft", *SFT, *args,
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
@@ -133,11 +137,12 @@ def test_two_processes_train_as_one_and_their_checkpoint_restores_and_converts(t
     2-process run takes the 1-process run's steps, loss for loss; its checkpoint (shards from
     both processes) resumes in one process at the same data position and converts to HF."""
     base = f"base_output_directory={tmp_path}"
-    _one_process(base, "run_name=one", "steps=6")
+    evals = ("eval_interval=2", "eval_steps=2")
+    _one_process(base, "run_name=one", "steps=6", *evals)
     ref = _losses(tmp_path / "one")
 
     two = Run("tpusft.train_sft", [*SFT, base, "run_name=two", "steps=4",
-                                   "data_sharding=global"], tmp_path, "two")
+                                   "data_sharding=global", *evals], tmp_path, "two")
     out = two.succeed()
     assert "on 8 cpu device(s) in 2 processes" in out
     assert re.search(r"^step +4/4 \| loss", out, re.M)
@@ -147,7 +152,12 @@ def test_two_processes_train_as_one_and_their_checkpoint_restores_and_converts(t
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)],
                                rtol=2e-5)
 
-    resumed = _one_process(base, "run_name=two", "steps=6")
+    # evaluations: the same held-out losses, each process's eval rows its part of the batch
+    got_evals, ref_evals = _eval_losses(tmp_path / "two"), _eval_losses(tmp_path / "one")
+    assert len(got_evals) == 3  # before training, steps 2 and 4
+    np.testing.assert_allclose(got_evals, ref_evals[:3], rtol=2e-5)
+
+    resumed = _one_process(base, "run_name=two", "steps=6", *evals)
     assert "resuming from step 4" in resumed.stdout
     assert "data starts again" not in resumed.stdout  # one position serves any count
     got = _losses(tmp_path / "two")

@@ -28,8 +28,6 @@ from typing import Any
 
 import numpy as np
 
-ENV_KEYS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
 
 def _pod_environment(env) -> bool:
     """A TPU slice of several hosts, or several slices (as GKE and xpk describe them)."""

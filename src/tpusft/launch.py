@@ -95,12 +95,7 @@ def supervise_multiprocess(module: str, argv: list[str] | None = None) -> None:
                              preexec_fn=_die_with_parent)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
-    while True:
-        try:
-            code = child.wait()
-            break
-        except InterruptedError:  # pragma: no cover - wait() retries on EINTR itself
-            continue
+    code = child.wait()
     if code < 0 and -code not in (signal.SIGTERM, signal.SIGINT):
         name = signal.Signals(-code).name
         sys.stderr.write(

@@ -46,8 +46,8 @@ DATA_PROCESSES_KEY = "tpusft_data_processes"  # processes whose positions the st
 class BatchFeeder(tunix_hooks.DataHooks):
     """Pulls one optimizer step's batch from grain and hands it out as micro-batches.
 
-    With several processes (distributed.py) each process hands Tunix its rows of every
-    micro-batch, and Tunix assembles the global arrays from them. `replicated=True`
+    With several processes (distributed.py) each micro-batch goes to Tunix as global arrays,
+    assembled from every process's rows of it. `replicated=True`
     (data_sharding=global): every process's pipeline builds the whole batch and this process
     keeps its rows; otherwise each builds only its rows. Either way the processes agree each
     step on the loss's token count, the step's tokens, bad rows and whether any of them has
@@ -100,9 +100,10 @@ class BatchFeeder(tunix_hooks.DataHooks):
         return batch
 
     def _agree(self, group: dict | None, stop: bool) -> tuple[int, int, int, float] | None:
-        """(tokens, token slots, CRC-32 of the input ids, loss-weight total) of this step's
-        batch over all processes, or None when the loop ends here: the data ran out or a
-        signal came, on this process or on any other (which then all stop together)."""
+        """(tokens, token slots, CRC-32 of the input ids, loss-weight total) of this batch
+        (a training step's or an evaluation's) over all processes, or None when the loop ends
+        here: the data ran out or a signal came, on this process or on any other (which then
+        all stop together)."""
         if group is None:
             figures = (0, 0, 0, 0.0)
         else:
@@ -186,25 +187,12 @@ class BatchFeeder(tunix_hooks.DataHooks):
             batch = None
         else:
             batch = next(self._eval_iter, None)
-        figures = self._agree_eval(batch)
+        figures = self._agree(batch, stop=False)  # the evaluation ends on every process
         if figures is None:
             self._eval_iter = None
             return None
         self._eval_count += 1
-        return self._global(self._own_rows(self._prepare([batch], figures)[0]))
-
-    def _agree_eval(self, batch: dict | None) -> float | None:
-        """The eval batch's loss-weight total over all processes, or None when any process
-        has no batch left (the evaluation ends on all of them)."""
-        total = float(np.sum(batch["weights"])) if batch is not None and "weights" in batch \
-            else 0.0
-        if self.processes == 1 or self.replicated:
-            ended = batch is None
-            if self.processes > 1:  # the same data everywhere: just the same decision
-                ended = bool(distributed.allgather(np.array([ended]))[:, 0].any())
-            return None if ended else total
-        rows = distributed.allgather(np.array([batch is None, total], np.float64))
-        return None if rows[:, 0].any() else float(rows[:, 1].sum())
+        return self._global(self._own_rows(self._prepare([batch], figures[3])[0]))
 
 
 class Progress(tunix_hooks.TrainingHooks):
