@@ -5,6 +5,7 @@
 #   bash tools/setup/setup.sh --cuda     # NVIDIA GPU (jax[cuda12])
 #   bash tools/setup/setup.sh --test     # add the test tools (combine with the above)
 #   bash tools/setup/setup.sh --bench    # add what benchmarks/ compares against (TRL)
+#   bash tools/setup/setup.sh --gguf     # GGUF export + llama.cpp runtime (~6 min build)
 # PYTHON=/path/to/python picks the interpreter; otherwise 3.11 is preferred, 3.12 accepted
 # (the test extra's CPU PyTorch, used as the logits oracle, is a small wheel on 3.11).
 set -euo pipefail
@@ -17,8 +18,12 @@ for arg in "$@"; do
     --cuda) extras+=(cuda) ;;
     --test) extras+=(test) ;;
     --bench) extras+=(test bench) ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option $arg (use --tpu, --cuda, --test, --bench)" >&2; exit 2 ;;
+    --gguf) extras+=(gguf)
+            # llama-cpp-python builds from source; its multimodal library (mtmd) is not
+            # needed to run a text model and is a third of the build.
+            export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option $arg (use --tpu, --cuda, --test, --bench, --gguf)" >&2; exit 2 ;;
   esac
 done
 

@@ -167,3 +167,54 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
         print(f"LoRA: merged into the base above; the adapter alone (PEFT format) is in "
               f"{a.output}/adapter")
     return 0
+
+
+def native_to_gguf_main(argv: Sequence[str]) -> int:
+    p = _Parser(prog="native_to_gguf.py", description=(
+        "Write one GGUF file (llama.cpp, Ollama, LM Studio) from a native checkpoint or a run's "
+        "checkpoints (LoRA merged), or from a Hugging Face directory with --from-hf."))
+    p.add_argument("source", help="native checkpoint / run checkpoints, or an HF directory "
+                   "with --from-hf")
+    p.add_argument("output", help="new .gguf file")
+    p.add_argument("--from-hf", action="store_true", help="source is a Hugging Face directory")
+    p.add_argument("--dtype", default="f16", help="f32, f16, bf16 or q8_0 (default f16; "
+                   "norms and other 1-D tensors stay f32)")
+    p.add_argument("--tokenizer-pre", default="", help="llama.cpp pre-tokenizer name, when "
+                   "it is not recognised from tokenizer.json")
+    p.add_argument("--model_name", default="", help="model preset for a native checkpoint "
+                   "(default: found beside it)")
+    p.add_argument("--base", default="", help="a LoRA checkpoint's base model (native)")
+    a = p.parse_args(argv)
+    src, out = _absolute(a.source), _absolute(a.output)
+    from tpusft.checkpoint.gguf_export import DTYPES, hf_to_gguf
+
+    if a.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {a.dtype!r}: GGUF export writes {', '.join(DTYPES)}")
+    if Path(out).exists():
+        raise ConfigError(f"{out} exists; pick a new output file (nothing was written)")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ConfigError("GGUF export needs the gguf extra: "
+                          "bash tools/setup/setup.sh --gguf") from None
+    t0 = time.perf_counter()
+    if a.from_hf:
+        info = hf_to_gguf(src, out, dtype=a.dtype, tokenizer_pre=a.tokenizer_pre or None)
+    else:
+        import tempfile
+
+        from tpusft.checkpoint.convert import native_to_hf
+        from tpusft.config.loader import load_preset
+
+        keys = load_preset(a.model_name) if a.model_name else None
+        with tempfile.TemporaryDirectory(dir=str(Path(out).parent)) as tmp:
+            hf = str(Path(tmp) / "hf")
+            native_to_hf(src, hf, keys=keys, base=_absolute(a.base) or None)
+            info = hf_to_gguf(hf, out, dtype=a.dtype, tokenizer_pre=a.tokenizer_pre or None,
+                              name=Path(src).name)
+    dt = time.perf_counter() - t0
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {out}: {info['arch']}, {info['tensors']} tensors, {a.dtype}, "
+          f"{info['bytes'] / 1e9:.2f} GB in {dt:.1f} s, peak RSS {_peak_rss_gib():.2f} GiB")
+    return 0
