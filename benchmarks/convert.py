@@ -1,9 +1,11 @@
 """Conversion speed and memory on a ~1B-parameter random checkpoint, both directions.
 
     .venv/bin/python benchmarks/convert.py [--preset llama3.2-1b] [--dtype bfloat16] [--dir D]
+        [--heads tied,untied]
 
-Writes a random HF checkpoint with the preset's shapes (sharded safetensors, written tensor by
-tensor), then in the same run:
+For each output head (the preset's embedding tied to the output layer, and untied: a
+separate lm_head as large as the embedding), writes a random HF checkpoint with the
+preset's shapes (sharded safetensors, written tensor by tensor), then in the same run:
   1. reads those files plainly and sequentially (the baseline read speed),
   2. HF -> native with tools/convert_checkpoint/hf_to_native.py (a fresh process),
   3. native -> HF with tools/convert_checkpoint/native_to_hf.py (a fresh process),
@@ -33,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
-def write_random_hf(out: Path, preset: str, dtype: str, shard_bytes: int = 2 * GIB) -> int:
+def write_random_hf(out: Path, preset: str, dtype: str, tied: bool,
+                    shard_bytes: int = 2 * GIB) -> int:
     """Random weights of `preset` as HF safetensors; returns the largest tensor's bytes."""
     import ml_dtypes
     from safetensors.numpy import save_file
@@ -43,7 +46,7 @@ def write_random_hf(out: Path, preset: str, dtype: str, shard_bytes: int = 2 * G
     from tpusft.checkpoint.hf_layout import native_leaves
     from tpusft.config.loader import load_preset
 
-    keys = load_preset(preset)
+    keys = {**load_preset(preset), "logits_via_embedding": tied}
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
     pieces = [(p.hf_name, p.hf_shape) for leaf in native_leaves(model_args(keys, True))
               for p in leaf.pieces]
@@ -120,45 +123,57 @@ def run_tool(name: str, *args: str) -> tuple[float, float, float, float]:
     return seconds, dt, rss, reading
 
 
+def bench(work: Path, preset: str, dtype: str, tied: bool) -> None:
+    t0 = time.perf_counter()
+    largest = write_random_hf(work / "hf", preset, dtype, tied)
+    size = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
+    print(f"random {preset} checkpoint ({dtype}, {'tied' if tied else 'untied'} output "
+          f"layer): {size / 1e9:.2f} GB, largest tensor {largest / GIB:.2f} GiB (written in "
+          f"{time.perf_counter() - t0:.0f} s)")
+    read_bytes, read_s = plain_read(work / "hf")
+    plain = read_bytes / read_s / 1e9
+    print(f"plain sequential read:   {plain:6.2f} GB/s")
+    write = size / plain_write(work / "plain.bin", size) / 1e9
+    print(f"plain sequential write:  {write:6.2f} GB/s (a conversion also writes every "
+          f"byte, so this bounds it too)")
+
+    runs = [("HF -> native", run_tool("hf_to_native.py", str(work / "hf"),
+                                      str(work / "native"))),
+            ("native -> HF", run_tool("native_to_hf.py", str(work / "native"),
+                                      str(work / "back"), "--hf_assets", str(work / "hf")))]
+    target_rss = 2 * largest / GIB + 1
+    for what, (seconds, process_s, rss, reading) in runs:
+        speed = size / seconds / 1e9
+        print(f"{what}: reading the source at {reading:.2f} GB/s = {reading / plain:.2f} x "
+              f"plain read (target >= 0.50: {'met' if reading / plain >= 0.5 else 'NOT met'})")
+        print(f"  whole conversion {speed:.2f} GB/s ({seconds:.1f} s, {process_s:.1f} s with "
+              f"start-up) = {speed / plain:.2f} x plain read, {speed / write:.2f} x plain "
+              f"write")
+        print(f"  peak RSS {rss:.2f} GiB = {rss / (largest / GIB):.2f} x largest tensor "
+              f"(target < 2 x largest + 1 GiB = {target_rss:.2f} GiB: "
+              f"{'met' if rss < target_rss else 'NOT met'})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama3.2-1b")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--heads", default="tied,untied", help="tied, untied or both (tied,untied)")
     p.add_argument("--dir", default="", help="working directory (default: a temporary one)")
     a = p.parse_args()
-    work = Path(a.dir or tempfile.mkdtemp(prefix="tpusft-convert-bench-"))
-    shutil.rmtree(work, ignore_errors=True)
+    heads = a.heads.split(",")
+    if not heads or any(h not in ("tied", "untied") for h in heads):
+        sys.exit(f"--heads {a.heads!r}: give tied, untied or tied,untied")
+    root = Path(a.dir or tempfile.mkdtemp(prefix="tpusft-convert-bench-"))
     try:
-        t0 = time.perf_counter()
-        largest = write_random_hf(work / "hf", a.preset, a.dtype)
-        size = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
-        print(f"random {a.preset} checkpoint ({a.dtype}): {size / 1e9:.2f} GB, largest tensor "
-              f"{largest / GIB:.2f} GiB (written in {time.perf_counter() - t0:.0f} s)")
-        read_bytes, read_s = plain_read(work / "hf")
-        plain = read_bytes / read_s / 1e9
-        print(f"plain sequential read:   {plain:6.2f} GB/s")
-        write = size / plain_write(work / "plain.bin", size) / 1e9
-        print(f"plain sequential write:  {write:6.2f} GB/s (a conversion also writes every "
-              f"byte, so this bounds it too)")
-
-        runs = [("HF -> native", run_tool("hf_to_native.py", str(work / "hf"),
-                                          str(work / "native"))),
-                ("native -> HF", run_tool("native_to_hf.py", str(work / "native"),
-                                          str(work / "back"), "--hf_assets", str(work / "hf")))]
-        target_rss = 2 * largest / GIB + 1
-        for what, (seconds, process_s, rss, reading) in runs:
-            speed = size / seconds / 1e9
-            print(f"{what}: reading the source at {reading:.2f} GB/s = {reading / plain:.2f} x "
-                  f"plain read (target >= 0.50: {'met' if reading / plain >= 0.5 else 'NOT met'})")
-            print(f"  whole conversion {speed:.2f} GB/s ({seconds:.1f} s, {process_s:.1f} s with "
-                  f"start-up) = {speed / plain:.2f} x plain read, {speed / write:.2f} x plain "
-                  f"write")
-            print(f"  peak RSS {rss:.2f} GiB = {rss / (largest / GIB):.2f} x largest tensor "
-                  f"(target < 2 x largest + 1 GiB = {target_rss:.2f} GiB: "
-                  f"{'met' if rss < target_rss else 'NOT met'})")
+        for head in heads:
+            work = root / head
+            shutil.rmtree(work, ignore_errors=True)
+            bench(work, a.preset, a.dtype, head == "tied")
+            shutil.rmtree(work, ignore_errors=True)
     finally:
         if not a.dir:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

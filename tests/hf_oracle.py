@@ -86,6 +86,25 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None,
         return model(torch.tensor(tokens, dtype=torch.long), **kw).logits.float().numpy()
 
 
+def padded_batch_diff(hf, model, length: int = 24) -> tuple[float, float]:
+    """(max |tpusft - transformers| logits, transformers' logit range) on a left-padded batch
+    of two random rows (row 1 with 7 pad tokens), over the real tokens."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 256, (2, length))
+    mask = np.ones((2, length), np.int64)
+    mask[1, :7] = 0
+    tokens[1, :7] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    ref = hf_logits(hf, tokens, mask, positions)
+    out = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions),
+                           segment_ids=jnp.asarray(mask))[0])
+    valid = mask.astype(bool)
+    return (float(np.abs(out[valid] - ref[valid]).max()),
+            float(ref[valid].max() - ref[valid].min()))
+
+
 def hf_tensors(directory) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors checkpoint directory (all shards)."""
     import glob

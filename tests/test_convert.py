@@ -14,6 +14,7 @@ from hf_oracle import (
     hf_logits,
     hf_tensors,
     native_tensors,
+    padded_batch_diff,
     restored_model,
 )
 
@@ -55,17 +56,7 @@ def test_logits_match_transformers_padded_and_packed(name, converted):
     rng = np.random.default_rng(0)
 
     # Left-padded batch: row 0 full, row 1 with 7 pad tokens.
-    tokens = rng.integers(3, 256, (2, T))
-    mask = np.ones((2, T), np.int64)
-    mask[1, :7] = 0
-    tokens[1, :7] = 0
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    ref = hf_logits(hf, tokens, mask, positions)
-    out = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions),
-                           segment_ids=jnp.asarray(mask))[0])
-    valid = mask.astype(bool)
-    span = float(ref[valid].max() - ref[valid].min())
-    diff = float(np.abs(out[valid] - ref[valid]).max())
+    diff, span = padded_batch_diff(hf, model, T)
     _report(name, "padded", diff, span)
     assert diff <= 1e-4 * span
 

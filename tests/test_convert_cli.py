@@ -115,6 +115,9 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
         tmp_path / "hf", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert hf.generation_config.pad_token_id == tok.pad_token_id
+    assert eot in np.atleast_1d(hf.generation_config.eos_token_id).tolist()
     ids = tok("12+30=")["input_ids"]
     assert len(ids) >= 6
 
@@ -150,6 +153,10 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     assert saved.entries and all(k[-1] in ("lora_a", "lora_b") for k in saved.entries)
     proc = inproc("native_to_hf", str(tmp_path / "l" / "checkpoints"), str(tmp_path / "hf-l"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The adapter names its base (the SFT run's checkpoints: no HF source, so said so).
+    adapter_cfg = json.loads((tmp_path / "hf-l" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(ckpts), adapter_cfg
+    assert "was not converted from a Hugging Face model" in proc.stdout
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-l").eval()
     with_adapter = PeftModel.from_pretrained(hf, str(tmp_path / "hf-l" / "adapter")).eval()
     got, want = hf_logits(merged, tokens), hf_logits(with_adapter, tokens)
@@ -172,3 +179,80 @@ def test_gcs_native_checkpoint_both_ways(tiny_hf, tmp_path, gcs_emulator, monkey
     a = load_file(str(tiny_hf / "model.safetensors"))
     b = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def chat_native(tmp_path_factory):
+    """A tiny Llama with a chat tokenizer, converted: (hf dir, native dir, tokenizer)."""
+    from chat_tokenizers import chat_tokenizer
+
+    from tpusft.checkpoint.convert import hf_to_native
+
+    d = tmp_path_factory.mktemp("chat")
+    tok = chat_tokenizer("llama3")
+    build_hf_model("llama3", vocab_size=len(tok) + 3).save_pretrained(d / "hf")
+    tok.save_pretrained(d / "hf")
+    hf_to_native(str(d / "hf"), str(d / "native"), log=lambda *_: None)
+    return d / "hf", d / "native", tok
+
+
+def test_converters_take_model_keys_as_key_value(chat_native, tmp_path):
+    hf, native, _ = chat_native
+    # hf_to_native: the overrides refine the preset the checkpoint must match.
+    _one_line_error(inproc("hf_to_native", str(hf), str(tmp_path / "a"),
+                           f"model_name={native}/tpusft_model.yml", "base_mlp_dim=64"),
+                    "base_mlp_dim is 128 in config.json but 64")
+    # native_to_hf: overrides apply to the recorded keys (here: a wrong layer count).
+    _one_line_error(inproc("native_to_hf", str(native), str(tmp_path / "b"),
+                           "base_num_decoder_layers=3"), "check --model_name")
+    _one_line_error(inproc("native_to_hf", str(native), str(tmp_path / "c"), "steps=3"),
+                    "takes model keys only")
+    _one_line_error(inproc("native_to_hf", str(native), str(tmp_path / "d"), "vocab_sise=3"),
+                    "did you mean vocab_size")
+    proc = inproc("native_to_hf", str(native), str(tmp_path / "e"), "--model_name",
+                  f"{native}/tpusft_model.yml", "rope_type=llama3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_generate_needs_only_a_checkpoint_and_a_tokenizer(chat_native, tmp_path):
+    """No data-set keys, no model_name: the model keys and tokenizer recorded beside a
+    converted checkpoint are used (configs/sft.yml's preset would not fit it); the checkpoint
+    path may be relative. model_name= on the command line still wins."""
+    from tpusft import generate
+
+    _, native, _ = chat_native
+    rel = os.path.relpath(native, REPO)
+    proc = run_in_process(generate.main, "configs/sft.yml", f"load_parameters_path={rel}",
+                          'prompt=Hello', "max_decode_length=4", "max_prefill_length=32",
+                          "dtype=float32")
+    assert proc.returncode == 0 and proc.stdout, proc.stderr[-3000:]
+    proc = run_in_process(generate.main, "configs/sft.yml", f"load_parameters_path={native}",
+                          "prompt=Hello", "model_name=qwen3-0.6b")
+    assert proc.returncode == 2 and "check model_name" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_export_generation_config_comes_from_the_tokenizer(tmp_path):
+    """A model without a source config.json (trained from scratch, as the demo's is) is
+    exported with its tokenizer's bos/eos/pad and stops at the chat template's end of turn."""
+    import transformers
+
+    from tpusft.checkpoint.convert import hf_to_native, native_to_hf
+    from tpusft.demo import arithmetic
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    arithmetic.build_tokenizer(tok_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    build_hf_model("llama3", vocab_size=len(tok) + 3).save_pretrained(tmp_path / "hf")
+    hf_to_native(str(tmp_path / "hf"), str(tmp_path / "native"), log=lambda *_: None)
+    native_to_hf(str(tmp_path / "native"), str(tmp_path / "out"), assets=str(tok_dir),
+                 log=lambda *_: None)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert cfg["eos_token_id"] == tok.eos_token_id == eot
+    assert cfg["pad_token_id"] == tok.pad_token_id and cfg["bos_token_id"] == tok.bos_token_id
+    stops = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [
+        gen["eos_token_id"]]
+    assert eot in stops and gen["pad_token_id"] == tok.pad_token_id

@@ -44,7 +44,8 @@ SHORTER = {
 SKIPPED = ("tools/setup/setup.sh", "-m pytest")  # the install and the suite: what CI runs
 REMOTE = ("gcloud", "xpk")  # launchers that run a --command on every host of a TPU pod
 # Commands that need an optional extra: run when it is installed (CI installs it).
-EXTRA = {"native_to_gguf.py": "llama_cpp", "tpusft.demo.gguf_score": "llama_cpp"}
+EXTRA = {"native_to_gguf.py": "llama_cpp", ".gguf configs/": "llama_cpp",
+         "tpusft.demo.export_score": "torch"}
 
 
 def readme_commands() -> list[tuple[int, str]]:
@@ -163,11 +164,13 @@ def _check_the_demo_learned(result, run: Path) -> None:
     assert (run / "checkpoints" / "200" / "model_params").is_dir()  # where the acts start
 
 
-def _check_gguf_scores(stdout: str) -> None:
-    found = re.search(r"tpusft.generate ([\d.]+)%, llama.cpp \(.*\) ([\d.]+)%; identical "
-                      r"answers (\d+)/(\d+)", stdout)
+def _check_export_scores(stdout: str) -> None:
+    """The export (GGUF in llama.cpp, or HF in plain transformers generate) scores what
+    tpusft.generate scores on the checkpoint it came from."""
+    found = re.search(r"tpusft.generate ([\d.]+)%, (llama.cpp|transformers) \(.*\) ([\d.]+)%; "
+                      r"identical answers (\d+)/(\d+)", stdout)
     assert found, stdout[-2000:]
-    assert found.group(1) == found.group(2), stdout[-2000:]
+    assert found.group(1) == found.group(3), stdout[-2000:]
 
 
 @pytest.mark.slow
@@ -195,7 +198,7 @@ def test_the_readme_demo_commands_run_as_written(tmp_path):
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         if name == "configs/demo/sft.yml" and "tpusft.train_sft" in command:
             _check_the_demo_learned(result, tmp_path / "runs" / "demo-sft")
-        if "tpusft.demo.gguf_score" in command:
-            _check_gguf_scores(result.stdout)
+        if "tpusft.demo.export_score" in command:
+            _check_export_scores(result.stdout)
         if "tpusft.generate" in command and 'prompt="12+30="' in command:
             assert "42" in result.stdout, result.stdout[-1000:]

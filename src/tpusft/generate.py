@@ -17,12 +17,13 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.config import load_config
     from tpusft.errors import ConfigError
 
-    cfg = load_config(argv)
+    cfg = load_config(argv, needs_data=False)
     if not cfg.prompt:
         raise ConfigError('prompt is empty; pass prompt="your message"')
     if not cfg.load_parameters_path:
         raise ConfigError("load_parameters_path is empty; point it at a checkpoint (e.g. "
                           "runs/<run_name>/checkpoints)")
+    _from_checkpoint(cfg, argv[1:])
 
     from tpusft.checkpoint.native import restore_params
     from tpusft.data.chat import load_tokenizer
@@ -45,6 +46,32 @@ def main(argv: Sequence[str]) -> int:
                                seed=cfg.seed)[0]
     print(text)
     return 0
+
+
+def _from_checkpoint(cfg, overrides: Sequence[str]) -> None:
+    """The model keys recorded beside the checkpoint (a converted model's or a run's), unless
+    the command line sets model_name or model keys; its tokenizer, unless tokenizer_path is
+    set."""
+    from pathlib import Path
+
+    from tpusft.checkpoint.convert import find_model_keys
+    from tpusft.config.schema import MODEL_KEYS
+    from tpusft.errors import ConfigError
+
+    if "://" not in cfg.load_parameters_path:
+        cfg.load_parameters_path = str(Path(cfg.load_parameters_path).expanduser().absolute())
+    keys, assets = find_model_keys(cfg.load_parameters_path)
+    given = {a.partition("=")[0] for a in overrides}
+    if keys and not given & {"model_name", *MODEL_KEYS} and not cfg.demo_task:
+        for k, v in keys.items():
+            setattr(cfg, k, v)
+    if not cfg.tokenizer_path and not cfg.demo_task:
+        if not assets or not any(Path(assets, n).exists()
+                                 for n in ("tokenizer.json", "tokenizer.model")):
+            raise ConfigError("tokenizer_path is empty and no tokenizer is recorded beside the "
+                              "checkpoint; set tokenizer_path= to a Hugging Face tokenizer "
+                              "directory")
+        cfg.tokenizer_path = assets
 
 
 def cli() -> None:

@@ -8,6 +8,7 @@ import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tpusft.errors import ConfigError
 
@@ -77,6 +78,32 @@ def _absolute(path: str) -> str:
     return path if not path or "://" in path else str(Path(path).expanduser().absolute())
 
 
+def _add_model_keys(p: argparse.ArgumentParser, model_name_help: str) -> None:
+    p.add_argument("--model_name", default="", help=model_name_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="model keys, as the trainers take them (e.g. model_name=qwen3-0.6b "
+                   "vocab_size=151936)")
+
+
+def _model_keys(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(model_name, overrides) from --model_name and key=value arguments; model_name= given
+    as a key=value counts as --model_name."""
+    from tpusft.config.loader import parse_override
+    from tpusft.config.schema import MODEL_KEYS
+
+    name, overrides = a.model_name, {}
+    for arg in a.overrides:
+        key, value = parse_override(arg)
+        if key == "model_name":
+            name = value
+        elif key in MODEL_KEYS:
+            overrides[key] = value
+        else:
+            raise ConfigError(f"{arg}: a converter takes model keys only ({key} is not one; "
+                              f"see configs/base.yml's Model section)")
+    return name, overrides
+
+
 def hf_to_native_main(argv: Sequence[str]) -> int:
     p = _Parser(prog="hf_to_native.py", description=(
         "Convert a Hugging Face checkpoint (safetensors) to a native Orbax checkpoint at "
@@ -88,10 +115,11 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
                    help="stack layers for scanning (default true)")
     p.add_argument("--save_dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype to store (default: the source dtype)")
-    p.add_argument("--model_name", default="",
-                   help="a preset the checkpoint must match (name or YAML path)")
-    a = p.parse_args(argv)
+    _add_model_keys(p, "a preset the checkpoint must match (name or YAML path), with any "
+                    "key=value overrides")
+    a = p.parse_intermixed_args(argv)
     a.output = _absolute(a.output)
+    model_name, overrides = _model_keys(a)
 
     from tpusft.checkpoint.convert import check_new_output, hf_to_native
     from tpusft.config.loader import load_preset
@@ -102,7 +130,7 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
         if src.count("/") != 1 or src.startswith((".", "/")):
             raise ConfigError(f"{src} does not exist")
         src = _fetch_from_hub(src)
-    preset = load_preset(a.model_name) if a.model_name else None
+    preset = {**(load_preset(model_name) if model_name else {}), **overrides} or None
     if Path(src, "adapter_config.json").exists():  # a PEFT LoRA adapter
         from tpusft.checkpoint.convert import peft_to_native
 
@@ -115,7 +143,8 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
 
     t0 = time.perf_counter()
     info = hf_to_native(src, a.output, scan_layers=a.scan_layers, save_dtype=a.save_dtype,
-                        preset=preset, preset_name=a.model_name)
+                        preset=preset, preset_name=model_name or "the key=value overrides",
+                        source_name=a.hf_path if src != a.hf_path else _absolute(src))
     dt = time.perf_counter() - t0
     gb = info["bytes"] / 1e9
     print(f"wrote {info['items']}: {info['tensors']} tensors, {gb:.2f} GB in {dt:.1f} s "
@@ -132,8 +161,8 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
     p.add_argument("native_path", help="native checkpoint: <dir>, <dir>/0/items, a run's "
                    "checkpoints/ (latest step) or one step")
     p.add_argument("output", help="new local directory for the HF model")
-    p.add_argument("--model_name", default="", help="model preset (name or YAML path); default: "
-                   "found beside the checkpoint or in its run's config.yml")
+    _add_model_keys(p, "model preset (name or YAML path); default: found beside the "
+                    "checkpoint or in its run's config.yml; key=value overrides apply to either")
     p.add_argument("--hf_assets", default="", help="directory with the original config.json "
                    "and tokenizer files (default: recorded at conversion time)")
     p.add_argument("--save_dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -142,20 +171,21 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
                    help="safetensors shard size (MiB)")
     p.add_argument("--base", default="", help="a LoRA checkpoint's base model (native); "
                    "default: the run's load_parameters_path")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     a.native_path, a.output = _absolute(a.native_path), _absolute(a.output)
     a.hf_assets, a.base = _absolute(a.hf_assets), _absolute(a.base)
+    model_name, overrides = _model_keys(a)
 
     from tpusft.checkpoint.convert import native_to_hf
     from tpusft.config.loader import load_preset
 
-    keys = load_preset(a.model_name) if a.model_name else None
+    keys = load_preset(model_name) if model_name else None
     import transformers  # noqa: F401  (imported before the clock starts)
 
     t0 = time.perf_counter()
     info = native_to_hf(a.native_path, a.output, keys=keys, assets=a.hf_assets or None,
                         save_dtype=a.save_dtype, max_shard_bytes=a.max_shard_size_mb << 20,
-                        base=a.base or None)
+                        base=a.base or None, overrides=overrides)
     dt = time.perf_counter() - t0
     gb = info["bytes"] / 1e9
     read_gb = info["bytes_read"] / 1e9
@@ -181,10 +211,14 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
                    "norms and other 1-D tensors stay f32)")
     p.add_argument("--tokenizer-pre", default="", help="llama.cpp pre-tokenizer name, when "
                    "it is not recognised from tokenizer.json")
-    p.add_argument("--model_name", default="", help="model preset for a native checkpoint "
-                   "(default: found beside it)")
+    _add_model_keys(p, "model preset for a native checkpoint (default: found beside it); "
+                    "key=value overrides apply to either")
     p.add_argument("--base", default="", help="a LoRA checkpoint's base model (native)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
+    model_name, overrides = _model_keys(a)
+    if a.from_hf and (model_name or overrides):
+        raise ConfigError("--from-hf reads the model from config.json; --model_name and "
+                          "key=value apply to native checkpoints")
     src, out = _absolute(a.source), _absolute(a.output)
     from tpusft.checkpoint.gguf_export import DTYPES, hf_to_gguf
 
@@ -206,10 +240,11 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
         from tpusft.checkpoint.convert import native_to_hf
         from tpusft.config.loader import load_preset
 
-        keys = load_preset(a.model_name) if a.model_name else None
+        keys = load_preset(model_name) if model_name else None
         with tempfile.TemporaryDirectory(dir=str(Path(out).parent)) as tmp:
             hf = str(Path(tmp) / "hf")
-            native_to_hf(src, hf, keys=keys, base=_absolute(a.base) or None)
+            native_to_hf(src, hf, keys=keys, base=_absolute(a.base) or None,
+                         overrides=overrides)
             info = hf_to_gguf(hf, out, dtype=a.dtype, tokenizer_pre=a.tokenizer_pre or None,
                               name=Path(src).name)
     dt = time.perf_counter() - t0

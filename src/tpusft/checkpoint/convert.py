@@ -42,6 +42,7 @@ from tpusft.models.decoder import ModelArgs
 
 MODEL_FILE = "tpusft_model.yml"
 ASSETS_DIR = "hf_assets"
+SOURCE_FILE = "hf_source.txt"  # the HF model (directory or hub id) a conversion read
 ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
                "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
@@ -49,6 +50,18 @@ TOKENIZER_FILES = ASSET_FILES[2:]
 
 
 PREFETCH_BYTES = 256 << 20
+
+# The only source tensors a conversion leaves out without stopping: those outside the text
+# decoder (a multimodal checkpoint's vision side), RoPE tables older checkpoints stored
+# (recomputed from config.json), and a tied model's copy of the embedding.
+OUTSIDE_DECODER = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+                   "model.multi_modal_projector.", "vision_model.", "model.vision_model.")
+RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _skippable(name: str, head: str, tied: bool) -> bool:
+    return (name.startswith(OUTSIDE_DECODER) or name.endswith(RECOMPUTED_SUFFIXES)
+            or (tied and name == head))
 
 
 def check_new_output(output: str) -> None:
@@ -125,8 +138,10 @@ def _hf_names(reader: SafetensorsReader) -> tuple[str, str]:
 # --------------------------------------------------------------------------- HF -> native
 def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
                  save_dtype: str | None = None, preset: dict | None = None,
-                 preset_name: str = "", log=print) -> dict[str, Any]:
-    """Converts a local HF checkpoint; returns a summary (tensors, bytes, peak tensor)."""
+                 preset_name: str = "", source_name: str = "", log=print) -> dict[str, Any]:
+    """Converts a local HF checkpoint; returns a summary (tensors, bytes, peak tensor).
+    `source_name` (default hf_path) is recorded as the model a LoRA adapter trained on this
+    checkpoint names as its base when exported."""
     config = hf_config.load_hf_config(hf_path)
     keys = hf_config.model_keys(config)
     if preset:
@@ -136,6 +151,18 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
     prefix, head = _hf_names(reader)
     leaves = hf_layout.native_leaves(args, prefix, head)
     want = _dtype(save_dtype)
+
+    used = {p.hf_name for leaf in leaves for p in leaf.pieces}
+    unmapped = [n for n in reader.names()
+                if n not in used and not _skippable(n, head, args.tie_embeddings)]
+    if unmapped:
+        hint = ""
+        if any(n.endswith(".bias") for n in unmapped):
+            hint = " (biases: is attention_bias or mlp_bias missing from config.json?)"
+        raise CheckpointError(
+            f"{hf_path}: {len(unmapped)} tensors have no place in the {keys['model_family']} "
+            f"decoder config.json describes{hint}: {', '.join(unmapped[:3])}"
+            f"{', ...' if len(unmapped) > 3 else ''}; nothing was written")
 
     from safetensors import safe_open
 
@@ -170,28 +197,39 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
                 return (slice(None),) * x.ndim, x
             return (slice(None), slice(p.index, p.index + 1)), x[:, None]
 
-        def blocks(leaf=leaf, load=load, dtype=dtype) -> Iterator:
-            size = int(np.prod(leaf.pieces[0].hf_shape)) * dtype.itemsize
-            # Two threads: more would contend with the writer for this machine's cores.
-            return ordered_prefetch(load, list(leaf.pieces), lambda _: size, workers=2)
+        def load_band(rows, p=leaf.pieces[0], dtype=dtype):
+            x = p.to_native(reader.get(p.hf_name, rows).astype(dtype, copy=False))
+            return (slice(None), slice(*rows)), x
 
-        block = leaf.shape if not leaf.stacked else (leaf.shape[0], 1, *leaf.shape[2:])
+        hf_shape = leaf.pieces[0].hf_shape
+        if leaf.banded:  # HF rows j:k -> native columns j:k, a band at a time
+            items = hf_layout.bands(hf_shape[0], int(np.prod(hf_shape[1:])) * dtype.itemsize)
+            fn, nbytes = load_band, (items[0][1] - items[0][0]) * hf_shape[1] * dtype.itemsize
+            block = (leaf.shape[0], items[0][1] - items[0][0])
+        else:
+            items, fn, nbytes = list(leaf.pieces), load, int(np.prod(hf_shape)) * dtype.itemsize
+            block = leaf.shape if not leaf.stacked else (leaf.shape[0], 1, *leaf.shape[2:])
+
+        def blocks(items=items, fn=fn, nbytes=nbytes) -> Iterator:
+            # Two threads: more would contend with the writer for this machine's cores.
+            return ordered_prefetch(fn, items, lambda _: nbytes, workers=2)
+
         node = params
         for k in leaf.path[:-1]:
             node = node.setdefault(k, {})
         node[leaf.path[-1]] = StreamedArray(leaf.shape, dtype, block, blocks)
 
-    used = {p.hf_name for leaf in leaves for p in leaf.pieces}
-    unused = [n for n in reader.names() if n not in used]
-    if unused:
-        log(f"note: {len(unused)} tensors not part of the text decoder are left out "
-            f"(e.g. {unused[0]})")
+    skipped = [n for n in reader.names() if n not in used]
+    if skipped:
+        log(f"note: {len(skipped)} tensors outside the text decoder are left out "
+            f"(e.g. {skipped[0]})")
     items = save_native(output, params, scan_layers)
 
     out = epath.Path(output)
     meta = {k: keys[k] for k in MODEL_KEYS if k in keys}
     (out / MODEL_FILE).write_text(
         f"# Model keys of the checkpoint converted from {hf_path}\n" + yaml.safe_dump(meta))
+    (out / SOURCE_FILE).write_text((source_name or hf_path) + "\n")
     assets = out / ASSETS_DIR
     assets.mkdir(parents=True, exist_ok=True)
     for name in ASSET_FILES:
@@ -323,6 +361,17 @@ def _read_adapters(reader: NativeReader) -> dict:
     return tree
 
 
+def hf_source(native_path: str) -> str | None:
+    """The HF model a native checkpoint was converted from, if recorded beside it."""
+    p = epath.Path(native_path)
+    for d in [p, *list(p.parents)[:4]]:
+        if (d / SOURCE_FILE).exists():
+            return (d / SOURCE_FILE).read_text().strip() or None
+        if (d / MODEL_FILE).exists():
+            return None
+    return None
+
+
 def find_model_keys(native_path: str) -> tuple[dict[str, Any] | None, str | None]:
     """(model keys, hf_assets directory) recorded beside a native checkpoint or its run."""
     p = epath.Path(native_path)
@@ -368,7 +417,12 @@ def _hf_tensors(reader: NativeReader, pieces: list, dtype: np.dtype | None,
     args), targeted kernels come merged with their adapters."""
     def load(item):
         leaf, p = item
-        t = np.ascontiguousarray(p.to_hf(reader.read(leaf.path, p.index)))
+        if leaf.banded:  # native columns j:k -> HF rows j:k, into one output array
+            t = np.empty(p.hf_shape, reader.dtype(leaf.path))
+            for j, k in hf_layout.bands(p.hf_shape[0], int(np.prod(p.hf_shape[1:])) * 4):
+                t[j:k] = p.to_hf(reader.read(leaf.path, columns=(j, k)))
+        else:
+            t = np.ascontiguousarray(p.to_hf(reader.read(leaf.path, p.index)))
         if adapter is not None and leaf.path[-1] == "kernel" and \
                 leaf.path[-2] in adapter[1].lora_targets:
             lora_reader, args = adapter
@@ -385,17 +439,18 @@ def _hf_tensors(reader: NativeReader, pieces: list, dtype: np.dtype | None,
 def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None = None,
                  assets: str | None = None, save_dtype: str | None = None,
                  max_shard_bytes: int = 1 << 29, base: str | None = None,
-                 log=print) -> dict[str, Any]:
+                 overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
     """Writes HF safetensors shards, index, config.json, generation_config.json, tokenizer.
 
     A LoRA run's checkpoint (adapters only) is merged into its base (`base`, or the run's
     load_parameters_path), and the adapter alone is written in PEFT format to
-    <output>/adapter.
+    <output>/adapter. Model keys: `keys`, else those recorded beside the checkpoint, with
+    `overrides` applied.
     """
     from safetensors.numpy import save_file
 
     found_keys, found_assets = find_model_keys(native_path)
-    keys = keys or found_keys
+    keys = {**(keys or found_keys or {}), **(overrides or {})}
     assets = assets or found_assets
     if not keys or "model_family" not in keys:
         raise CheckpointError(f"no model keys found for {native_path}; pass --model_name (a "
@@ -453,8 +508,13 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         _write_hf_metadata(tmp, keys, assets, str(first_dtype))
         if adapter_reader is not None:
+            source = hf_source(base)
+            if source is None:
+                log(f"note: the adapter's base {base} was not converted from a Hugging Face "
+                    f"model; adapter/adapter_config.json names it as base_model_name_or_path "
+                    f"(export it with native_to_hf.py for PEFT to load the adapter on it)")
             peft_adapter.save(tmp / "adapter", args, _read_adapters(adapter_reader),
-                              base_model=str(assets or base))
+                              base_model=source or str(base))
             adapter_reader.close()
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
@@ -469,6 +529,10 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
 
 def _write_hf_metadata(out: Path, keys: dict[str, Any], assets: str | None,
                        dtype: str) -> None:
+    """config.json, generation_config.json and the tokenizer files. The source model's
+    config.json and generation_config.json keep their token ids; without them (a model
+    trained from scratch), bos/eos/pad come from the tokenizer, and generation stops at its
+    EOS and at the chat template's end-of-turn token."""
     import transformers
 
     base = None
@@ -477,13 +541,33 @@ def _write_hf_metadata(out: Path, keys: dict[str, Any], assets: str | None,
             base = transformers.AutoConfig.from_pretrained(assets)
         except (OSError, ValueError):
             base = None
+    tokenizer = None
+    if assets and any(Path(assets, n).exists() for n in ("tokenizer.json", "tokenizer.model")):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(assets)
+        except (OSError, ValueError):
+            tokenizer = None
     dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(dtype, "float32")
     config = hf_config.hf_config_for(keys, base, dtype)
+    if base is None and tokenizer is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
     config.save_pretrained(out)
     if assets and Path(assets, "generation_config.json").exists():
         shutil.copy(Path(assets, "generation_config.json"), out / "generation_config.json")
     else:
-        transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
+        generation = transformers.GenerationConfig.from_model_config(config)
+        if tokenizer is not None:
+            from tpusft.data.chat import stop_ids
+
+            eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [
+                config.eos_token_id]
+            stops = sorted({*stop_ids(tokenizer), *(i for i in eos if i is not None)})
+            generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+            generation.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id
+                                       is not None else stops[0])
+        generation.save_pretrained(out)
     if assets:
         for name in TOKENIZER_FILES:
             if Path(assets, name).exists():

@@ -261,18 +261,11 @@ def _write_tokenizer(w, hf_dir: Path, vocab_rows: int, pre_override: str | None)
         w.add_pad_token_id(tok.pad_token_id)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
-        eot = _end_of_turn(tok)
+        from tpusft.data.chat import end_of_turn_id
+
+        eot = end_of_turn_id(tok)
         if eot is not None:
             w.add_eot_token_id(eot)
-
-
-def _end_of_turn(tok) -> int | None:
-    """The id the chat template ends an assistant turn with (None when it is plain EOS)."""
-    for name in ("<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
-        i = tok.convert_tokens_to_ids(name)
-        if isinstance(i, int) and i != tok.unk_token_id and name in tok.chat_template:
-            return i
-    return None
 
 
 # ---------------------------------------------------------------- tensors

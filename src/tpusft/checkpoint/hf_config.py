@@ -12,6 +12,45 @@ from tpusft.models.families import FAMILIES
 _BY_MODEL_TYPE = {f.hf_model_type: f.name for f in FAMILIES.values()}
 _BY_MODEL_TYPE["gemma3"] = "gemma3"  # Gemma3ForConditionalGeneration: its text_config
 
+# Every field the supported config classes add to PretrainedConfig's, and what conversion
+# does with it (tests/test_convert.py walks the real classes against these two tables).
+# Read into model keys (or checked: a value tpusft cannot compute is refused) and written back:
+MAPPED = {
+    "vocab_size": "vocab_size", "hidden_size": "base_emb_dim",
+    "num_hidden_layers": "base_num_decoder_layers", "num_attention_heads": "base_num_query_heads",
+    "num_key_value_heads": "base_num_kv_heads", "head_dim": "head_dim",
+    "intermediate_size": "base_mlp_dim", "rms_norm_eps": "normalization_layer_epsilon",
+    "tie_word_embeddings": "logits_via_embedding",
+    "rope_parameters": "rope_type, rope_max_timescale, rope_scaling_factor, rope_*_freq_factor, "
+                       "rope_original_max_position, local_rope_max_timescale",
+    "sliding_window": "sliding_window_size",
+    "layer_types": "checked against the family's layer pattern (or all full attention)",
+    "use_sliding_window": "sliding_window_size (0 when false)",
+    "max_window_layers": "checked through layer_types",
+    "_sliding_window_pattern": "checked through layer_types",
+    "attn_logit_softcapping": "attn_logits_soft_cap",
+    "final_logit_softcapping": "final_logits_soft_cap",
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "attention_bias": "attention_bias", "mlp_bias": "mlp_bias",
+    "hidden_act": "checked: the family's activation", "hidden_activation": "checked: the "
+    "family's activation",
+    "use_bidirectional_attention": "checked: must be false (causal decoder)",
+    "text_config": "the decoder's config, read field by field",
+}
+# Kept from the source config.json on the way back, as they do not change the forward pass:
+IGNORED = {
+    "bos_token_id": "a token id for generation", "eos_token_id": "a token id for generation",
+    "pad_token_id": "a token id for generation (HF uses it only to initialise a zero row)",
+    "initializer_range": "initialisation of new weights", "use_cache": "an inference switch",
+    "max_position_embeddings": "a context limit; no RoPE type tpusft reads depends on it",
+    "attention_dropout": "dropout, off outside training; tpusft trains without it",
+    "pretraining_tp": "not read by transformers' modelling (kept in old Llama configs)",
+    "vision_config": "the vision tower (not part of the text decoder)",
+    "boi_token_index": "image tokens (vision path)", "eoi_token_index": "image tokens (vision "
+    "path)", "image_token_index": "image tokens (vision path)",
+    "mm_tokens_per_image": "image tokens (vision path)",
+}
+
 
 def _supported() -> str:
     return ", ".join(f.hf_architecture for f in FAMILIES.values())
@@ -66,7 +105,12 @@ def model_keys(config: Any) -> dict[str, Any]:
         "normalization_layer_epsilon": float(c.rms_norm_eps),
         "logits_via_embedding": bool(getattr(top, "tie_word_embeddings", False)
                                      or getattr(c, "tie_word_embeddings", False)),
+        "attention_bias": bool(getattr(c, "attention_bias", False)),
+        "mlp_bias": bool(getattr(c, "mlp_bias", False)),
     }
+    if getattr(c, "use_bidirectional_attention", False):
+        raise CheckpointError("use_bidirectional_attention=true (an encoder-style Gemma) is not "
+                              "supported; tpusft's decoder is causal")
     rope = c.rope_parameters or {}
     local = None
     if "full_attention" in rope:  # per layer type (Gemma 3)
@@ -90,11 +134,9 @@ def model_keys(config: Any) -> dict[str, Any]:
         keys["local_rope_max_timescale"] = float(local.get("rope_theta", 10000.0))
 
     window = getattr(c, "sliding_window", None) or 0
-    if family == "qwen2" and not getattr(c, "use_sliding_window", False):
+    if family in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False):
         window = 0
-    if family == "qwen2" and window:
-        raise CheckpointError("Qwen2 with use_sliding_window=true is not supported")
-    keys["sliding_window_size"] = int(window)
+    keys["sliding_window_size"] = int(window) if _sliding_layers(c, family, window) else 0
     if family.startswith("gemma"):
         keys["attn_logits_soft_cap"] = float(getattr(c, "attn_logit_softcapping", None) or 0)
         keys["final_logits_soft_cap"] = float(getattr(c, "final_logit_softcapping", None) or 0)
@@ -104,6 +146,46 @@ def model_keys(config: Any) -> dict[str, Any]:
     if {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act) != expected:
         raise CheckpointError(f"activation {act!r} is not what {family} uses")
     return keys
+
+
+def _pattern(sliding: list[bool]) -> str:
+    if not any(sliding):
+        return "no sliding-window layers"
+    if all(sliding):
+        return "every layer sliding-window"
+    return "sliding-window layers " + ",".join(str(i) for i, s in enumerate(sliding) if s)
+
+
+def _sliding_layers(c: Any, family: str, window: int) -> bool:
+    """Whether any layer attends through the sliding window; refuses a layer pattern that
+    tpusft's layout for the family cannot hold (it has the family's own pattern, or none)."""
+    n = c.num_hidden_layers
+    fam = FAMILIES[family]
+    types = list(getattr(c, "layer_types", None) or [])
+    if not types:
+        return bool(window)
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise CheckpointError(f"layer_types {unknown[0]!r} is not supported (sliding_attention, "
+                              f"full_attention)")
+    sliding = [t == "sliding_attention" for t in types]
+    if len(sliding) != n:
+        raise CheckpointError(f"layer_types has {len(sliding)} entries for {n} layers")
+    if not window or not any(sliding):
+        return False
+    ours = [fam.is_local(i, window) for i in range(n)]
+    if sliding != ours:
+        raise CheckpointError(
+            f"layer_types ({_pattern(sliding)}) is not supported: tpusft's {family} layout "
+            f"holds {_pattern(ours)}, or every layer full_attention")
+    return True
+
+
+def layer_types(keys: dict[str, Any]) -> list[str]:
+    """HF layer_types of model keys."""
+    fam, window = FAMILIES[keys["model_family"]], keys["sliding_window_size"]
+    return ["sliding_attention" if window and fam.is_local(i, window) else "full_attention"
+            for i in range(keys["base_num_decoder_layers"])]
 
 
 def hf_config_for(keys: Any, base: Any = None, dtype: str = "float32") -> Any:
@@ -123,7 +205,8 @@ def hf_config_for(keys: Any, base: Any = None, dtype: str = "float32") -> Any:
     if base is not None and text_config(base).model_type == fam.hf_model_type:
         kwargs = text_config(base).to_dict()
         for drop in ("architectures", "model_type", "transformers_version", "rope_scaling",
-                     "rope_theta", "layer_types", "dtype", "torch_dtype"):
+                     "rope_theta", "layer_types", "dtype", "torch_dtype", "use_sliding_window",
+                     "max_window_layers", "sliding_window_pattern", "_sliding_window_pattern"):
             kwargs.pop(drop, None)
     rope: dict[str, Any] = {"rope_type": k["rope_type"], "rope_theta": k["rope_max_timescale"]}
     if k["rope_type"] in ("llama3", "linear"):
@@ -146,8 +229,21 @@ def hf_config_for(keys: Any, base: Any = None, dtype: str = "float32") -> Any:
         architectures=[fam.hf_architecture], dtype=dtype)
     if k["rope_type"] == "llama3" and "max_position_embeddings" not in kwargs:
         kwargs["max_position_embeddings"] = 16 * k["rope_original_max_position"]
-    if fam.name in ("mistral", "gemma2", "gemma3"):
-        kwargs["sliding_window"] = k["sliding_window_size"] or None
+    for field in ("attention_bias", "mlp_bias"):
+        if k[field] and field not in fam.hf_bias_fields:
+            raise CheckpointError(f"{field}=true has no place in {fam.hf_architecture}'s config")
+        if field in fam.hf_bias_fields:
+            kwargs[field] = bool(k[field])
+    window = k["sliding_window_size"] or None
+    if fam.name == "mistral":
+        kwargs["sliding_window"] = window
+    if fam.name.startswith("gemma") and window:  # else layer_types has no sliding layer
+        kwargs["sliding_window"] = window
+    if fam.name in ("qwen2", "qwen3"):  # every layer, when on (tpusft's Qwen pattern)
+        kwargs.update(sliding_window=window, use_sliding_window=bool(window),
+                      max_window_layers=0 if window else k["base_num_decoder_layers"])
+    if fam.name != "mistral" and fam.name != "llama3":
+        kwargs["layer_types"] = layer_types(k)
     if fam.name.startswith("gemma"):
         scalar = float(k["query_pre_attn_scalar"] or k["head_dim"])
         kwargs["query_pre_attn_scalar"] = int(scalar) if scalar.is_integer() else scalar

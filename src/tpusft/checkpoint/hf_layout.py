@@ -10,7 +10,8 @@ Transforms (HF -> native; each has an exact inverse up to floating-point roundin
   * Llama and Mistral: q/k in interleaved RoPE order (out[2i] = x[i], out[2i+1] = x[D/2+i]),
     query kernel multiplied by 1/sqrt(head_dim); Gemma 2: the same query factor;
   * Gemma: RMSNorm scales stored as 1 + w, embedding stored times sqrt(emb_dim);
-  * Qwen2 biases (H*D,) -> (H, D).
+  * q/k/v biases (H*D,) -> (H, D), in the kernels' RoPE order, the query's with the query
+    kernel's factor; output and MLP biases as they are.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class Leaf:
     path: tuple[str, ...]          # under the tree root, e.g. ('decoder', 'layers', 'mlp', ...)
     shape: tuple[int, ...]         # native shape (stacked: layer axis 1)
     pieces: tuple[Piece, ...]
+    # A plain transpose (the untied output layer): HF rows j:k are native columns j:k, so
+    # the converters move it in bands and never hold a second whole copy.
+    banded: bool = False
 
     @property
     def stacked(self) -> bool:
@@ -62,6 +66,15 @@ class Leaf:
     @property
     def name(self) -> str:
         return "/".join(self.path)
+
+
+BAND_BYTES = 32 << 20
+
+
+def bands(rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges [j, k) of about BAND_BYTES each, covering `rows` rows."""
+    step = max(1, BAND_BYTES // max(row_bytes, 1))
+    return [(j, min(j + step, rows)) for j in range(0, rows, step)]
 
 
 def transpose(w: np.ndarray, band: int = 16) -> np.ndarray:
@@ -114,14 +127,16 @@ def _kernel(heads: int, d: int, e: int, perm: np.ndarray | None, scale: float):
     return to_native, to_hf
 
 
-def _bias(heads: int, d: int, perm: np.ndarray | None):
+def _bias(heads: int, d: int, perm: np.ndarray | None, scale: float = 1.0):
     inv = None if perm is None else np.argsort(perm)
 
     def to_native(b):
         b = b.reshape(heads, d)
-        return b if perm is None else b[..., perm]
+        b = b if perm is None else b[..., perm]
+        return b if scale == 1.0 else _mul(b, scale)
 
     def to_hf(b):
+        b = b if scale == 1.0 else _div(b, scale)
         return (b if inv is None else b[..., inv]).reshape(heads * d)
 
     return to_native, to_hf
@@ -161,13 +176,16 @@ def _layer_params(a: ModelArgs) -> list[tuple[tuple[str, ...], str, tuple, tuple
          _kernel(kv, d, e, None, 1.0)),
         ((sa, "out", "kernel"), "self_attn.o_proj.weight", (e, h * d), (h, d, e), _out(h, d, e)),
     ]
-    if fam.qkv_bias:
+    same = ((lambda b: b), (lambda b: b))
+    if a.qkv_bias:
         out += [((sa, "query", "bias"), "self_attn.q_proj.bias", (h * d,), (h, d),
-                 _bias(h, d, perm)),
+                 _bias(h, d, perm, a.query_fold)),
                 ((sa, "key", "bias"), "self_attn.k_proj.bias", (kv * d,), (kv, d),
                  _bias(kv, d, perm)),
                 ((sa, "value", "bias"), "self_attn.v_proj.bias", (kv * d,), (kv, d),
                  _bias(kv, d, None))]
+    if a.attention_bias:
+        out.append(((sa, "out", "bias"), "self_attn.o_proj.bias", (e,), (e,), same))
     if fam.qk_norm:
         out += [((sa, "query_norm", "scale"), "self_attn.q_norm.weight", (d,), (d,),
                  _norm(fam.norm_offset)),
@@ -176,6 +194,10 @@ def _layer_params(a: ModelArgs) -> list[tuple[tuple[str, ...], str, tuple, tuple
     out += [(("mlp", "wi_0", "kernel"), "mlp.gate_proj.weight", (m, e), (e, m), _transpose()),
             (("mlp", "wi_1", "kernel"), "mlp.up_proj.weight", (m, e), (e, m), _transpose()),
             (("mlp", "wo", "kernel"), "mlp.down_proj.weight", (e, m), (m, e), _transpose())]
+    if a.mlp_bias:
+        out += [(("mlp", "wi_0", "bias"), "mlp.gate_proj.bias", (m,), (m,), same),
+                (("mlp", "wi_1", "bias"), "mlp.up_proj.bias", (m,), (m,), same),
+                (("mlp", "wo", "bias"), "mlp.down_proj.bias", (e,), (e,), same)]
     return out
 
 
@@ -228,7 +250,7 @@ def native_leaves(a: ModelArgs, hf_prefix: str = "model.",
                               *_norm(fam.norm_offset)),)))
     if not a.tie_embeddings:
         leaves.append(Leaf(("decoder", "logits_dense", "kernel"), (e, v),
-                           (Piece(lm_head, (v, e), None, *_transpose()),)))
+                           (Piece(lm_head, (v, e), None, *_transpose()),), banded=True))
     return leaves
 
 

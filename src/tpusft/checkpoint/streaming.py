@@ -87,12 +87,13 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self.files)
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A tensor, or its rows [j, k) only."""
         if name not in self.files:
             raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint")
         with self.clock:
             with safe_open(self.files[name], "np") as f:
-                t = f.get_tensor(name)
+                t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
         self.clock.add(t.nbytes)
         return t
 
@@ -221,10 +222,14 @@ class NativeReader:
     def dtype(self, rel: tuple[str, ...]) -> np.dtype:
         return np.dtype(self._open(rel).dtype.numpy_dtype)
 
-    def read(self, rel: tuple[str, ...], index: int | None = None) -> np.ndarray:
-        """A leaf, or layer `index` of a stacked leaf (thread-safe)."""
+    def read(self, rel: tuple[str, ...], index: int | None = None,
+             columns: tuple[int, int] | None = None) -> np.ndarray:
+        """A leaf, layer `index` of a stacked leaf, or columns [j, k) of a 2-D leaf
+        (thread-safe)."""
         t = self._open(rel)
         view = t if index is None else t[:, index]
+        if columns is not None:
+            view = view[:, columns[0]:columns[1]]
         with self.clock:
             out = view.read().result()
         self.clock.add(out.nbytes)

@@ -191,8 +191,9 @@ def load_preset(model_name: str) -> dict[str, Any]:
     return data
 
 
-def validate(cfg: Config) -> None:
-    """Checks choices, minimums and relations between keys; raises ConfigError."""
+def validate(cfg: Config, needs_data: bool = True) -> None:
+    """Checks choices, minimums and relations between keys; raises ConfigError. Without
+    `needs_data` (sampling), no data set or tokenizer is required."""
     for name, f in _FIELDS.items():
         section, _, key = name.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, key)
@@ -223,6 +224,13 @@ def validate(cfg: Config) -> None:
     if cfg.model_family == "gemma2" and cfg.base_num_decoder_layers % 2:
         raise ConfigError(f"gemma2 pairs a local and a global layer; base_num_decoder_layers="
                           f"{cfg.base_num_decoder_layers} must be even")
+    from tpusft.models.families import FAMILIES
+
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(cfg, name) and name not in FAMILIES[cfg.model_family].hf_bias_fields:
+            have = [f.name for f in FAMILIES.values() if name in f.hf_bias_fields]
+            raise ConfigError(f"{name}=true is not part of {cfg.model_family} models (families "
+                              f"with it: {', '.join(have)})")
     if cfg.attention == "cudnn" and cfg.attn_logits_soft_cap:
         raise ConfigError("attention=cudnn has no score soft-capping; use attention=auto or xla "
                           "with attn_logits_soft_cap")
@@ -244,7 +252,7 @@ def validate(cfg: Config) -> None:
                           f"(at 0.5 a pair says nothing)")
     if not cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction={cfg.eval_fraction} must be below 1")
-    if not cfg.demo_task and not cfg.print_config:
+    if not cfg.demo_task and not cfg.print_config and needs_data:
         if not cfg.hf_path and not cfg.dataset:
             raise ConfigError("hf_path is empty; set hf_path= to a hub data set, json/parquet "
                               "with hf_data_files=, or a local directory (or dataset= to a "
@@ -283,7 +291,7 @@ def derive_paths(cfg: Config) -> None:
     cfg.profile_directory = _join(cfg.run_directory, "profile")
 
 
-def load_config(argv: Sequence[str]) -> Config:
+def load_config(argv: Sequence[str], needs_data: bool = True) -> Config:
     """`argv` is [CONFIG.yml, key=value, ...] as given on the command line."""
     if not argv or "=" in argv[0]:
         raise ConfigError("usage: CONFIG.yml [key=value ...]; the first argument is a YAML file "
@@ -306,7 +314,7 @@ def load_config(argv: Sequence[str]) -> Config:
     nested = {name: cls(**{k.partition(".")[2]: v for k, v in values.items()
                            if k.startswith(name + ".")}) for name, cls in sections().items()}
     cfg = Config(**{k: v for k, v in values.items() if "." not in k}, **nested)
-    validate(cfg)
+    validate(cfg, needs_data)
     derive_paths(cfg)
     return cfg
 

@@ -135,6 +135,12 @@ class Config:
         "0: head_dim.", minimum=0)
     logits_via_embedding: bool = key(
         False, "Tie the output projection to the token embedding (HF tie_word_embeddings).")
+    attention_bias: bool = key(
+        False, "Biases on the query, key, value and output projections (HF attention_bias on "
+        "Llama, Qwen3 and Gemma configs). Qwen2's query/key/value biases are part of its "
+        "family and need no key.")
+    mlp_bias: bool = key(False, "Biases on the MLP's gate, up and down projections (HF "
+                         "mlp_bias on Llama configs).")
     dtype: str = key("bfloat16", "Compute (activation) dtype.",
                      choices=("float32", "bfloat16", "float16"))
     weight_dtype: str = key("float32", "Parameter (and optimizer state) dtype.",
@@ -398,7 +404,8 @@ MODEL_KEYS = (
     "normalization_layer_epsilon", "rope_max_timescale", "rope_type", "rope_scaling_factor",
     "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position",
     "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap",
-    "final_logits_soft_cap", "query_pre_attn_scalar", "logits_via_embedding",
+    "final_logits_soft_cap", "query_pre_attn_scalar", "logits_via_embedding", "attention_bias",
+    "mlp_bias",
 )
 
 

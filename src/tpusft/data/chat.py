@@ -111,6 +111,32 @@ def encode_text(tokenizer, text: str) -> Encoded:
     return Encoded(ids, np.ones(len(ids), bool))
 
 
+# Tokens chat templates end an assistant turn with (Llama 3, ChatML/Qwen, Gemma), and
+# Llama 3's end of text.
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>")
+
+
+def _token_id(tokenizer, name: str) -> int | None:
+    i = tokenizer.convert_tokens_to_ids(name)
+    return i if isinstance(i, int) and i != tokenizer.unk_token_id else None
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The id the chat template ends a turn with, when it is a token of its own."""
+    template = tokenizer.chat_template or ""
+    for name in END_OF_TURN:
+        if name in template and _token_id(tokenizer, name) is not None:
+            return _token_id(tokenizer, name)
+    return None
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Ids that end a generated answer: EOS, end-of-turn and end-of-text tokens."""
+    ids = {tokenizer.eos_token_id}
+    ids.update(_token_id(tokenizer, name) for name in (*END_OF_TURN, "<|end_of_text|>"))
+    return sorted(i for i in ids if i is not None)
+
+
 def load_tokenizer(path: str):
     """A Hugging Face tokenizer from a local directory (or hub id when online)."""
     from transformers import AutoTokenizer

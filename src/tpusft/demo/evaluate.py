@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tpusft.data.chat import stop_ids
 from tpusft.models import sampling
 
 
@@ -16,22 +17,13 @@ def chat_prompt_ids(tokenizer, user_messages: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def eos_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for name in ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
-
-
 def answer(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
            prefill_length: int | None = None, temperature: float = 0.0, top_k: int = 0,
            seed: int = 0) -> list[str]:
     ids = chat_prompt_ids(tokenizer, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     new = sampling.generate(model, ids, max_new_tokens=max_new_tokens, pad_id=pad,
-                            eos_ids=eos_ids(tokenizer), prefill_length=prefill_length,
+                            eos_ids=stop_ids(tokenizer), prefill_length=prefill_length,
                             temperature=temperature, top_k=top_k, seed=seed)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
 

@@ -80,6 +80,8 @@ class ModelArgs:
     final_softcap: float = 0.0          # 0: none
     query_pre_attn_scalar: float = 0.0  # attention scale is this ** -0.5 (0: head_dim)
     tie_embeddings: bool = False
+    attention_bias: bool = False        # q/k/v/o biases (Qwen2: q/k/v by family)
+    mlp_bias: bool = False
     dtype: str = "float32"
     weight_dtype: str = "float32"
     scan_layers: bool = True
@@ -106,7 +108,8 @@ class ModelArgs:
             sliding_window=cfg.sliding_window_size, attn_softcap=cfg.attn_logits_soft_cap,
             final_softcap=cfg.final_logits_soft_cap,
             query_pre_attn_scalar=cfg.query_pre_attn_scalar,
-            tie_embeddings=cfg.logits_via_embedding, dtype=cfg.dtype,
+            tie_embeddings=cfg.logits_via_embedding, attention_bias=cfg.attention_bias,
+            mlp_bias=cfg.mlp_bias, dtype=cfg.dtype,
             weight_dtype=cfg.weight_dtype, scan_layers=cfg.scan_layers,
             remat_policy=cfg.remat_policy, attention=cfg.attention,
             **lora_args(cfg))
@@ -129,6 +132,10 @@ class ModelArgs:
         """Runtime factor on q.k so that the total is query_pre_attn_scalar ** -0.5."""
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5 / self.query_fold
 
+    @property
+    def qkv_bias(self) -> bool:
+        return self.fam.qkv_bias or self.attention_bias
+
     def is_local(self, layer: int) -> bool:
         return self.fam.is_local(layer, self.sliding_window)
 
@@ -136,7 +143,9 @@ class ModelArgs:
         e, h, kv = self.emb_dim, self.num_heads, self.num_kv_heads
         d, m, fam = self.head_dim, self.mlp_dim, self.fam
         layer = e * d * (2 * h + 2 * kv) + 3 * e * m + len(fam.norms) * e
-        layer += (h + 2 * kv) * d if fam.qkv_bias else 0
+        layer += (h + 2 * kv) * d if self.qkv_bias else 0
+        layer += e if self.attention_bias else 0
+        layer += 2 * m + e if self.mlp_bias else 0
         layer += 2 * d if fam.qk_norm else 0
         out = 0 if self.tie_embeddings else e * self.vocab_size
         return self.vocab_size * e + self.num_layers * layer + e + out
@@ -181,7 +190,7 @@ class Kernel(nnx.Module):
     def __init__(self, shape, axes, std, dtype, rules, stacked, rngs, bias_dims: int = 0,
                  lora_in: int = 0, lora_rank: int = 0):
         self.kernel = _param(rngs, shape, axes, std, dtype, rules, stacked)
-        if bias_dims:  # the output dims of the kernel (Qwen2's q/k/v bias)
+        if bias_dims:  # the output dims of the kernel
             self.bias = _param(rngs, shape[-bias_dims:], axes[-bias_dims:], 0.0, dtype, rules,
                                stacked)
         if lora_rank:  # an adapter: A random, B zero, so training starts at the base model
@@ -205,7 +214,7 @@ def _kernel(a: ModelArgs, name: str, shape, axes, std, dtype, rules, stacked, rn
 class SelfAttention(nnx.Module):
     def __init__(self, a: ModelArgs, dtype, rules, stacked, rngs):
         e, h, kv, d = a.emb_dim, a.num_heads, a.num_kv_heads, a.head_dim
-        b = 2 if a.fam.qkv_bias else 0
+        b = 2 if a.qkv_bias else 0
         self.query = _kernel(a, "query", (e, h, d), ("embed", "heads", "head_dim"),
                              e ** -0.5 * a.query_fold, dtype, rules, stacked, rngs, b)
         self.key = _kernel(a, "key", (e, kv, d), ("embed", "kv_heads", "head_dim"), e ** -0.5,
@@ -213,7 +222,7 @@ class SelfAttention(nnx.Module):
         self.value = _kernel(a, "value", (e, kv, d), ("embed", "kv_heads", "head_dim"),
                              e ** -0.5, dtype, rules, stacked, rngs, b)
         self.out = _kernel(a, "out", (h, d, e), ("heads", "head_dim", "embed"), (h * d) ** -0.5,
-                           dtype, rules, stacked, rngs)
+                           dtype, rules, stacked, rngs, 1 if a.attention_bias else 0)
         if a.fam.qk_norm:
             self.query_norm = Scale(d, dtype, rules, stacked, rngs)
             self.key_norm = Scale(d, dtype, rules, stacked, rngs)
@@ -221,13 +230,13 @@ class SelfAttention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, a: ModelArgs, dtype, rules, stacked, rngs):
-        e, m = a.emb_dim, a.mlp_dim
+        e, m, b = a.emb_dim, a.mlp_dim, 1 if a.mlp_bias else 0
         self.wi_0 = _kernel(a, "wi_0", (e, m), ("embed", "mlp"), e ** -0.5, dtype, rules,
-                            stacked, rngs)
+                            stacked, rngs, b)
         self.wi_1 = _kernel(a, "wi_1", (e, m), ("embed", "mlp"), e ** -0.5, dtype, rules,
-                            stacked, rngs)
+                            stacked, rngs, b)
         self.wo = _kernel(a, "wo", (m, e), ("mlp", "embed"), m ** -0.5, dtype, rules, stacked,
-                          rngs)
+                          rngs, b)
 
 
 class DecoderLayer(nnx.Module):
@@ -322,12 +331,12 @@ def layer_forward(p: dict, x: jax.Array, mask: jax.Array,
             return None
         return a.lora_dropout, jax.random.fold_in(dropout_key, _PROJECTION_INDEX[name])
 
-    def project(name, h):
-        y = lora.project(h, sa[name], "bte,ehd->bthd", 1, scale, drop(name))
-        return y + sa[name]["bias"] if "bias" in sa[name] else y
+    def project(p, name, h, spec, n_in):
+        y = lora.project(h, p[name], spec, n_in, scale, drop(name))
+        return y + p[name]["bias"] if "bias" in p[name] else y
 
     h = rms_norm(x, w[norms[ATTN_NORM]]["scale"], a.norm_eps)
-    q, k, v = project("query", h), project("key", h), project("value", h)
+    q, k, v = (project(sa, n, h, "bte,ehd->bthd", 1) for n in ("query", "key", "value"))
     q = constrain(q, rules, ("activation_batch", "activation_length", "activation_heads", None))
     if fam.qk_norm:
         q = rms_norm(q, sa["query_norm"]["scale"], a.norm_eps)
@@ -350,17 +359,17 @@ def layer_forward(p: dict, x: jax.Array, mask: jax.Array,
     else:
         o = attn.dot_product_attention(q, k, v, mask, a.attention_scale, a.attention,
                                        softcap=a.attn_softcap)
-    o = lora.project(o, sa["out"], "bthd,hde->bte", 2, scale, drop("out"))
+    o = project(sa, "out", o, "bthd,hde->bte", 2)
     if fam.sandwich_norms:
         o = rms_norm(o, w[norms[POST_ATTN_NORM]]["scale"], a.norm_eps)
     x = constrain(x + o, rules, BATCH_SEQ_EMBED)
 
     h = rms_norm(x, w[norms[MLP_NORM]]["scale"], a.norm_eps)
-    gate = lora.project(h, mlp["wi_0"], "bte,em->btm", 1, scale, drop("wi_0"))
-    up = lora.project(h, mlp["wi_1"], "bte,em->btm", 1, scale, drop("wi_1"))
+    gate = project(mlp, "wi_0", h, "bte,em->btm", 1)
+    up = project(mlp, "wi_1", h, "bte,em->btm", 1)
     act = constrain(_activation(fam.activation, gate) * up, rules,
                     ("activation_batch", "activation_length", "activation_mlp"))
-    y = lora.project(act, mlp["wo"], "btm,me->bte", 1, scale, drop("wo"))
+    y = project(mlp, "wo", act, "btm,me->bte", 1)
     if fam.sandwich_norms:
         y = rms_norm(y, w[norms[POST_MLP_NORM]]["scale"], a.norm_eps)
     return constrain(x + y, rules, BATCH_SEQ_EMBED), new_cache

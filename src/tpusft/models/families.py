@@ -41,6 +41,7 @@ class Family:
     activation: str = "silu"         # gate activation of the gated MLP
     block_style: str = "single"
     period: int = 1                  # layers per scanned block
+    hf_bias_fields: tuple[str, ...] = ()  # optional biases the HF config can switch on
 
     @property
     def sandwich_norms(self) -> bool:
@@ -57,17 +58,18 @@ class Family:
 
 FAMILIES = {f.name: f for f in [
     Family("llama3", "llama", "LlamaForCausalLM", _LLAMA_NORMS, rope_interleaved=True,
-           query_prescaled=True),
+           query_prescaled=True, hf_bias_fields=("attention_bias", "mlp_bias")),
     Family("mistral", "mistral", "MistralForCausalLM", _LLAMA_NORMS, rope_interleaved=True,
            query_prescaled=True),
     Family("qwen2", "qwen2", "Qwen2ForCausalLM", _LLAMA_NORMS, qkv_bias=True),
-    Family("qwen3", "qwen3", "Qwen3ForCausalLM", _LLAMA_NORMS, qk_norm=True),
+    Family("qwen3", "qwen3", "Qwen3ForCausalLM", _LLAMA_NORMS, qk_norm=True,
+           hf_bias_fields=("attention_bias",)),
     Family("gemma2", "gemma2", "Gemma2ForCausalLM", _GEMMA_NORMS, query_prescaled=True,
            norm_offset=True, embed_scaled=True, activation="gelu_tanh", block_style="suffix",
-           period=2),
+           period=2, hf_bias_fields=("attention_bias",)),
     Family("gemma3", "gemma3_text", "Gemma3ForCausalLM", _GEMMA_NORMS, qk_norm=True,
            norm_offset=True, embed_scaled=True, activation="gelu_tanh", block_style="nested",
-           period=6),
+           period=6, hf_bias_fields=("attention_bias",)),
 ]}
 
 GEMMA2_SUFFIXES = ("_local", "_global")

@@ -28,7 +28,7 @@ from tunix.rl.rollout import base_rollout
 from tunix.sft import hooks as tunix_hooks
 from tunix.sft import metrics_logger as tunix_metrics
 
-from tpusft.demo import evaluate
+from tpusft.data.chat import stop_ids
 from tpusft.errors import ConfigError
 from tpusft.models import sampling
 from tpusft.models.sharding import BATCH_AXES
@@ -81,7 +81,7 @@ def rollout_config(cfg: Any, tokenizer) -> base_rollout.RolloutConfig:
         max_tokens_to_generate=cfg.max_completion_length, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=cfg.top_k or None, max_prompt_length=cfg.max_prompt_length,
         kv_cache_size=cfg.max_prompt_length + cfg.max_completion_length,
-        eos_tokens=evaluate.eos_ids(tokenizer), seed=jax.random.key_data(jax.random.key(cfg.seed)))
+        eos_tokens=stop_ids(tokenizer), seed=jax.random.key_data(jax.random.key(cfg.seed)))
 
 
 def training_config(cfg: Any) -> rl_cluster_lib.RLTrainingConfig:
@@ -208,7 +208,7 @@ def held_out_accuracy(model, tokenizer, problems: list[tuple[str, str]], max_new
         chunk = problems[i:i + batch]
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in chunk]
         new = sampling.generate(model, ids, max_new_tokens=max_new_tokens, pad_id=pad,
-                                eos_ids=evaluate.eos_ids(tokenizer),
+                                eos_ids=stop_ids(tokenizer),
                                 prefill_length=max(len(x) for x in ids))
         for (prompt, want), toks in zip(chunk, new, strict=True):
             got = tokenizer.decode(toks, skip_special_tokens=True).strip()
