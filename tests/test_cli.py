@@ -202,6 +202,15 @@ def test_grpo_runs_resumes_and_exports(tmp_path):
     # its checkpoint (its evaluation at step 2) is replaced, not repeated.
     assert sorted(r["step"] for r in rows if r["kind"] == "eval") == [0, 2, 3]
     assert (run / "loss_curve.png").stat().st_size > 1000
+    # TensorBoard: every held-out evaluation, the final one included, and tpusft's names.
+    from test_metrics import tensorboard_scalars
+
+    tb = tensorboard_scalars(run / "tensorboard")
+    evals = {r["step"]: r["accuracy"] for r in rows if r["kind"] == "eval"}
+    assert tb["eval/heldout_accuracy"] == pytest.approx(evals)
+    assert {"train/reward", "train/kl", "train/completion_length", "train/loss"} <= set(tb)
+    assert not any(t.startswith(("jax/", "rewards/", "completions/", "actor/")) for t in tb)
+    assert "Skipping non-TPU device" not in first.stderr + second.stderr
 
     from tpusft.checkpoint.cli import native_to_hf_main
 

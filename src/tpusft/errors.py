@@ -38,6 +38,9 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     # transformers' advice on import ("PyTorch was not found ...") is about its models, which
     # no tpusft command uses: its tokenizers and configs need no PyTorch.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from tpusft import notices
+
+    notices.install()
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:

@@ -130,7 +130,8 @@ def main(argv: Sequence[str]) -> int:
                 print(f"exact match: {100 * demo_before:.1f}% before training -> "
                       f"{100 * after:.1f}% after")
 
-    report.finish(cfg, feeder.data_stats(), f"tpusft {method.loss_type.upper()}")
+    report.finish(cfg, feeder.data_stats(), f"tpusft {method.loss_type.upper()}",
+                  method="dpo")
     return 0
 
 

@@ -141,7 +141,8 @@ def main(argv: Sequence[str]) -> int:
             print(f"held-out accuracy: {100 * before:.1f}% before -> {100 * after:.1f}% after "
                   f"({len(problems)} prompts, greedy)")
 
-    report.finish(cfg, stats, "tpusft GRPO", f"{cfg.checkpoint_directory}/actor")
+    report.finish(cfg, stats, "tpusft GRPO", f"{cfg.checkpoint_directory}/actor",
+                  method="grpo")
     return 0
 
 

@@ -94,6 +94,10 @@ class Config:
     print_config: bool = key(False, "Print the fully resolved config and exit.")
     seed: int = key(0, "Seed for parameter initialisation.")
     log_period: int = key(10, "Print a progress line every this many steps.", minimum=1)
+    tensorboard_library_scalars: bool = key(
+        False, "Also write the libraries' own TensorBoard scalars (JAX compile times, Orbax "
+        "write speeds, Tunix's GRPO rewards/ and completions/) beside tpusft's train/ and "
+        "eval/ ones.")
 
     # ---------------------------------------------------------------- model
     model_name: str = key(

@@ -33,6 +33,7 @@ from tpusft.errors import ConfigError
 from tpusft.models import sampling
 from tpusft.models.sharding import BATCH_AXES
 from tpusft.rl import rewards as rewards_lib
+from tpusft.training import tensorboard
 from tpusft.training.metrics import JsonlWriter, format_duration
 from tpusft.training.optimizer import make_optimizer
 from tpusft.training.setup import reference_model
@@ -93,8 +94,7 @@ def training_config(cfg: Any) -> rl_cluster_lib.RLTrainingConfig:
         # GuardedCheckpoints (guard_actor): Tunix restores nothing itself.
         checkpoint_root_directory=None,
         checkpointing_options=checkpoint_options(cfg),
-        metrics_logging_options=tunix_metrics.MetricsLoggerOptions(
-            log_dir=cfg.tensorboard_directory, flush_every_n_steps=cfg.log_period),
+        metrics_logging_options=tensorboard.logger_options(cfg),
         data_sharding_axis=(BATCH_AXES,),
         pbar_description=None,
     )
@@ -332,4 +332,6 @@ class Progress(tunix_hooks.TrainingHooks):
         self.jsonl.flush()
         if train_ctx is not None:
             train_ctx.metrics_logger.log("tpusft", "heldout_accuracy", accuracy, "eval", step)
+        else:  # after training: the trainer's logger is closed
+            tensorboard.write_scalars(self.cfg, step, {"eval/heldout_accuracy": accuracy})
         return accuracy

@@ -1,4 +1,4 @@
-"""Throughput, MFU, the console progress line, metrics.jsonl and the loss-curve PNG."""
+"""Throughput, MFU, the console progress line, metrics.jsonl and the run's plot (PNG)."""
 
 from __future__ import annotations
 
@@ -120,26 +120,66 @@ def last_per_step(records: list[dict], kind: str, key: str) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-def write_loss_curve(jsonl_path: str, png_path: str, title: str) -> bool:
+# Per method: the panels of a run's plot, each (title, y label, [(record kind, key, label)]).
+# GRPO's policy loss is noise around zero by construction; what it optimises is the reward.
+PANELS = {
+    "sft": [("loss", "loss (nats/token)", [("train", "loss", "train loss"),
+                                            ("eval", "loss", "eval loss")])],
+    "dpo": [("loss", "preference loss", [("train", "loss", "train loss"),
+                                         ("eval", "loss", "eval loss")])],
+    "grpo": [("reward", "mean reward", [("train", "reward", "reward (rollouts)")]),
+             ("held-out accuracy", "exact match", [("eval", "accuracy", "held-out (greedy)"),
+                                                   ("train", "accuracy", "rollouts")]),
+             ("KL to the reference", "KL", [("train", "kl", "kl")]),
+             ("completion length", "tokens", [("train", "completion_length", "mean length")])],
+}
+
+
+def plot_panels(records: list[dict], method: str) -> list[tuple[str, str, list]]:
+    """(title, y label, [(label, steps, values, is_eval)]) of each panel with data, from
+    metrics.jsonl records (the last record of each step)."""
+    out = []
+    for title, ylabel, series in PANELS[method]:
+        lines = []
+        for kind, key, label in series:
+            points = last_per_step(records, kind, key)
+            if points:
+                lines.append((label, list(points), list(points.values()), kind == "eval"))
+        if lines:
+            out.append((title, ylabel, lines))
+    return out
+
+
+def write_run_plot(jsonl_path: str, png_path: str, title: str, method: str = "sft") -> bool:
+    """The run's plot (loss_curve.png): one panel per figure the method optimises or
+    watches; False when there is nothing to plot yet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_jsonl(jsonl_path)
-    train = last_per_step(records, "train", "loss")
-    evals = last_per_step(records, "eval", "loss")
-    if not train:
+    panels = plot_panels(read_jsonl(jsonl_path), method)
+    if not panels:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(list(train), list(train.values()), label="train loss", lw=1.2)
-    if evals:
-        ax.plot(list(evals), list(evals.values()), "o-", label="eval loss", ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    cols = 1 if len(panels) == 1 else 2
+    rows = -(-len(panels) // cols)
+    size = (7, 4) if len(panels) == 1 else (10, 3.5 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, dpi=100, squeeze=False)
+    for ax, (name, ylabel, lines) in zip(axes.flat, panels, strict=False):
+        for label, steps, values, is_eval in lines:
+            if is_eval:
+                ax.plot(steps, values, "o-", label=label, ms=4)
+            else:
+                ax.plot(steps, values, label=label, lw=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name if len(panels) > 1 else title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if len(panels) > 1:
+        fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -38,17 +38,18 @@ def allocator() -> str:
     return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
 
 
-def finish(cfg: Any, stats, title: str, checkpoints: str = "", print_fn=print) -> None:
-    """The data summary, the loss curve and where the outputs are."""
+def finish(cfg: Any, stats, title: str, checkpoints: str = "", print_fn=print,
+           method: str = "sft") -> None:
+    """The data summary, the run's plot (`method`'s panels) and where the outputs are."""
     from tpusft import distributed
-    from tpusft.training.metrics import write_loss_curve
+    from tpusft.training.metrics import write_run_plot
 
     if not distributed.is_primary():  # process 0 writes the plot and says where things are
         return
     out = epath.Path(cfg.run_directory)
     print_fn(f"data: {stats.summary()}")
     png = str(out / "loss_curve.png")
-    if write_loss_curve(str(out / "metrics.jsonl"), png, f"{title}: {cfg.run_name}"):
-        print_fn(f"loss curve: {png}")
+    if write_run_plot(str(out / "metrics.jsonl"), png, f"{title}: {cfg.run_name}", method):
+        print_fn(f"{'plot' if method == 'grpo' else 'loss curve'}: {png}")
     print_fn(f"checkpoints: {checkpoints or cfg.checkpoint_directory}\n"
              f"tensorboard: {cfg.tensorboard_directory}")

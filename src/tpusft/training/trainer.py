@@ -34,6 +34,7 @@ from tpusft import distributed
 from tpusft.errors import Diverged
 from tpusft.models.sharding import BATCH_AXES
 from tpusft.training import loss as loss_lib
+from tpusft.training import tensorboard
 from tpusft.training.checkpoints import adopt, per_process_values, report_pending_step
 from tpusft.training.divergence import DivergenceGuard
 from tpusft.training.metrics import JsonlWriter, format_duration
@@ -424,8 +425,7 @@ def training_config(cfg: Any, config_cls=peft_trainer.TrainingConfig, **extra):
                                      if cfg.gradient_accumulation_steps > 1 else None),
         checkpoint_root_directory=None,  # tpusft's GuardedCheckpoints (make_resilient)
         checkpointing_options=checkpointing,
-        metrics_logging_options=tunix_metrics.MetricsLoggerOptions(
-            log_dir=cfg.tensorboard_directory, flush_every_n_steps=cfg.log_period),
+        metrics_logging_options=tensorboard.logger_options(cfg),
         profiler_options=profiler,
         data_sharding_axis=(BATCH_AXES,),
         metrics_prefix="",
