@@ -164,17 +164,13 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
             f"decoder config.json describes{hint}: {', '.join(unmapped[:3])}"
             f"{', ...' if len(unmapped) > 3 else ''}; nothing was written")
 
-    from safetensors import safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
     for name in {p.hf_name for leaf in leaves for p in leaf.pieces}:
         if name not in reader.files:
             raise CheckpointError(f"{hf_path}: tensor {name} is missing (the index or the "
                                   f"shards do not match config.json)")
-        with safe_open(reader.files[name], "np") as f:
-            sl = f.get_slice(name)
-            shapes[name], dtypes[name] = tuple(sl.get_shape()), sl.get_dtype()
+        shapes[name], dtypes[name] = reader.header(name)
     for leaf in leaves:
         for p in leaf.pieces:
             if shapes[p.hf_name] != p.hf_shape:

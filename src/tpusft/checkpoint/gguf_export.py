@@ -320,21 +320,6 @@ def _plus_one(x: np.ndarray) -> np.ndarray:
     return x + 1.0
 
 
-def _safetensors_meta(hf_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"{hf_dir}: no *.safetensors files")
-    meta = {}
-    for f in files:
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
-            if k != "__metadata__":
-                meta[k] = (tuple(v["shape"]), str(f))
-    return meta
-
-
 def hf_to_gguf(hf_dir: str, output: str, *, dtype: str = "f16",
                tokenizer_pre: str | None = None, name: str | None = None) -> dict[str, Any]:
     import gguf
@@ -350,7 +335,8 @@ def hf_to_gguf(hf_dir: str, output: str, *, dtype: str = "f16",
     if arch is None:
         raise ConfigError(f"GGUF export: model_type {model_type!r} has no llama.cpp writer here; "
                           f"supported: {', '.join(sorted(ARCHS))}")
-    meta = _safetensors_meta(src)
+    reader = SafetensorsReader(str(src))  # opens a file per tensor: nothing stays mapped
+    meta = {n: reader.header(n) for n in reader.names()}
     plans = _plan(cfg, arch, dtype, meta)
     embed = next(p for p in plans if p.gguf_name == "token_embd.weight")
     vocab_rows = embed.shape[0]
@@ -389,7 +375,6 @@ def hf_to_gguf(hf_dir: str, output: str, *, dtype: str = "f16",
     for _, arr in extra:
         w.write_tensor_data(arr)
         total += arr.nbytes
-    reader = SafetensorsReader(str(src))  # opens a file per tensor: nothing stays mapped
     for p in plans:
         x = reader.get(p.hf_name).astype(np.float32, copy=False)
         if p.transform is not None:

@@ -87,6 +87,14 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def header(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype such as 'BF16') of a tensor, from its file's header."""
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint")
+        with safe_open(self.files[name], "np") as f:
+            sl = f.get_slice(name)
+            return tuple(sl.get_shape()), sl.get_dtype()
+
     def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """A tensor, or its rows [j, k) only."""
         if name not in self.files:
