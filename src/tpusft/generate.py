@@ -52,22 +52,20 @@ def _from_checkpoint(cfg, overrides: Sequence[str]) -> None:
     """The model keys recorded beside the checkpoint (a converted model's or a run's), unless
     the command line sets model_name or model keys; its tokenizer, unless tokenizer_path is
     set."""
-    from pathlib import Path
-
     from tpusft.checkpoint.convert import find_model_keys
+    from tpusft.config.loader import absolute_path
     from tpusft.config.schema import MODEL_KEYS
+    from tpusft.data.chat import has_tokenizer
     from tpusft.errors import ConfigError
 
-    if "://" not in cfg.load_parameters_path:
-        cfg.load_parameters_path = str(Path(cfg.load_parameters_path).expanduser().absolute())
+    cfg.load_parameters_path = absolute_path(cfg.load_parameters_path)
     keys, assets = find_model_keys(cfg.load_parameters_path)
     given = {a.partition("=")[0] for a in overrides}
     if keys and not given & {"model_name", *MODEL_KEYS} and not cfg.demo_task:
         for k, v in keys.items():
             setattr(cfg, k, v)
     if not cfg.tokenizer_path and not cfg.demo_task:
-        if not assets or not any(Path(assets, n).exists()
-                                 for n in ("tokenizer.json", "tokenizer.model")):
+        if not assets or not has_tokenizer(assets):
             raise ConfigError("tokenizer_path is empty and no tokenizer is recorded beside the "
                               "checkpoint; set tokenizer_path= to a Hugging Face tokenizer "
                               "directory")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tpusft.config.loader import absolute_path
 from tpusft.errors import ConfigError
 
 
@@ -72,12 +73,6 @@ def _fetch_from_hub(repo_id: str) -> str:
                           f"from the hub: {str(e).splitlines()[0]}") from None
 
 
-def _absolute(path: str) -> str:
-    """A local path as an absolute one (Orbax and TensorStore refuse relative paths); URLs
-    such as gs:// as given."""
-    return path if not path or "://" in path else str(Path(path).expanduser().absolute())
-
-
 def _add_model_keys(p: argparse.ArgumentParser, model_name_help: str) -> None:
     p.add_argument("--model_name", default="", help=model_name_help)
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -118,7 +113,7 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
     _add_model_keys(p, "a preset the checkpoint must match (name or YAML path), with any "
                     "key=value overrides")
     a = p.parse_intermixed_args(argv)
-    a.output = _absolute(a.output)
+    a.output = absolute_path(a.output)
     model_name, overrides = _model_keys(a)
 
     from tpusft.checkpoint.convert import check_new_output, hf_to_native
@@ -144,7 +139,7 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     info = hf_to_native(src, a.output, scan_layers=a.scan_layers, save_dtype=a.save_dtype,
                         preset=preset, preset_name=model_name or "the key=value overrides",
-                        source_name=a.hf_path if src != a.hf_path else _absolute(src))
+                        source_name=a.hf_path if src != a.hf_path else absolute_path(src))
     dt = time.perf_counter() - t0
     gb = info["bytes"] / 1e9
     print(f"wrote {info['items']}: {info['tensors']} tensors, {gb:.2f} GB in {dt:.1f} s "
@@ -172,8 +167,8 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
     p.add_argument("--base", default="", help="a LoRA checkpoint's base model (native); "
                    "default: the run's load_parameters_path")
     a = p.parse_intermixed_args(argv)
-    a.native_path, a.output = _absolute(a.native_path), _absolute(a.output)
-    a.hf_assets, a.base = _absolute(a.hf_assets), _absolute(a.base)
+    a.native_path, a.output = absolute_path(a.native_path), absolute_path(a.output)
+    a.hf_assets, a.base = absolute_path(a.hf_assets), absolute_path(a.base)
     model_name, overrides = _model_keys(a)
 
     from tpusft.checkpoint.convert import native_to_hf
@@ -219,7 +214,7 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
     if a.from_hf and (model_name or overrides):
         raise ConfigError("--from-hf reads the model from config.json; --model_name and "
                           "key=value apply to native checkpoints")
-    src, out = _absolute(a.source), _absolute(a.output)
+    src, out = absolute_path(a.source), absolute_path(a.output)
     from tpusft.checkpoint.gguf_export import DTYPES, hf_to_gguf
 
     if a.dtype not in DTYPES:
@@ -243,7 +238,7 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
         keys = load_preset(model_name) if model_name else None
         with tempfile.TemporaryDirectory(dir=str(Path(out).parent)) as tmp:
             hf = str(Path(tmp) / "hf")
-            native_to_hf(src, hf, keys=keys, base=_absolute(a.base) or None,
+            native_to_hf(src, hf, keys=keys, base=absolute_path(a.base) or None,
                          overrides=overrides)
             info = hf_to_gguf(hf, out, dtype=a.dtype, tokenizer_pre=a.tokenizer_pre or None,
                               name=Path(src).name)

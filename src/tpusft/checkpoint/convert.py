@@ -199,7 +199,7 @@ def hf_to_native(hf_path: str, output: str, *, scan_layers: bool = True,
 
         hf_shape = leaf.pieces[0].hf_shape
         if leaf.banded:  # HF rows j:k -> native columns j:k, a band at a time
-            items = hf_layout.bands(hf_shape[0], int(np.prod(hf_shape[1:])) * dtype.itemsize)
+            items = hf_layout.bands(hf_shape[0], hf_shape[1] * dtype.itemsize)
             fn, nbytes = load_band, (items[0][1] - items[0][0]) * hf_shape[1] * dtype.itemsize
             block = (leaf.shape[0], items[0][1] - items[0][0])
         else:
@@ -415,7 +415,7 @@ def _hf_tensors(reader: NativeReader, pieces: list, dtype: np.dtype | None,
         leaf, p = item
         if leaf.banded:  # native columns j:k -> HF rows j:k, into one output array
             t = np.empty(p.hf_shape, reader.dtype(leaf.path))
-            for j, k in hf_layout.bands(p.hf_shape[0], int(np.prod(p.hf_shape[1:])) * 4):
+            for j, k in hf_layout.bands(p.hf_shape[0], p.hf_shape[1] * t.itemsize):
                 t[j:k] = p.to_hf(reader.read(leaf.path, columns=(j, k)))
         else:
             t = np.ascontiguousarray(p.to_hf(reader.read(leaf.path, p.index)))
@@ -537,8 +537,10 @@ def _write_hf_metadata(out: Path, keys: dict[str, Any], assets: str | None,
             base = transformers.AutoConfig.from_pretrained(assets)
         except (OSError, ValueError):
             base = None
+    from tpusft.data.chat import has_tokenizer, stop_ids
+
     tokenizer = None
-    if assets and any(Path(assets, n).exists() for n in ("tokenizer.json", "tokenizer.model")):
+    if assets and has_tokenizer(assets):
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(assets)
         except (OSError, ValueError):
@@ -555,8 +557,6 @@ def _write_hf_metadata(out: Path, keys: dict[str, Any], assets: str | None,
     else:
         generation = transformers.GenerationConfig.from_model_config(config)
         if tokenizer is not None:
-            from tpusft.data.chat import stop_ids
-
             eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [
                 config.eos_token_id]
             stops = sorted({*stop_ids(tokenizer), *(i for i in eos if i is not None)})

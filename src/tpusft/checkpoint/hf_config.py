@@ -13,7 +13,7 @@ _BY_MODEL_TYPE = {f.hf_model_type: f.name for f in FAMILIES.values()}
 _BY_MODEL_TYPE["gemma3"] = "gemma3"  # Gemma3ForConditionalGeneration: its text_config
 
 # Every field the supported config classes add to PretrainedConfig's, and what conversion
-# does with it (tests/test_convert.py walks the real classes against these two tables).
+# does with it (tests/test_convert_fidelity.py walks the real classes against these two tables).
 # Read into model keys (or checked: a value tpusft cannot compute is refused) and written back:
 MAPPED = {
     "vocab_size": "vocab_size", "hidden_size": "base_emb_dim",
@@ -235,14 +235,13 @@ def hf_config_for(keys: Any, base: Any = None, dtype: str = "float32") -> Any:
         if field in fam.hf_bias_fields:
             kwargs[field] = bool(k[field])
     window = k["sliding_window_size"] or None
-    if fam.name == "mistral":
-        kwargs["sliding_window"] = window
-    if fam.name.startswith("gemma") and window:  # else layer_types has no sliding layer
+    # Gemma keeps its class default without a window: layer_types then has no sliding layer.
+    if fam.name == "mistral" or (fam.name.startswith("gemma") and window):
         kwargs["sliding_window"] = window
     if fam.name in ("qwen2", "qwen3"):  # every layer, when on (tpusft's Qwen pattern)
         kwargs.update(sliding_window=window, use_sliding_window=bool(window),
                       max_window_layers=0 if window else k["base_num_decoder_layers"])
-    if fam.name != "mistral" and fam.name != "llama3":
+    if fam.name not in ("llama3", "mistral"):  # the classes with layer_types
         kwargs["layer_types"] = layer_types(k)
     if fam.name.startswith("gemma"):
         scalar = float(k["query_pre_attn_scalar"] or k["head_dim"])

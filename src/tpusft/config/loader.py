@@ -278,13 +278,16 @@ def _join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def absolute_path(path: str) -> str:
+    """A local path made absolute (Orbax and TensorStore refuse relative ones); URLs such as
+    gs:// and the empty string as given."""
+    return path if not path or "://" in path else str(Path(path).expanduser().absolute())
+
+
 def derive_paths(cfg: Config) -> None:
     if not cfg.run_name:
         cfg.run_name = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-    base = cfg.base_output_directory
-    if "://" not in base:
-        base = str(Path(base).expanduser().absolute())
-        cfg.base_output_directory = base
+    base = cfg.base_output_directory = absolute_path(cfg.base_output_directory or ".")
     cfg.run_directory = _join(base, cfg.run_name)
     cfg.checkpoint_directory = _join(cfg.run_directory, "checkpoints")
     cfg.tensorboard_directory = _join(cfg.run_directory, "tensorboard")

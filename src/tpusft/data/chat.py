@@ -137,6 +137,13 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def has_tokenizer(directory: str) -> bool:
+    """Whether a local directory holds a Hugging Face tokenizer's files."""
+    from pathlib import Path
+
+    return any(Path(directory, n).exists() for n in ("tokenizer.json", "tokenizer.model"))
+
+
 def load_tokenizer(path: str):
     """A Hugging Face tokenizer from a local directory (or hub id when online)."""
     from transformers import AutoTokenizer
