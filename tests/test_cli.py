@@ -182,7 +182,7 @@ def test_grpo_runs_resumes_and_exports(tmp_path):
             "checkpoint_period=2", "async_checkpointing=false", "beta=0.04", "run_name=g"]
     first = run_cli("tpusft.train_grpo", *args, "steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "reference model: a copy of the starting weights" in first.stdout
+    assert "reference model: a frozen copy of the starting weights" in first.stdout
     assert re.search(r"held-out accuracy: [\d.]+% before -> [\d.]+% after", first.stdout)
     run = tmp_path / "g"
     assert (run / "checkpoints" / "actor" / "2" / "model_params").is_dir()

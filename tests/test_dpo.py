@@ -291,19 +291,30 @@ def test_pair_batches_and_bad_pairs(tmp_path, demo_tokenizer):
     assert pairs.real_pairs(next(iter(ds))) == 2 and stats.truncated == 1
 
 
-def test_lora_reference_shares_the_base_arrays():
+def test_lora_reference_shares_the_base_and_keeps_the_starting_adapters():
     args = ModelArgs(**{**ARGS.__dict__, "lora_rank": 4, "lora_alpha": 8.0,
                         "lora_targets": frozenset(lora.PROJECTIONS)})
     model = create_model(args, None, None, seed=0)
+    for _, module in lora.adapters(model):  # adapters that change the model (lora.adapter_path)
+        module.lora_b[...] = jnp.full(module.lora_b.shape, 0.01)
     ref = reference_model(model)
-    assert not lora.adapters(ref)
     base = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    ref_base = dict(nnx.to_flat_state(nnx.state(ref, nnx.Param)))
+    ref_params = dict(nnx.to_flat_state(nnx.state(ref, nnx.Param)))
     shared = [path for path, _ in base if path[-1] not in ("lora_a", "lora_b")]
-    assert len(shared) == len(ref_base) > 10
+    assert len(shared) > 10 and len(ref_params) == len(base)
     for path, var in base:
         if path in shared:
-            assert ref_base[path][...] is var[...], path  # the very same arrays: no copy
+            assert ref_params[path][...] is var[...], path  # the very same arrays: no copy
+        else:  # a copy of the starting adapters, which training does not move
+            assert ref_params[path][...] is not var[...], path
+            np.testing.assert_array_equal(ref_params[path][...], var[...])
+    x = jnp.asarray(np.arange(12).reshape(2, 6) % 64)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    before = ref(x, pos)[0]
+    np.testing.assert_array_equal(before, model(x, pos)[0])  # the reference is the start
+    for _, module in lora.adapters(model):
+        module.lora_b[...] = module.lora_b[...] * 2.0
+    np.testing.assert_array_equal(ref(x, pos)[0], before)
 
 
 def _cfg(tmp_path, demo_assets, *extra):
@@ -312,7 +323,7 @@ def _cfg(tmp_path, demo_assets, *extra):
         "hf_path=json", f"hf_data_files={demo_assets / 'preference_train.jsonl'}",
         f"tokenizer_path={demo_assets / 'tokenizer'}", "demo_task=", "load_parameters_path=",
         "enable_checkpointing=false", "global_batch_size=8", "steps=3", "log_period=1",
-        "learning_rate=1e-2", *extra])
+        "learning_rate=1e-3", *extra])
 
 
 def _train(cfg, tokenizer, devices):

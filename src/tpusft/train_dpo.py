@@ -72,13 +72,12 @@ def main(argv: Sequence[str]) -> int:
     train_ds, stats, eval_ds = train_and_eval_data(cfg, tokenizer, pairs.build_dataset)
 
     # ---- model and reference
-    args = ModelArgs.from_config(cfg)
+    args = preference.policy_args(ModelArgs.from_config(cfg), method)
     resuming = existing_checkpoint(cfg)
-    frozen_copy = method.needs_reference and not args.lora_rank
     with mesh:
-        # A resumed full fine-tune still loads its starting weights: its reference is their
-        # copy (the trainer then restores the trained weights from the checkpoint).
-        model = build_model(cfg, args, mesh, resuming and not frozen_copy)
+        # A resumed run with a reference still loads its starting weights (and adapters): the
+        # reference is their copy; the trainer then restores the trained ones.
+        model = build_model(cfg, args, mesh, resuming and not method.needs_reference)
         ref = reference_model(model) if method.needs_reference else None
         feeder = preference.batch_feeder(train_ds, cfg, eval_ds, stats)
         trainer = preference.build_trainer(model, ref, make_optimizer(cfg), cfg, feeder)
@@ -90,8 +89,7 @@ def main(argv: Sequence[str]) -> int:
             4 / 3 if ref is not None else 1)
         print(f"tpusft preference training ({method.loss_type}) | run {cfg.run_directory}")
         report.describe_model(cfg, args, model)
-        reference = ("none" if ref is None else "the base weights (shared with the model)"
-                     if args.lora_rank else "a frozen copy of the starting weights")
+        reference = report.reference(ref is not None, args.lora_rank, cfg.lora.adapter_path)
         constants = {"dpo": f"beta {method.beta:g}",
                      "simpo": f"beta {method.beta:g}, gamma {method.simpo_gamma:g}",
                      "orpo": f"lambda {method.orpo_lambda:g}"}[method.loss_type]

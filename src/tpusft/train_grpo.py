@@ -92,7 +92,10 @@ def main(argv: Sequence[str]) -> int:
     # ---- model and Tunix's RL cluster
     args = ModelArgs.from_config(cfg)
     with mesh:
-        model = build_model(cfg, args, mesh, existing_checkpoint(cfg, "actor"))
+        # With a reference, a resumed run still loads its starting weights (its reference is
+        # their copy); the trainer then restores the trained ones.
+        model = build_model(cfg, args, mesh, existing_checkpoint(cfg, "actor")
+                            and not grpo.needs_reference(cfg))
         cluster = grpo.build_cluster(model, tokenizer, mesh, cfg)
         timings = grpo.Timings()
         learner = grpo.build_learner(cluster, cfg, rewards, timings)
@@ -101,9 +104,8 @@ def main(argv: Sequence[str]) -> int:
 
         print(f"tpusft GRPO ({cfg.loss_algo}) | run {cfg.run_directory}")
         report.describe_model(cfg, args, actor)
-        ref = "none (beta=0)" if not grpo.needs_reference(cfg) else (
-            "the base weights (shared with the model)" if args.lora_rank
-            else "a copy of the starting weights")
+        ref = report.reference(grpo.needs_reference(cfg), args.lora_rank,
+                               cfg.lora.adapter_path)
         print(f"{report.devices(mesh)}; reference model: {ref}; rollouts: "
               f"{cfg.rollout_engine} sampler")
         print(f"{cfg.global_batch_size} prompts x {cfg.num_generations} completions per step, "

@@ -76,6 +76,8 @@ def from_peft(args: ModelArgs, tensors: dict[str, np.ndarray]) -> dict:
     def stack(node):
         if isinstance(node, list):
             return np.stack([v for _, v in sorted(node, key=lambda t: t[0])], axis=1)
+        if isinstance(node, np.ndarray):  # an unstacked layer's (Gemma 3's leftover layers)
+            return node
         return {k: stack(v) for k, v in node.items()}
     return stack(tree)
 

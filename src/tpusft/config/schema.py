@@ -292,6 +292,9 @@ class Config:
     adam_b2: float = key(0.95, "AdamW beta2.", minimum=0)
     adam_eps: float = key(1e-8, "AdamW epsilon.", minimum=0)
     adam_weight_decay: float = key(0.0, "AdamW decoupled weight decay.", minimum=0)
+    adam_weight_decay_norms_and_biases: bool = key(
+        False, "Decay RMSNorm scales and biases too (torch.optim.AdamW over all parameters); "
+        "false: as transformers' Trainer, which exempts them.")
     gradient_clipping_threshold: float = key(1.0, "Clip gradients to this global norm (0: "
                                              "off).", minimum=0)
     eval_interval: int = key(0, "Evaluate every this many steps and after the last (0: only "

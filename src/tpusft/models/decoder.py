@@ -38,6 +38,7 @@ from tpusft.models.families import (
     Family,
     block_counts,
 )
+from tpusft.models.hf_parameterisation import EMBEDDING, hf_gradients
 from tpusft.models.sharding import (
     AxisRules,
     constrain,
@@ -476,8 +477,7 @@ class Transformer(nnx.Module):
                 True: attn.rope_tables(positions, self._rope(True)) if a.local_rope_theta
                 else rope_global}
 
-        embedding = self.token_embedder.embedding[...]
-        x = jnp.take(embedding, input_tokens, axis=0).astype(jnp.dtype(a.dtype))
+        x = jnp.take(self._embedding(), input_tokens, axis=0).astype(jnp.dtype(a.dtype))
         x = constrain(x, rules, BATCH_SEQ_EMBED)
 
         # One dropout key per layer, or none.
@@ -522,8 +522,8 @@ class Transformer(nnx.Module):
             blocks, rest = block_counts(fam, a.num_layers)
             period = fam.period
             if blocks:
-                stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, lora.WEIGHTS))
-                stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), stacked)
+                stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0),
+                                       self._weights(self.decoder.layers))
                 keys_in = None
                 if layer_keys is not None:
                     keys_in = layer_keys[:blocks * period].reshape(blocks, period)
@@ -534,15 +534,14 @@ class Transformer(nnx.Module):
 
                 x, _ = jax.lax.scan(scan_fn, x, (stacked, keys_in))
             if rest:
-                p = nnx.to_pure_dict(nnx.state(self.decoder.layers_remainder, lora.WEIGHTS))
+                p = self._weights(self.decoder.layers_remainder)
                 first = blocks * period
                 keys = layer_keys[first:] if layer_keys is not None else None
                 x = run_unit(x, p, True, first, keys)
         else:
             per_unit = len(GEMMA2_SUFFIXES) if fam.block_style == "suffix" else 1
             for u in range(a.num_layers // per_unit):
-                p = nnx.to_pure_dict(nnx.state(getattr(self.decoder, f"layers_{u}"),
-                                               lora.WEIGHTS))
+                p = self._weights(getattr(self.decoder, f"layers_{u}"))
                 first = u * per_unit
                 keys = layer_keys[first:first + per_unit] if layer_keys is not None else None
                 x = run_unit(x, p, False, first, keys)
@@ -567,23 +566,35 @@ class Transformer(nnx.Module):
         if a.scan_layers:
             blocks, rest = block_counts(fam, a.num_layers)
             if blocks:
-                stacked = nnx.to_pure_dict(nnx.state(self.decoder.layers, lora.WEIGHTS))
+                stacked = self._weights(self.decoder.layers)
                 for b in range(blocks):
                     out += unit_layers(a, jax.tree.map(lambda t, b=b: t[:, b], stacked), group)
             if rest:
-                p = nnx.to_pure_dict(nnx.state(self.decoder.layers_remainder, lora.WEIGHTS))
-                out += unit_layers(a, p, True)
+                out += unit_layers(a, self._weights(self.decoder.layers_remainder), True)
         else:
             per_unit = len(GEMMA2_SUFFIXES) if fam.block_style == "suffix" else 1
             for u in range(a.num_layers // per_unit):
-                out += unit_layers(a, nnx.to_pure_dict(
-                    nnx.state(getattr(self.decoder, f"layers_{u}"), lora.WEIGHTS)), False)
+                out += unit_layers(a, self._weights(getattr(self.decoder, f"layers_{u}")),
+                                   False)
         return [rope_halves_order(p, fam) for p in out]
+
+    def _weights(self, module: nnx.Module) -> dict:
+        """A module's weights as plain arrays, for the forward pass: tensors the layout
+        stores through arithmetic carry the gradient of their HF counterpart
+        (models/hf_parameterisation.py)."""
+        a = self.args
+        return hf_gradients(a.family, a.head_dim, a.emb_dim,
+                            nnx.to_pure_dict(nnx.state(module, lora.WEIGHTS)))
+
+    def _embedding(self) -> jax.Array:
+        a = self.args
+        return hf_gradients(a.family, a.head_dim, a.emb_dim,
+                            self.token_embedder.embedding[...], EMBEDDING)
 
     def output_kernel(self) -> jax.Array:
         """[embed, vocab] output projection (the embedding's transpose when tied)."""
         if self.args.tie_embeddings:
-            return self.token_embedder.embedding[...].T
+            return self._embedding().T
         return self.decoder.logits_dense.kernel[...]
 
     def logits(self, hidden: jax.Array, kernel: jax.Array | None = None) -> jax.Array:

@@ -65,11 +65,13 @@ def _one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_background_failures():
+def _quiet_background_failures(collect: bool = False):
     """A failed Orbax restore or save leaves the reads or writes of its other arrays failing
     in background threads and on closed event loops, each logging or printing a traceback:
     while a restore or save runs, and once collected at its end, those go unprinted (the
-    failure itself is reported in one line)."""
+    failure itself is reported in one line). The collection runs when the block raised, or
+    always with `collect` (a block that catches failures itself, as a restore that falls back
+    to an older step does)."""
     hooks = sys.unraisablehook, threading.excepthook
     sys.unraisablehook = lambda _: None
     threading.excepthook = lambda _: None
@@ -77,10 +79,13 @@ def _quiet_background_failures():
     disabled = [log.disabled for log in logs]
     for log in logs:
         log.disabled = True
+    failed = True
     try:
         yield
+        failed = False
     finally:
-        gc.collect()
+        if failed or collect:
+            gc.collect()
         sys.unraisablehook, threading.excepthook = hooks
         for log, was in zip(logs, disabled, strict=True):
             log.disabled = was
@@ -254,7 +259,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
             return 0, {}
         steps = [step] if step is not None else sorted(self._checkpoint_manager.all_steps(),
                                                        reverse=True)
-        with _quiet_background_failures():
+        with _quiet_background_failures(collect=True):
             return self._restore_newest_intact(model, optimizer, steps, restore_only_lora_params)
 
     def _restore_newest_intact(self, model, optimizer, steps, restore_only_lora_params):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -27,8 +28,9 @@ def training_flops_per_token(args: Any, seq_len: int) -> float:
     return 6.0 * matmul_params + attention
 
 
+@functools.cache
 def measure_matmul_tflops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-    """Peak of this device measured by a large matmul in the compute dtype."""
+    """Peak of this device measured by a large matmul in the compute dtype (once a process)."""
     a = jnp.ones((n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()

@@ -14,13 +14,23 @@ def describe_model(cfg: Any, args, model, print_fn=print) -> None:
 
     print_fn(f"model {cfg.model_name}: {args.num_params() / 1e6:,.2f}M parameters, "
              f"{args.num_layers} layers{' (scanned)' if args.scan_layers else ''}, "
-             f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {cfg.remat_policy}")
+             f"dtype {cfg.dtype}, weights {cfg.weight_dtype}, remat {args.remat_policy}")
     if args.lora_rank:
         adapter, total = lora.count(model)
         print_fn(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on "
                  f"{', '.join(sorted(args.lora_targets))}: {adapter / 1e6:,.2f}M / "
                  f"{(total - adapter) / 1e6:,.2f}M trainable, "
                  f"{100 * adapter / (total - adapter):.2f}%")
+
+
+def reference(used: bool, lora_rank: int, adapter_path: str) -> str:
+    """What the reference model is (training/setup.py: reference_model)."""
+    if not used:
+        return "none"
+    if not lora_rank:
+        return "a frozen copy of the starting weights"
+    return "the base weights (shared with the model)" + (
+        " with a frozen copy of the starting adapters" if adapter_path else "")
 
 
 def devices(mesh) -> str:

@@ -140,13 +140,20 @@ def build_model(cfg: Any, args, mesh, resuming: bool, print_fn=print):
     from tpusft.checkpoint.convert import load_adapters
     from tpusft.checkpoint.native import restore_params
     from tpusft.models import lora
-    from tpusft.models.decoder import create_model
+    from tpusft.models.decoder import abstract_model, create_model
 
-    model = create_model(args, mesh, cfg.logical_axis_rules, cfg.seed)
-    if cfg.load_parameters_path and (not resuming or args.lora_rank):
+    loads_base = bool(cfg.load_parameters_path) and (not resuming or bool(args.lora_rank))
+    loads_adapters = bool(cfg.lora.adapter_path) and not resuming
+    if loads_base and (loads_adapters or not args.lora_rank) and mesh is not None:
+        # Every weight comes from a checkpoint: shapes and shardings only, no random values
+        # to compute (and compile for) only to be overwritten.
+        model = abstract_model(args, mesh, cfg.logical_axis_rules)
+    else:
+        model = create_model(args, mesh, cfg.logical_axis_rules, cfg.seed)
+    if loads_base:
         read = restore_params(model, cfg.load_parameters_path)
         print_fn(f"loaded parameters from {read}")
-    if cfg.lora.adapter_path and not resuming:
+    if loads_adapters:
         read = load_adapters(model, args, cfg.lora.adapter_path)
         print_fn(f"loaded LoRA adapters from {read}")
     if args.lora_qtype:
@@ -159,9 +166,12 @@ def build_model(cfg: Any, args, mesh, resuming: bool, print_fn=print):
 
 
 def reference_model(model):
-    """A frozen reference for KL-anchored training (GRPO's KL, DPO's log-ratio). A LoRA
-    model's reference is the same module graph without adapters, sharing the model's (frozen)
-    base arrays: no second copy. A full fine-tune's is a copy of the starting weights."""
+    """A frozen reference for KL-anchored training (GRPO's KL, DPO's log-ratio): the model as
+    training starts. A LoRA model's shares the model's (frozen) base arrays, so there is no
+    second copy of the base, and holds a copy of the starting adapters, as TRL's reference
+    adapter does: a run that continues trained adapters (lora.adapter_path) is anchored to
+    them, and new adapters, whose B is zero, add exactly nothing. A full fine-tune's is a copy
+    of the starting weights."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -172,7 +182,8 @@ def reference_model(model):
     if lora.adapters(model):
         ref = nnx.merge(graphdef, state)  # the same Variables: no second copy of the base
         for _, module in lora.adapters(ref):
-            del module.lora_a, module.lora_b
+            for name in ("lora_a", "lora_b"):
+                setattr(module, name, nnx.LoRAParam(jnp.copy(getattr(module, name)[...])))
         return ref
     return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
