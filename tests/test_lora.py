@@ -213,3 +213,37 @@ def test_sft_loss_and_feeder_key_dropout_by_training_step():
     assert at(np.int32(5)) == at(np.int32(5))
     assert at(np.int32(5)) != at(np.int32(6)) and at(np.int32(5)) != at(np.int32(5), seed=1)
     assert at(np.int32(5)) != at(None)  # evaluation batches have no step: no dropout
+
+
+def test_qlora_steps_are_lora_steps_on_the_dequantized_base(tmp_path, demo_assets,
+                                                            demo_tokenizer):
+    """A QLoRA run's adapters take the steps a LoRA run takes on a base whose kernels are the
+    dequantized nf4 ones (the trajectory tests hold LoRA's steps to PEFT's), query adapters of
+    this Llama-shaped model (stored scaled by 1/sqrt(head_dim)) included."""
+    import qwix
+
+    extra = ("ici_fsdp_parallelism=4", "ici_tensor_parallelism=2", "lora.enable_lora=true",
+             "lora.rank=4", "steps=4", "learning_rate=1e-3", "warmup_steps_fraction=0",
+             "adam_weight_decay=0.1", "gradient_clipping_threshold=0.5",
+             "base_emb_dim=128", "base_mlp_dim=256")
+
+    def start(model, dequantize):
+        assert lora.quantize_base(model, "nf4", True) == 7
+        for i, (_, m) in enumerate(lora.adapters(model)):
+            m.lora_b[...] = 0.01 * jax.random.normal(jax.random.key(i), m.lora_b.shape)
+            if dequantize:
+                q = qwix.QArray(m.kernel_q[...], m.kernel_scale[...], None, lora.QTYPES["nf4"])
+                m.kernel = nnx.Param(qwix.dequantize(q).astype(jnp.float32))
+                del m.kernel_q, m.kernel_scale
+
+    runs = {}
+    for name, qtype in (("qlora", "lora.weight_qtype=nf4"), ("lora", "lora.weight_qtype=")):
+        cfg = _cfg(tmp_path / name, demo_assets, *extra, qtype)
+        model, _, losses, _ = _train(cfg, demo_tokenizer, jax.devices(),
+                                     lambda m, d=name == "lora": start(m, d))
+        runs[name] = losses, jax.tree.map(np.asarray, nnx.to_pure_dict(
+            nnx.state(model, nnx.LoRAParam)))
+    np.testing.assert_allclose(runs["qlora"][0], runs["lora"][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+                 runs["qlora"][1], runs["lora"][1])
+    assert runs["qlora"][0][-1] < runs["qlora"][0][0]

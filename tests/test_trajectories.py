@@ -56,7 +56,9 @@ def _sft(family, mode, tmp_path, tokenizer_dir, hf_tokenizer, reference: str):
     hyper, ref = oracle.binding_clip(run, hyper)
     keys = oracle.tpusft_keys(paths, tokenizer_dir, data, tmp_path, hyper, 48, lora)
     ours = oracle.run_tpusft(train_sft.main, keys, tmp_path)
-    oracle.compare(ours, ref)
+    loss_rel, weights = oracle.compare(ours, ref)
+    print(f"[trajectory] sft-{reference} {family} {mode}: losses {loss_rel:.1e} relative, "
+          f"weights {weights:.1e}, clip {hyper.clip}")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -99,7 +101,9 @@ def test_preference_steps_equal_trl(loss_type, family, mode, tmp_path, tokenizer
     hyper, ref = oracle.binding_clip(run, hyper)
     keys = oracle.tpusft_keys(paths, tokenizer_dir, data, tmp_path, hyper, 80, lora) + method
     ours = oracle.run_tpusft(train_dpo.main, keys, tmp_path)
-    oracle.compare(ours, ref)
+    loss_rel, weights = oracle.compare(ours, ref)
+    print(f"[trajectory] {loss_type} {family} {mode}: losses {loss_rel:.1e} relative, "
+          f"weights {weights:.1e}, clip {hyper.clip}")
     if loss_type == "dpo":
         # The policy starts as its reference (TRL's too): every step-1 reward is exactly 0.
         first = ours.records[0]
