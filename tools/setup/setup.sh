@@ -19,9 +19,12 @@ for arg in "$@"; do
     --test) extras+=(test) ;;
     --bench) extras+=(test bench) ;;
     --gguf) extras+=(gguf)
-            # llama-cpp-python builds from source; its multimodal library (mtmd) is not
-            # needed to run a text model and is a third of the build.
-            export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" ;;
+            # llama-cpp-python builds from source. GGML_NATIVE=OFF: ggml's default
+            # -march=native gives a library that stops with "Illegal instruction" on a CPU
+            # older than the build machine's (AVX-512/AMX hosts); the portable build keeps
+            # AVX2/FMA/F16C. Its multimodal library (mtmd) is not needed to run a text model
+            # and is a third of the build.
+            export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF}" ;;
     -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg (use --tpu, --cuda, --test, --bench, --gguf)" >&2; exit 2 ;;
   esac
@@ -48,11 +51,21 @@ fi
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 stamp=".venv/.tpusft-install"
-want="$(cat pyproject.toml | sha256sum | cut -c1-16) $spec"
+want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16) $spec ${CMAKE_ARGS:-}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "tpusft already installed in .venv ($spec)"
 else
   .venv/bin/python -m pip install -q --upgrade pip
+  if [[ " ${extras[*]:-} " == *" gguf "* ]]; then
+    # Built here with the flags above, never a wheel pip cached from another build.
+    llama_pin=$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+    if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null ||
+       [ "$(cat .venv/.tpusft-llama-cpp 2>/dev/null)" != "$llama_pin $CMAKE_ARGS" ]; then
+      echo "building $llama_pin (CMAKE_ARGS=$CMAKE_ARGS; a few minutes)"
+      .venv/bin/python -m pip install -q --no-cache-dir --force-reinstall --no-deps "$llama_pin"
+      echo "$llama_pin $CMAKE_ARGS" > .venv/.tpusft-llama-cpp
+    fi
+  fi
   .venv/bin/python -m pip install -q -e "$spec"
   echo "$want" > "$stamp"
   echo "installed tpusft into .venv ($spec)"
