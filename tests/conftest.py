@@ -3,6 +3,11 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# libtpu (the test extra's jax[tpu], for compile-only TPU runs) would otherwise make JAX look
+# for a TPU first; compile-only runs ask libtpu for their topology's devices directly.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# ... and this process and the commands it starts may each load libtpu.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # One XLA compilation cache for the session, shared with the commands tests start: the

@@ -90,3 +90,16 @@ def test_one_process_gathers_and_agrees_with_itself():
     assert distributed.gather_json({"next_index": 3}) == [{"next_index": 3}]
     np.testing.assert_array_equal(distributed.allgather(np.array([1.0, 2.0])), [[1.0, 2.0]])
     distributed.sync("nothing to wait for")
+
+
+def test_libtpu_without_a_tpu_means_the_cpu():
+    """This machine has no TPU: with libtpu installed, JAX is told to use the CPU."""
+    import importlib.util
+
+    env: dict = {}
+    launch.skip_tpu_search_without_tpu(env)
+    has_libtpu = importlib.util.find_spec("libtpu") is not None
+    assert env == ({"JAX_PLATFORMS": "cpu"} if has_libtpu else {})
+    chosen = {"JAX_PLATFORMS": "tpu"}
+    launch.skip_tpu_search_without_tpu(chosen)
+    assert chosen == {"JAX_PLATFORMS": "tpu"}  # an explicit choice stays

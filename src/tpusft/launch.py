@@ -31,13 +31,34 @@ def tcmalloc_env(environ: dict | None = None) -> dict | None:
     return env
 
 
+def skip_tpu_search_without_tpu(environ=None) -> None:
+    """JAX_PLATFORMS=cpu where libtpu is installed (the test extra's, for compile-only TPU
+    runs) on a machine with no TPU and no CUDA plugin: JAX would otherwise try the TPU first
+    and print libtpu's start-up errors before falling back to the CPU. TPU VMs (with
+    /dev/accel* or /dev/vfio devices) and an explicit JAX_PLATFORMS are left alone."""
+    import glob
+    import importlib.util
+
+    env = os.environ if environ is None else environ
+    if "JAX_PLATFORMS" in env or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(p) is not None
+           for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        return
+    env["JAX_PLATFORMS"] = "cpu"
+
+
 def reexec_with_tcmalloc(module: str | None = None) -> None:
     """Restarts `python -m module` (or, without a module, the running script) with tcmalloc
     preloaded, when it is installed.
 
     XLA's CPU runtime allocates and frees large buffers every step; with glibc malloc that
     costs page faults and kernel time that tcmalloc avoids. TPUSFT_NO_TCMALLOC=1 opts out.
+    Every entry point starts here, so the TPU search is settled here first.
     """
+    skip_tpu_search_without_tpu()
     if os.environ.get("TPUSFT_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
     env = tcmalloc_env()

@@ -26,6 +26,10 @@ def main(argv: Sequence[str]) -> int:
     if cfg.print_config:
         sys.stdout.write(resolved_yaml(cfg))
         return 0
+    if cfg.compile_topology:  # will it fit? The step compiled for a TPU topology, no run
+        from tpusft.aot import fit
+
+        return fit.run(argv, cfg, fit.preference_method())
     from tpusft import distributed
 
     distributed.initialize(cfg)  # several processes, when the config or environment says so

@@ -252,7 +252,7 @@ def validate(cfg: Config, needs_data: bool = True) -> None:
                           f"(at 0.5 a pair says nothing)")
     if not cfg.eval_fraction < 1:
         raise ConfigError(f"eval_fraction={cfg.eval_fraction} must be below 1")
-    if not cfg.demo_task and not cfg.print_config and needs_data:
+    if not cfg.demo_task and not cfg.print_config and not cfg.compile_topology and needs_data:
         if not cfg.hf_path and not cfg.dataset:
             raise ConfigError("hf_path is empty; set hf_path= to a hub data set, json/parquet "
                               "with hf_data_files=, or a local directory (or dataset= to a "

@@ -335,6 +335,16 @@ class Config:
                                                "(skips compilation).", minimum=0)
     profiler_steps: int = key(3, "Steps captured in the trace.", minimum=1)
 
+    # ----------------------------------------------------- compile-only runs
+    compile_topology: str = key(
+        "", "Compile the run's step for this TPU topology (v4-8 ..., v5e-1 ... v5e-256, v5p-8 "
+        "..., v6e-1 ... v6e-256, tpu7x-8 ...) from shapes alone, on any machine, print its "
+        "per-chip memory and whether it fits, and exit (0 fits, 1 does not). Nothing is read "
+        "or trained. Empty: a normal run.", section="Compile-only runs (will it fit?)")
+    compile_topology_num_slices: int = key(1, "Slices of compile_topology (multi-slice "
+                                           "runs; the dcn_* keys split the mesh over them).",
+                                           minimum=1)
+
     # ----------------------------------------------------------- generation
     prompt: str = key("", "User message for `python -m tpusft.generate` (the chat template is "
                       "applied).", section="Generation")

@@ -129,3 +129,16 @@ def add_loss_denominators(micro_batches: list[dict], total: float | None = None)
         total = float(sum(np.sum(b["weights"]) for b in micro_batches))
     denom = np.float32(max(total, 1.0) / len(micro_batches))
     return [dict(b, loss_denominator=denom) for b in micro_batches]
+
+
+def sft_batch_shapes(rows: int, length: int, dropout: bool = False) -> dict[str, tuple]:
+    """(shape, dtype) of each entry of an SFT micro-batch as the trainer receives it (the
+    pipeline's features plus add_loss_denominators' scalar, and the step counter of a run
+    with dropout): what a compile-only run compiles the step for."""
+    shapes = {name: ((rows, length), np.int32)
+              for name in ("inputs", "targets", "segment_ids", "positions")}
+    shapes["weights"] = ((rows, length), np.float32)
+    shapes["loss_denominator"] = ((), np.float32)
+    if dropout:
+        shapes["dropout_step"] = ((), np.int32)
+    return shapes

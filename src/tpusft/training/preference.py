@@ -102,15 +102,24 @@ def training_config(cfg: Any, method: PreferenceLoss) -> dpo_trainer.DPOTraining
         lambda_orpo=method.orpo_lambda, label_smoothing=method.label_smoothing)
 
 
+def preference_trainer(model: nnx.Module, ref_model: nnx.Module | None,
+                       optimizer: optax.GradientTransformation, cfg: Any,
+                       adjust=lambda tunix_config: tunix_config) -> PreferenceTrainer:
+    """Tunix's DPOTrainer with tpusft's loss (its config through `adjust`): the step a run
+    executes and a compile-only run (aot/) compiles."""
+    method = PreferenceLoss.from_config(cfg)
+    mesh = model.rules.mesh if model.rules is not None else None
+    tiles = trainer_lib.vocab_tiles(cfg, mesh)
+    return PreferenceTrainer(model, ref_model, optimizer, adjust(training_config(cfg, method)),
+                             method, cfg.seed, tiles)
+
+
 def build_trainer(model: nnx.Module, ref_model: nnx.Module | None,
                   optimizer: optax.GradientTransformation, cfg: Any,
                   feeder: trainer_lib.BatchFeeder) -> PreferenceTrainer:
     """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
-    method = PreferenceLoss.from_config(cfg)
+    trainer = preference_trainer(model, ref_model, optimizer, cfg)
     mesh = model.rules.mesh if model.rules is not None else None
-    tiles = trainer_lib.vocab_tiles(cfg, mesh)
-    trainer = PreferenceTrainer(model, ref_model, optimizer, training_config(cfg, method),
-                                method, cfg.seed, tiles)
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
     feeder.mesh = mesh
     trainer_lib.make_resilient(trainer, cfg, feeder)

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tpusft.models import attention as attn
 from tpusft.training.loss import sequence_chunks
@@ -159,3 +160,19 @@ def make_loss_fn(method: PreferenceLoss, seed: int = 0, tiles: int = 1):
                            sides, tiles=tiles, dropout_key=key)
         return batch_loss(method, logps, side_lengths(weights, sides), ref_logps)
     return loss_fn
+
+
+def pair_batch_shapes(rows: int, length: int, dropout: bool = False,
+                      reference: bool = False) -> dict[str, tuple]:
+    """(shape, dtype) of each entry of a micro-batch of pair rows as the preference step
+    receives it (data/pairs.py's features; `ref_logps` of a DPO run's reference, added by
+    the trainer before the step; the step counter of a run with dropout): what a
+    compile-only run compiles the step for."""
+    shapes = {name: ((rows, length), np.int32) for name in (
+        "inputs", "positions", "segment_ids", "score_index", "targets", "sides")}
+    shapes["weights"] = ((rows, length), np.float32)
+    if reference:
+        shapes["ref_logps"] = ((rows, 2), np.float32)
+    if dropout:
+        shapes["dropout_step"] = ((), np.int32)
+    return shapes

@@ -442,13 +442,22 @@ def vocab_tiles(cfg: Any, mesh: jax.sharding.Mesh | None) -> int:
                                 cfg.max_target_length, cfg.vocab_size)
 
 
-def build_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cfg: Any,
-                  feeder: BatchFeeder) -> SftTrainer:
-    """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
-    trainer = SftTrainer(model, optimizer, training_config(cfg))
+def sft_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cfg: Any,
+                adjust=lambda tunix_config: tunix_config) -> SftTrainer:
+    """Tunix's trainer with tpusft's SFT loss (its config through `adjust`): the step a run
+    executes and a compile-only run (aot/) compiles."""
+    trainer = SftTrainer(model, optimizer, adjust(training_config(cfg)))
     mesh = model.rules.mesh if model.rules is not None else None
     trainer.with_loss_fn(loss_lib.seeded_sft_loss(cfg.seed, vocab_tiles(cfg, mesh)))
     trainer.with_gen_model_input_fn(lambda batch: batch)
+    return trainer
+
+
+def build_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, cfg: Any,
+                  feeder: BatchFeeder) -> SftTrainer:
+    """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
+    trainer = sft_trainer(model, optimizer, cfg)
+    mesh = trainer.model.rules.mesh if trainer.model.rules is not None else None
     feeder.dropout = bool(cfg.lora.enable_lora and cfg.lora.dropout)
     feeder.mesh = mesh
     make_resilient(trainer, cfg, feeder)

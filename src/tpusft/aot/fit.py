@@ -1,0 +1,255 @@
+"""Will it fit? A compile-only run: the run's step compiled for a TPU topology, its per-chip
+memory against the chip's HBM, and when it does not fit, what does.
+
+These are the TPU compiler's figures for the program, not measurements on a TPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tpusft.aot import compile_step
+from tpusft.aot.compile_step import GIB, Compiled
+from tpusft.aot.topology import Topology, parse
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How a recipe's step is built and fed, as its run does: `model_args(cfg)`,
+    `make_trainer(model, optimizer, cfg)` (Tunix's config stripped of outputs), and
+    `batch_shapes(cfg, rows)` of one micro-batch as the step receives it."""
+
+    name: str
+    model_args: Callable
+    make_trainer: Callable
+    batch_shapes: Callable[[Any, int], dict]
+    flops_factor: Callable[[Any], float] = lambda cfg: 1.0
+
+
+def _dropout(cfg: Any) -> bool:
+    return bool(cfg.lora.enable_lora and cfg.lora.dropout)
+
+
+def sft_method() -> Method:
+    from tpusft.models.decoder import ModelArgs
+    from tpusft.training import loss
+    from tpusft.training.trainer import sft_trainer
+
+    return Method(
+        "SFT", ModelArgs.from_config,
+        lambda model, optimizer, cfg: sft_trainer(model, optimizer, cfg, compile_step.quiet),
+        lambda cfg, rows: loss.sft_batch_shapes(rows, cfg.max_target_length, _dropout(cfg)))
+
+
+def preference_method() -> Method:
+    """DPO, ORPO, SimPO: the policy's step, and for DPO the reference's log-prob program."""
+    from tpusft.models.decoder import ModelArgs
+    from tpusft.training import preference
+    from tpusft.training.preference_loss import PreferenceLoss, pair_batch_shapes
+    from tpusft.training.setup import reference_model
+
+    def args(cfg):
+        return preference.policy_args(ModelArgs.from_config(cfg),
+                                      PreferenceLoss.from_config(cfg), print_fn=lambda *_: None)
+
+    def make_trainer(model, optimizer, cfg):
+        needs_reference = PreferenceLoss.from_config(cfg).needs_reference
+        ref = reference_model(model) if needs_reference else None
+        return preference.preference_trainer(model, ref, optimizer, cfg, compile_step.quiet)
+
+    def shapes(cfg, rows):
+        return pair_batch_shapes(rows, cfg.max_target_length, _dropout(cfg),
+                                 PreferenceLoss.from_config(cfg).needs_reference)
+
+    return Method("preference", args, make_trainer, shapes,
+                  lambda cfg: 4 / 3 if PreferenceLoss.from_config(cfg).needs_reference else 1)
+
+
+def describe(cfg: Any) -> str:
+    if cfg.lora.enable_lora:
+        kind = f"QLoRA {cfg.lora.weight_qtype}" if cfg.lora.weight_qtype else "LoRA"
+        return f"{kind} rank {cfg.lora.rank}"
+    return "full"
+
+
+def mesh_for(cfg: Any, topology: Topology):
+    from tpusft.models.sharding import make_mesh
+
+    return make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
+                     cfg.ici_tensor_parallelism, devices=topology.devices(),
+                     dcn=(cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism,
+                          cfg.dcn_tensor_parallelism))
+
+
+def batch_ways(mesh) -> int:
+    from tpusft.models.sharding import BATCH_AXES
+
+    ways = 1
+    for axis in BATCH_AXES:
+        ways *= mesh.shape[axis]
+    return ways
+
+
+def compile_run(cfg: Any, method: Method, topology: Topology) -> tuple[Compiled, Any]:
+    """(what the compiler said, the mesh) for `cfg`'s step on `topology`. With a reference
+    model (DPO), its log-prob program is compiled too (a run executes it before each step)
+    and its own weights count in the step's total; the first program that does not fit is
+    the result."""
+    from flax import nnx
+
+    from tpusft.training.setup import check_batch
+
+    mesh = mesh_for(cfg, topology)
+    check_batch(cfg, mesh)
+    trainer, model, optimizer, reference = compile_step.abstract_trainer(
+        cfg, mesh, method.make_trainer, method.model_args(cfg))
+    rows = cfg.global_batch_size // cfg.gradient_accumulation_steps
+    batch = compile_step.abstract_batch(method.batch_shapes(cfg, rows), mesh)
+    if reference is not None:
+        # setup.reference_model: a LoRA model's reference shares its base arrays and owns
+        # a copy of the adapters; a full model's owns a copy of every weight.
+        own = compile_step.per_device_bytes(
+            nnx.state(reference, nnx.LoRAParam) if cfg.lora.enable_lora
+            else nnx.state(reference))
+        with mesh:
+            ref = compile_step.compile_lowered(
+                trainer._reference_logps.lower(
+                    reference, {k: v for k, v in batch.items() if k != "ref_logps"}),
+                compile_step.per_device_bytes(nnx.state(reference)), 0)
+        if not ref.fits:
+            ref.error = f"the reference's log-prob program: {ref.error}"
+            ref.params = compile_step.per_device_bytes(nnx.state(model))
+            ref.optimizer = compile_step.per_device_bytes(
+                nnx.state(optimizer, nnx.optimizer.OptState))
+            return ref, mesh
+    step = compile_step.compile_train_step(trainer, model, optimizer, batch, mesh)
+    if reference is not None:
+        step.reference = own
+        step.seconds += ref.seconds
+    return step, mesh
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_line(c: Compiled, hbm: float) -> str:
+    head = f"parameters {gib(c.params)}, optimizer state {gib(c.optimizer)}"
+    if c.reference:
+        head += f", reference weights {gib(c.reference)}"
+    if c.fits:
+        return (f"{head}, temporaries {gib(c.temporaries)}, total {gib(c.total)} of "
+                f"{gib(hbm)} HBM")
+    if c.needed:
+        return (f"{head}; out of memory: the compiler needs {gib(c.needed)} of the "
+                f"{gib(c.available)} it can use")
+    return f"{head}; {c.error}"
+
+
+def shortfall(c: Compiled, hbm: float) -> float:
+    """Bytes over the chip: from the compiler's message, else the total over the HBM."""
+    if c.needed:
+        return c.needed - c.available
+    return max(c.total - hbm, 0.0)
+
+
+def run(argv: Sequence[str], cfg: Any, method: Method, print_fn=print) -> int:
+    """The compile-only run: prints the report; 0 fits, 1 does not."""
+    from tpusft.training.metrics import training_flops_per_token
+
+    topology = parse(cfg.compile_topology, cfg.compile_topology_num_slices)
+    hbm = topology.hbm_bytes_per_device
+    args = method.model_args(cfg)
+    result, mesh = compile_run(cfg, method, topology)
+    rows = cfg.global_batch_size // cfg.gradient_accumulation_steps
+    per_device = rows // batch_ways(mesh)
+    kind = mesh.devices.flat[0].device_kind
+    slices = f" x {topology.num_slices} slices" if topology.num_slices > 1 else ""
+    name = method.name if method.name == "SFT" else f"preference training ({cfg.dpo.loss_type})"
+    print_fn(f"tpusft {name} compile-only | {cfg.model_name} "
+             f"({args.num_params() / 1e6:,.1f}M parameters), {describe(cfg)}, remat "
+             f"{args.remat_policy}, attention {cfg.attention}")
+    accumulation = cfg.gradient_accumulation_steps
+    micro = f", {accumulation} micro-batches" if accumulation > 1 else ""
+    print_fn(f"compiled for {topology.name}{slices} ({len(mesh.devices.flat)} x {kind}, "
+             f"{gib(hbm)} HBM each), mesh {dict(mesh.shape)}; batch {cfg.global_batch_size} x "
+             f"{cfg.max_target_length} tokens ({per_device} per device{micro})")
+    flops = training_flops_per_token(args, cfg.max_target_length) * (
+        cfg.global_batch_size * cfg.max_target_length) * method.flops_factor(cfg)
+    print_fn(f"per chip: {memory_line(result, hbm)}")
+    print_fn(f"model FLOPs per step {flops:.3g}; compiled in {result.seconds:.1f} s")
+    print_fn("(the TPU compiler's figures for this program, not a run on a TPU)")
+    if result.fits:
+        print_fn(f"fits: {gib(hbm - result.total)} to spare per chip" if result.total <= hbm
+                 else "fits: the compiler placed the step in HBM (the total above counts some "
+                      "buffers that are never live at once)")
+        return 0
+    print_fn(f"does not fit by {gib(shortfall(result, hbm))} per chip")
+    for line in what_fits(argv, cfg, method, topology, per_device):
+        print_fn(line)
+    return 1
+
+
+def _with(argv: Sequence[str], changes: Sequence[str]) -> Any:
+    from tpusft.config import load_config
+
+    return load_config([*argv, *changes])
+
+
+def largest_batch(argv: Sequence[str], method: Method, topology: Topology,
+                  ways: int, per_device: int) -> int:
+    """The largest per-device batch below `per_device` (halving) whose step fits; 0: none."""
+    rows = per_device // 2
+    while rows >= 1:
+        cfg = _with(argv, [f"global_batch_size={rows * ways}", "gradient_accumulation_steps=1"])
+        if compile_run(cfg, method, topology)[0].fits:
+            return rows
+        rows //= 2
+    return 0
+
+
+def candidate_changes(cfg: Any) -> list[list[str]]:
+    """Changes to try, the ones that keep the training the same first: full recomputation,
+    FSDP over every chip, then adapters and a quantized base."""
+    changes = []
+    if cfg.remat_policy != "full":
+        changes.append(["remat_policy=full"])
+    if (cfg.ici_fsdp_parallelism, cfg.ici_data_parallelism, cfg.ici_tensor_parallelism) != (
+            -1, 1, 1):
+        changes.append(["ici_fsdp_parallelism=-1", "ici_data_parallelism=1",
+                        "ici_tensor_parallelism=1"])
+    if not cfg.lora.enable_lora:
+        changes.append(["lora.enable_lora=true"])
+    if not cfg.lora.weight_qtype:
+        changes.append(["lora.enable_lora=true", "lora.weight_qtype=nf4"])
+    return changes
+
+
+def what_fits(argv: Sequence[str], cfg: Any, method: Method, topology: Topology,
+              per_device: int) -> list[str]:
+    """Lines saying what fits instead, each found by compiling."""
+    hbm = topology.hbm_bytes_per_device
+    mesh = mesh_for(cfg, topology)
+    ways = batch_ways(mesh)
+    lines = []
+    rows = largest_batch(argv, method, topology, ways, per_device)
+    if rows:
+        steps = cfg.global_batch_size // (rows * ways)
+        lines.append(f"largest per-device batch that fits: {rows} (keep global_batch_size="
+                     f"{cfg.global_batch_size} with gradient_accumulation_steps={steps})")
+    else:
+        lines.append("largest per-device batch that fits: none, not even 1 row of "
+                     f"{cfg.max_target_length} tokens")
+    for change in candidate_changes(cfg):
+        other = _with(argv, change)
+        result = compile_run(other, method, topology)[0]
+        if result.fits:
+            lines.append(f"cheapest change that fits at this batch: {' '.join(change)} "
+                         f"(total {gib(result.total)} of {gib(hbm)})")
+            break
+    else:
+        lines.append("no single change among remat_policy=full, FSDP over every chip, LoRA "
+                     "and QLoRA nf4 fits at this batch")
+    return lines

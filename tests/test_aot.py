@@ -1,0 +1,184 @@
+"""Compile-only runs for TPU topologies (aot/): the run's own step compiled by libtpu's TPU
+compiler on this CPU machine, its per-chip memory and the fit verdict.
+
+Figures here are the TPU compiler's for the program; nothing runs on a TPU."""
+
+import importlib.util
+import re
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, run_in_process
+
+from tpusft import train_dpo, train_sft
+from tpusft.aot import compile_step, fit, topology
+from tpusft.errors import ConfigError
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu (the test extra's jax[tpu]) is not installed")
+DEMO = str(REPO / "configs/demo/sft.yml")
+DPO = str(REPO / "configs/demo/dpo.yml")
+
+
+def test_cloud_names_map_to_libtpu_topologies():
+    v5p = topology.parse("v5p-8")
+    assert (v5p.chips, v5p.libtpu_topology, v5p.devices_per_slice) == (4, "v5:2x2x1", 4)
+    assert topology.parse("v6e-8").libtpu_topology == "v6e:2x4"
+    assert topology.parse("V5E-1").libtpu_topology == "v5e:1x1"
+    assert topology.parse("v4-16").libtpu_topology == "v4:2x2x2"
+    ironwood = topology.parse("tpu7x-8")  # 4 chips, each two devices
+    assert (ironwood.libtpu_topology, ironwood.devices_per_slice) == ("tpu7x:2x2x1", 8)
+    assert topology.parse("v5e-8").hbm_bytes_per_device == 16 * 2**30
+    for bad in ("v5p-6", "v5e-3", "h100-8", "v5p"):
+        with pytest.raises(ConfigError, match="not a known TPU topology; known: v4-8, "):
+            topology.parse(bad)
+
+
+def test_unknown_topology_is_a_one_line_error_with_exit_2():
+    done = run_in_process(train_sft.main, DEMO, "compile_topology=v5p-9")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: compile_topology='v5p-9' is not a known TPU "
+                                  "topology; known: ") and "v5p-8" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_batch_shapes_are_the_pipelines(demo_tokenizer, demo_assets):
+    """What a compile-only run compiles for is what the data pipeline and the feeder hand
+    the trainer (keys, dtypes, shapes)."""
+    from tpusft.config import load_config
+    from tpusft.data import packing
+    from tpusft.training import loss
+    from tpusft.training.setup import train_and_eval_data
+
+    cfg = load_config([DEMO, f"base_output_directory={demo_assets.parent}",
+                       f"tokenizer_path={demo_assets / 'tokenizer'}", "hf_path=json",
+                       f"hf_data_files={demo_assets / 'train.jsonl'}", "hf_eval_files="])
+    train_ds, _, _ = train_and_eval_data(cfg, demo_tokenizer, packing.build_dataset)
+    batch = loss.add_loss_denominators([next(iter(train_ds))])[0]
+    spec = loss.sft_batch_shapes(cfg.global_batch_size, cfg.max_target_length)
+    assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == {
+        k: (shape, np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
+
+
+def test_compile_path_lowers_the_program_tunix_runs(demo_assets):
+    """On this machine's 8 CPU devices: the shapes-only trainer and its step lower to the very
+    program the trainer of a real run jits (Tunix's jit_train_and_eval_step, over concrete
+    weights), for a full and a LoRA fine-tune."""
+    from tpusft.config import load_config
+    from tpusft.models.decoder import ModelArgs
+    from tpusft.models.sharding import mesh_of
+    from tpusft.training import loss
+    from tpusft.training.optimizer import make_optimizer
+    from tpusft.training.setup import build_model
+    from tpusft.training.trainer import sft_trainer
+
+    for extra in ([], ["lora.enable_lora=true", "lora.rank=4"]):
+        cfg = load_config([DEMO, "tokenizer_path=unused", "hf_path=json",
+                           "hf_data_files=unused.jsonl", *extra])
+        mesh = mesh_of(cfg)
+        rows = cfg.global_batch_size
+        shapes = loss.sft_batch_shapes(rows, cfg.max_target_length)
+        trainer, model, optimizer, _ = compile_step.abstract_trainer(
+            cfg, mesh, fit.sft_method().make_trainer)
+        ours = compile_step.tunix_train_step_jit(trainer).lower(
+            model, optimizer, compile_step.abstract_batch(shapes, mesh))
+
+        with mesh:
+            real = sft_trainer(build_model(cfg, ModelArgs.from_config(cfg), mesh, False,
+                                           print_fn=lambda *_: None), make_optimizer(cfg), cfg)
+            jitted, _ = real.jit_train_and_eval_step()
+            batch = jax.device_put(
+                {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()},
+                {k: s.sharding for k, s in compile_step.abstract_batch(shapes, mesh).items()})
+            theirs = jitted.func.lower(real.model, real.optimizer, batch)
+        assert ours.as_text(debug_info=False) == theirs.as_text(debug_info=False), extra
+
+
+def test_dpo_compile_path_lowers_the_programs_tunix_runs():
+    """DPO: the policy's step and the reference's log-prob program of the shapes-only
+    trainer are the programs a real run's trainer jits, full (a copy of the weights as the
+    reference) and LoRA (the base shared, the starting adapters copied)."""
+    from tpusft.config import load_config
+    from tpusft.models.sharding import mesh_of
+    from tpusft.training import preference
+    from tpusft.training.optimizer import make_optimizer
+    from tpusft.training.setup import build_model, reference_model
+
+    method = fit.preference_method()
+    for extra in ([], ["lora.enable_lora=true", "lora.rank=4"]):
+        cfg = load_config([DPO, "tokenizer_path=unused", "hf_path=json",
+                           "hf_data_files=unused.jsonl", *extra])
+        mesh = mesh_of(cfg)
+        shapes = method.batch_shapes(cfg, cfg.global_batch_size)
+        trainer, model, optimizer, ref = compile_step.abstract_trainer(
+            cfg, mesh, method.make_trainer, method.model_args(cfg))
+        batch = compile_step.abstract_batch(shapes, mesh)
+        pairs = {k: v for k, v in batch.items() if k != "ref_logps"}
+        with mesh:
+            ours = (compile_step.tunix_train_step_jit(trainer).lower(model, optimizer, batch),
+                    trainer._reference_logps.lower(ref, pairs))
+            policy = build_model(cfg, method.model_args(cfg), mesh, False,
+                                 print_fn=lambda *_: None)
+            real = preference.preference_trainer(policy, reference_model(policy),
+                                                 make_optimizer(cfg), cfg)
+            jitted, _ = real.jit_train_and_eval_step()
+            concrete = jax.device_put(
+                {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()},
+                {k: s.sharding for k, s in batch.items()})
+            theirs = (jitted.func.lower(real.model, real.optimizer, concrete),
+                      real._reference_logps.lower(
+                          real.ref_model, {k: v for k, v in concrete.items()
+                                           if k != "ref_logps"}))
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.as_text(debug_info=False) == b.as_text(debug_info=False), extra
+
+
+@needs_libtpu
+def test_dpo_full_lora_and_simpo_compile_for_v5e_8():
+    """The reference's own weights count in the total (a full copy, or the adapters of a
+    LoRA run); SimPO has none. With a reference, remat none runs as minimal, as in a run."""
+    for extra, expect in (([], "remat minimal"), (["lora.enable_lora=true"], "remat minimal"),
+                          (["dpo.loss_type=simpo"], "remat none")):
+        done = run_in_process(train_dpo.main, DPO, "compile_topology=v5e-8", *extra)
+        assert done.returncode == 0, (extra, done.stderr[-2000:])
+        out = done.stdout
+        assert "fits:" in out and expect in out, out
+        assert ("reference weights" in out) == (expect == "remat minimal"), out
+
+
+@needs_libtpu
+def test_demo_compiles_for_v5e_8_and_fits():
+    done = run_in_process(train_sft.main, DEMO, "compile_topology=v5e-8")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "compiled for v5e-8 (8 x TPU v5 lite, 16.00 GiB HBM each)" in out
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}; batch 32 x 128 tokens (4 per device)" in out
+    assert "not a run on a TPU" in out and "fits: 15.9" in out
+
+
+@needs_libtpu
+def test_lora_qlora_and_tensor_parallel_compile_for_v5e_8():
+    for extra in (["lora.enable_lora=true"], ["lora.enable_lora=true", "lora.weight_qtype=nf4"],
+                  ["ici_tensor_parallelism=2"]):
+        done = run_in_process(train_sft.main, DEMO, "compile_topology=v5e-8", *extra)
+        assert done.returncode == 0, (extra, done.stderr[-2000:])
+        assert "fits:" in done.stdout, extra
+
+
+@needs_libtpu
+def test_a_step_that_cannot_fit_exits_1_with_what_does():
+    """A 1B-shaped full fine-tune on one v5e chip (fp32 weights and Adam moments alone are
+    13.8 GiB): the compiler's out-of-memory figures, no smaller batch that fits, and LoRA as
+    the change that does, each found by compiling."""
+    done = run_in_process(train_sft.main, DEMO, "model_name=llama3.2-1b", "remat_policy=full",
+                          "compile_topology=v5e-1", "global_batch_size=2",
+                          "max_target_length=1024")
+    assert done.returncode == 1, done.stderr[-2000:]
+    out = done.stdout
+    assert "per chip: parameters 4.60 GiB, optimizer state 9.21 GiB; out of memory: the " \
+           "compiler needs " in out
+    assert re.search(r"^does not fit by [\d.]+ GiB per chip$", out, re.M), out
+    assert "largest per-device batch that fits: none, not even 1 row of 1024 tokens" in out
+    assert re.search(r"^cheapest change that fits at this batch: lora.enable_lora=true "
+                     r"\(total [\d.]+ GiB of 16.00 GiB\)$", out, re.M), out
