@@ -1,0 +1,102 @@
+"""Will it fit? Per-chip memory of tpusft's compiled steps for TPU topologies, on any machine.
+
+    .venv/bin/python benchmarks/tpu_fit.py [--models llama3.2-1b llama3.1-8b ...]
+        [--methods full lora qlora dpo] [--topologies v5e-8 v6e-8 v5p-8]
+        [--longest] [--json benchmarks/results/tpu_fit.json]
+
+For each model x method x topology: the step compiled at global batch 8 x 2048 (fsdp over
+every chip, remat full, the run's defaults otherwise) and its per-chip total, or the
+compiler's out-of-memory figure; with --longest, also the longest power-of-two sequence
+(2048 ... 131072) whose step compiles at one row per device. Every figure is the TPU
+compiler's (libtpu, compile only), not a run on a TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {  # config and overrides of each method
+    "full": ("configs/sft.yml", []),
+    "lora": ("configs/sft.yml", ["lora.enable_lora=true"]),
+    "qlora": ("configs/sft.yml", ["lora.enable_lora=true", "lora.weight_qtype=nf4"]),
+    "dpo": ("configs/dpo.yml", []),
+}
+
+
+def compile_case(model: str, method: str, topology: str, rows: int, length: int) -> dict:
+    from tpusft.aot import fit
+    from tpusft.aot.topology import parse
+    from tpusft.config import load_config
+
+    config, extra = METHODS[method]
+    cfg = load_config([str(REPO / config), f"model_name={model}", f"compile_topology={topology}",
+                       f"global_batch_size={rows}", f"max_target_length={length}",
+                       "gradient_accumulation_steps=1", "remat_policy=full", *extra])
+    recipe = fit.preference_method() if method == "dpo" else fit.sft_method()
+    result, _ = fit.compile_run(cfg, recipe, parse(topology))
+    out = {"fits": result.fits, "seconds": round(result.seconds, 1)}
+    if result.fits:
+        out["total_gib"] = round(result.total / 2**30, 2)
+    else:
+        out["needs_gib"] = round(result.needed / 2**30, 2)
+        out["available_gib"] = round(result.available / 2**30, 2)
+    return out
+
+
+def longest(model: str, method: str, topology: str) -> int:
+    from tpusft.aot.topology import parse
+
+    devices = parse(topology).devices_per_slice
+    best, length = 0, 2048
+    while length <= 131072:
+        if not compile_case(model, method, topology, devices, length)["fits"]:
+            break
+        best, length = length, length * 2
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["llama3.2-1b", "qwen2.5-3b", "llama3.1-8b",
+                                                   "qwen3-8b", "gemma2-9b"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--topologies", nargs="+", default=["v5e-8", "v6e-8", "v5p-8"])
+    p.add_argument("--longest", action="store_true")
+    p.add_argument("--json", default="")
+    a = p.parse_args()
+    rows = []
+    print("| model | method | topology | 8 x 2048, per chip | longest at 1 row/device |")
+    print("|---|---|---|---|---|")
+    for model in a.models:
+        for method in a.methods:
+            for topology in a.topologies:
+                t0 = time.perf_counter()
+                case = compile_case(model, method, topology, 8, 2048)
+                case.update(model=model, method=method, topology=topology)
+                if a.longest:
+                    case["longest"] = longest(model, method, topology)
+                case["wall_seconds"] = round(time.perf_counter() - t0, 1)
+                rows.append(case)
+                memory = (f"{case['total_gib']:.1f} GiB" if case["fits"] else
+                          f"does not fit (needs {case['needs_gib']:.1f} of "
+                          f"{case['available_gib']:.2f})")
+                print(f"| {model} | {method} | {topology} | {memory} | "
+                      f"{case.get('longest', '-')} |", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "what": "per-chip memory of tpusft's compiled steps (libtpu compile only, not a "
+                    "run); global batch 8 x 2048, fsdp over every chip, remat full",
+            "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+            "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
