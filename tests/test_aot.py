@@ -182,3 +182,19 @@ def test_a_step_that_cannot_fit_exits_1_with_what_does():
     assert "largest per-device batch that fits: none, not even 1 row of 1024 tokens" in out
     assert re.search(r"^cheapest change that fits at this batch: lora.enable_lora=true "
                      r"\(total [\d.]+ GiB of 16.00 GiB\)$", out, re.M), out
+
+
+@needs_libtpu
+def test_on_tpu_auto_attention_is_splash_and_holds_less_than_xla():
+    """attention=auto picks splash for a TPU topology (head_dim 128, T 1024): the compiled
+    step holds less per chip than the same step with XLA's attention."""
+    base = (DEMO, "model_name=qwen3-0.6b", "compile_topology=v5e-8", "max_target_length=1024",
+            "global_batch_size=8")
+    totals = {}
+    for attention in ("auto", "xla"):
+        done = run_in_process(train_sft.main, *base, f"attention={attention}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        header = done.stdout.splitlines()[0]
+        assert header.endswith("attention splash" if attention == "auto" else "attention xla")
+        totals[attention] = float(re.search(r"total ([\d.]+) GiB", done.stdout).group(1))
+    assert totals["auto"] < totals["xla"], totals

@@ -83,7 +83,8 @@ def test_sharded_over_batch_and_heads_equals_one_device():
 def test_what_the_kernel_cannot_serve_is_named():
     assert splash.unavailable(2048, 128) == ""
     assert splash.unavailable(200, 128) == "sequence length 200 is not a multiple of 128"
-    assert splash.unavailable(1024, 64) == "head_dim 64 is not a multiple of 128"
+    assert splash.unavailable(1024, 64) == ""
+    assert splash.unavailable(1024, 96) == "head_dim 96 is neither 64 nor a multiple of 128"
     assert splash.block_size(2048) == 512 and splash.block_size(384) == 128
 
 
@@ -112,3 +113,54 @@ def test_compiles_for_a_tpu_topology_with_no_quadratic_mask():
     assert f"{t}x{t}" not in text
     memory = compiled.memory_analysis()
     assert memory.temp_size_in_bytes < t * t  # far below one [T, T] byte mask per device
+
+
+def _model_args(family, **kw):
+    from tpusft.models.decoder import ModelArgs
+
+    base = dict(family=family, vocab_size=64, emb_dim=64, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=128, mlp_dim=96, norm_eps=1e-6, rope_theta=1e4,
+                tie_embeddings=False, dtype="float32")
+    return ModelArgs(**{**base, **kw})
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("llama3", {}),
+    ("gemma2", {"sliding_window": 48, "attn_softcap": 50.0, "final_softcap": 30.0,
+                "query_pre_attn_scalar": 128.0, "tie_embeddings": True}),
+    ("mistral", {"sliding_window": 40}),
+])
+def test_models_attending_with_splash_equal_xla_on_packed_rows(family, extra):
+    """attention=splash (interpreted here) gives the XLA path's logits and gradients on packed
+    rows, for causal, sliding-window and soft-capped families, on a mesh of 8 devices."""
+    from flax import nnx
+
+    from tpusft.config.schema import DEFAULT_LOGICAL_AXIS_RULES
+    from tpusft.models.decoder import create_model
+    from tpusft.models.sharding import make_mesh
+
+    mesh = make_mesh(1, 4, 2)
+    t = 128
+    ids = np.zeros((4, t), np.int32)
+    ids[:, :60], ids[:, 60:110] = 1, 2  # two packed sequences, then padding
+    positions = np.where(ids == 2, np.arange(t) - 60, np.arange(t)) * (ids != 0)
+    tokens = (np.arange(4 * t).reshape(4, t) * 7 + 3) % 64
+    real = (ids != 0)[..., None]
+    assert splash.why_not("splash", None, t, 128) == ""  # the kernel serves these shapes
+    assert splash.why_not("auto", None, t, 128) == "not on TPU"
+    out = {}
+    for attention in ("xla", "splash"):
+        args = _model_args(family, attention=attention, **extra)
+        with mesh:
+            model = create_model(args, mesh, DEFAULT_LOGICAL_AXIS_RULES, seed=0)
+
+            def loss(model):
+                logits, _ = model(jnp.asarray(tokens), jnp.asarray(positions), None, None,
+                                  jnp.asarray(ids))
+                return jnp.sum(jnp.where(real, logits, 0) ** 2) / 1e3, logits
+
+            (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        out[attention] = (np.where(real, logits, 0), jax.tree.leaves(nnx.to_pure_dict(grads)))
+    np.testing.assert_allclose(out["splash"][0], out["xla"][0], atol=2e-5, rtol=2e-5)
+    for g, r in zip(out["splash"][1], out["xla"][1], strict=True):
+        np.testing.assert_allclose(g, r, atol=2e-4, rtol=2e-4)

@@ -84,6 +84,7 @@ def main(argv: Sequence[str]) -> int:
         flops_per_token = training_flops_per_token(args, cfg.max_target_length)
         print(f"tpusft SFT | run {cfg.run_directory}")
         report.describe_model(cfg, args, model)
+        report.attention_note(cfg, args, mesh)
         print(f"{report.devices(mesh)}; peak {peak:.2f} TFLOP/s per device ({peak_source}); "
               f"{report.allocator()}")
         accumulation = cfg.gradient_accumulation_steps

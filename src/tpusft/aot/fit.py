@@ -26,6 +26,7 @@ class Method:
     make_trainer: Callable
     batch_shapes: Callable[[Any, int], dict]
     flops_factor: Callable[[Any], float] = lambda cfg: 1.0
+    pairs: bool = False  # rows of preference pairs: a dense mask, XLA's attention
 
 
 def _dropout(cfg: Any) -> bool:
@@ -64,7 +65,8 @@ def preference_method() -> Method:
                                  PreferenceLoss.from_config(cfg).needs_reference)
 
     return Method("preference", args, make_trainer, shapes,
-                  lambda cfg: 4 / 3 if PreferenceLoss.from_config(cfg).needs_reference else 1)
+                  lambda cfg: 4 / 3 if PreferenceLoss.from_config(cfg).needs_reference else 1,
+                  pairs=True)
 
 
 def describe(cfg: Any) -> str:
@@ -157,6 +159,7 @@ def shortfall(c: Compiled, hbm: float) -> float:
 
 def run(argv: Sequence[str], cfg: Any, method: Method, print_fn=print) -> int:
     """The compile-only run: prints the report; 0 fits, 1 does not."""
+    from tpusft.training import report
     from tpusft.training.metrics import training_flops_per_token
 
     topology = parse(cfg.compile_topology, cfg.compile_topology_num_slices)
@@ -170,7 +173,7 @@ def run(argv: Sequence[str], cfg: Any, method: Method, print_fn=print) -> int:
     name = method.name if method.name == "SFT" else f"preference training ({cfg.dpo.loss_type})"
     print_fn(f"tpusft {name} compile-only | {cfg.model_name} "
              f"({args.num_params() / 1e6:,.1f}M parameters), {describe(cfg)}, remat "
-             f"{args.remat_policy}, attention {cfg.attention}")
+             f"{args.remat_policy}, attention {report.attention(cfg, args, mesh, method.pairs)}")
     accumulation = cfg.gradient_accumulation_steps
     micro = f", {accumulation} micro-batches" if accumulation > 1 else ""
     print_fn(f"compiled for {topology.name}{slices} ({len(mesh.devices.flat)} x {kind}, "

@@ -160,8 +160,9 @@ class Config:
         "(must divide max_target_length). 0 picks the fewest, a power of two, that keep one "
         "chunk's float32 logits per device within 128 MiB.", minimum=0)
     attention: str = key(
-        "auto", "Attention kernel: auto (cuDNN on GPU, XLA elsewhere), xla, or cudnn.",
-        choices=("auto", "xla", "cudnn"))
+        "auto", "Attention kernel: auto (splash on TPU where it can serve, cuDNN on GPU, XLA "
+        "elsewhere), xla, cudnn, or splash (the Pallas TPU kernel; interpreted, slowly, on "
+        "CPU).", choices=("auto", "xla", "cudnn", "splash"))
     load_parameters_path: str = key(
         "", "Native checkpoint to start from (a converted checkpoint directory, a training "
         "run's checkpoints/ or one of its steps). Empty: random initialisation.")

@@ -27,7 +27,7 @@ from flax import nnx
 
 from tpusft.errors import ConfigError
 from tpusft.models import attention as attn
-from tpusft.models import lora
+from tpusft.models import lora, splash
 from tpusft.models.families import (
     ATTN_NORM,
     FAMILIES,
@@ -357,6 +357,8 @@ def layer_forward(p: dict, x: jax.Array, mask: jax.Array,
         new_cache = (ck, cv)
         o = attn.einsum_attention(q, ck.astype(dt), cv.astype(dt), mask, a.attention_scale,
                                   a.attn_softcap, k_layout="bkds", v_layout="bksd")
+    elif isinstance(mask, splash.SegmentMask):
+        o = splash.layer_attention(q, k, v, mask, a.attention_scale, a.attn_softcap, rules)
     else:
         o = attn.dot_product_attention(q, k, v, mask, a.attention_scale, a.attention,
                                        softcap=a.attn_softcap)
@@ -452,18 +454,27 @@ class Transformer(nnx.Module):
         # Decoding with several processes keeps the batch whole on every device (the host
         # reads what a sampler fills); otherwise the model's own rules.
         rules = self.rules if cache is None else decoding_rules(self.rules)
-        if attention_mask is None:
+        use_splash = (cache is None and attention_mask is None and not splash.why_not(
+            a.attention, rules, input_tokens.shape[1], a.head_dim))
+        if use_splash:  # the kernel takes the mask as structure: no [B, T, T] array
+            if segment_ids is None:
+                segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
+            attention_mask = splash.SegmentMask(segment_ids, 0)
+        elif attention_mask is None:
             if segment_ids is None:
                 segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
             attention_mask = attn.segment_mask(segment_ids)
-        attention_mask = attention_mask.astype(jnp.bool_)
+        if not use_splash:
+            attention_mask = attention_mask.astype(jnp.bool_)
         end_index = cache["end_index"] if cache is not None else None
 
         # Sliding-window layers see keys fewer than `sliding_window` positions back: cache
         # slots when decoding; token positions otherwise (in a preference pair's row the
         # rejected response sits after the chosen one, but its positions follow the prompt).
         local_mask = attention_mask
-        if a.sliding_window:
+        if use_splash:
+            local_mask = splash.SegmentMask(segment_ids, a.sliding_window)
+        elif a.sliding_window:
             if cache is not None:
                 q_idx = jnp.arange(input_tokens.shape[1]) + end_index[0]
                 distance = q_idx[:, None] - jnp.arange(attention_mask.shape[-1])[None, :]

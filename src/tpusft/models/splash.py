@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +32,12 @@ def block_size(t: int) -> int:
 
 def unavailable(t: int, head_dim: int) -> str:
     """Why the kernel cannot run attention over t positions of head_dim channels ('' if it
-    can): its blocks are multiples of 128 positions and its lanes 128 channels wide."""
+    can): its blocks are multiples of 128 positions, and heads of 64 channels or a multiple
+    of 128 fill its lanes (both compile for v5e with libtpu)."""
     if not block_size(t):
         return f"sequence length {t} is not a multiple of {MIN_BLOCK}"
-    if head_dim % 128:
-        return f"head_dim {head_dim} is not a multiple of 128"
+    if head_dim != 64 and head_dim % 128:
+        return f"head_dim {head_dim} is neither 64 nor a multiple of 128"
     return ""
 
 
@@ -92,3 +94,43 @@ def sharded_splash_attention(mesh, batch_axes: tuple[str, ...], head_axis: str |
     fn = functools.partial(splash_attention, **kwargs)
     return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None)),
                          out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
+
+
+class SegmentMask(NamedTuple):
+    """The mask of a training or scoring pass as the kernel takes it: causal within each
+    packed segment of `segment_ids` [B, T], and within `window` positions when it is > 0."""
+
+    segment_ids: jax.Array
+    window: int
+
+
+def _platform(rules) -> str:
+    if rules is not None and rules.mesh is not None:
+        return rules.mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def why_not(attention: str, rules, t: int, head_dim: int) -> str:
+    """Why a pass over t positions does not use the kernel ('' when it does): `attention`
+    names another kernel, or is auto off TPU, or the shapes do not suit it."""
+    if attention in ("xla", "cudnn"):
+        return f"attention={attention}"
+    if attention == "auto" and _platform(rules) != "tpu":
+        return "not on TPU"
+    return unavailable(t, head_dim)
+
+
+def layer_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask, scale: float,
+                    softcap: float, rules) -> jax.Array:
+    """One layer's attention through the kernel, per shard on the rules' mesh (rows over the
+    batch axes, kv heads over the axis the rules give them); interpreted off TPU."""
+    interpret = _platform(rules) != "tpu"
+    options = {"scale": scale, "window": mask.window, "softcap": softcap,
+               "interpret": interpret}
+    mesh = rules.mesh if rules is not None else None
+    if mesh is None or mesh.devices.size == 1:
+        return splash_attention(q, k, v, mask.segment_ids, **options)
+    table = dict(rules.rules)
+    batch = tuple(table.get("activation_batch", ()))
+    heads = next(iter(table.get("activation_kv_heads", ())), None)
+    return sharded_splash_attention(mesh, batch, heads, q, k, v, mask.segment_ids, **options)

@@ -23,6 +23,31 @@ def describe_model(cfg: Any, args, model, print_fn=print) -> None:
                  f"{100 * adapter / (total - adapter):.2f}%")
 
 
+PAIRS = "preference pairs, whose responses each also see the shared prompt"
+
+
+def attention(cfg: Any, args, mesh, pairs: bool = False) -> str:
+    """The attention kernel training uses, and why not splash where splash was in reach."""
+    from tpusft.models import splash
+    from tpusft.models.sharding import AxisRules
+
+    rules = AxisRules.create(cfg.logical_axis_rules, mesh) if mesh is not None else None
+    reason = PAIRS if pairs else splash.why_not(args.attention, rules, cfg.max_target_length,
+                                                 args.head_dim)
+    if not reason:
+        return "splash"
+    if args.attention in ("xla", "cudnn") or reason == "not on TPU":
+        return args.attention
+    return f"xla (splash cannot serve {reason})"
+
+
+def attention_note(cfg: Any, args, mesh, pairs: bool = False, print_fn=print) -> None:
+    """Says which kernel attends when splash is in play (on TPU, or asked for)."""
+    kernel = attention(cfg, args, mesh, pairs)
+    if kernel not in ("auto", "xla", "cudnn"):
+        print_fn(f"attention: {kernel}")
+
+
 def reference(used: bool, lora_rank: int, adapter_path: str) -> str:
     """What the reference model is (training/setup.py: reference_model)."""
     if not used:
