@@ -20,6 +20,7 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tpusft.aot.topology import first_line as _first_line
 from tpusft.models.sharding import BATCH_AXES
 
 GIB = 2**30
@@ -193,8 +194,3 @@ def _oom_figures(message: str) -> tuple[float, float]:
     if m:
         return size(m.group(1)), size(m.group(2))
     return 0.0, 0.0
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

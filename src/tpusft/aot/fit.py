@@ -13,6 +13,7 @@ from typing import Any
 from tpusft.aot import compile_step
 from tpusft.aot.compile_step import GIB, Compiled
 from tpusft.aot.topology import Topology, parse
+from tpusft.models.sharding import batch_shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,21 +78,9 @@ def describe(cfg: Any) -> str:
 
 
 def mesh_for(cfg: Any, topology: Topology):
-    from tpusft.models.sharding import make_mesh
+    from tpusft.models.sharding import mesh_of
 
-    return make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
-                     cfg.ici_tensor_parallelism, devices=topology.devices(),
-                     dcn=(cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism,
-                          cfg.dcn_tensor_parallelism))
-
-
-def batch_ways(mesh) -> int:
-    from tpusft.models.sharding import BATCH_AXES
-
-    ways = 1
-    for axis in BATCH_AXES:
-        ways *= mesh.shape[axis]
-    return ways
+    return mesh_of(cfg, topology.devices())
 
 
 def compile_run(cfg: Any, method: Method, topology: Topology) -> tuple[Compiled, Any]:
@@ -167,7 +156,7 @@ def run(argv: Sequence[str], cfg: Any, method: Method, print_fn=print) -> int:
     args = method.model_args(cfg)
     result, mesh = compile_run(cfg, method, topology)
     rows = cfg.global_batch_size // cfg.gradient_accumulation_steps
-    per_device = rows // batch_ways(mesh)
+    per_device = rows // batch_shards(mesh)
     kind = mesh.devices.flat[0].device_kind
     slices = f" x {topology.num_slices} slices" if topology.num_slices > 1 else ""
     name = method.name if method.name == "SFT" else f"preference training ({cfg.dpo.loss_type})"
@@ -235,7 +224,7 @@ def what_fits(argv: Sequence[str], cfg: Any, method: Method, topology: Topology,
     """Lines saying what fits instead, each found by compiling."""
     hbm = topology.hbm_bytes_per_device
     mesh = mesh_for(cfg, topology)
-    ways = batch_ways(mesh)
+    ways = batch_shards(mesh)
     lines = []
     rows = largest_batch(argv, method, topology, ways, per_device)
     if rows:

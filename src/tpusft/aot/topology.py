@@ -87,7 +87,7 @@ class Topology:
                 num_slices=self.num_slices)
         except Exception as e:  # noqa: BLE001 - libtpu's own message says what went wrong
             raise ConfigError(f"compile_topology={self.name}: libtpu cannot describe "
-                              f"{self.libtpu_topology}: {_first_line(e)}") from e
+                              f"{self.libtpu_topology}: {first_line(e)}") from e
         return list(desc.devices)
 
 
@@ -109,6 +109,7 @@ def parse(name: str, num_slices: int = 1) -> Topology:
                       f"{', '.join(known_names())}")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line (libtpu's and XLA's messages run on for pages)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

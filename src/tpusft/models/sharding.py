@@ -60,12 +60,18 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence | None = None
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def mesh_of(cfg) -> Mesh:
-    """The run's mesh from its ici_* and dcn_* keys, over every process's devices."""
+def mesh_of(cfg, devices: Sequence | None = None) -> Mesh:
+    """The run's mesh from its ici_* and dcn_* keys, over every process's devices (or
+    `devices`: a TPU topology's, for a compile-only run)."""
     return make_mesh(cfg.ici_data_parallelism, cfg.ici_fsdp_parallelism,
-                     cfg.ici_tensor_parallelism,
+                     cfg.ici_tensor_parallelism, devices=devices,
                      dcn=(cfg.dcn_data_parallelism, cfg.dcn_fsdp_parallelism,
                           cfg.dcn_tensor_parallelism))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch axes split a batch's rows."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 from etils import epath
 
 from tpusft.errors import ConfigError
-from tpusft.models.sharding import BATCH_AXES
+from tpusft.models.sharding import batch_shards
 
 
 def check_vocab(cfg: Any, tokenizer) -> None:
@@ -22,9 +22,7 @@ def check_batch(cfg: Any, mesh) -> None:
     from tpusft import distributed
 
     micro = cfg.global_batch_size // cfg.gradient_accumulation_steps
-    ways = 1
-    for axis in BATCH_AXES:
-        ways *= mesh.shape[axis]
+    ways = batch_shards(mesh)
     if micro % ways:
         raise ConfigError(
             f"global_batch_size={cfg.global_batch_size} / gradient_accumulation_steps="
