@@ -107,8 +107,10 @@ def test_dpo_compile_path_lowers_the_programs_tunix_runs():
 
     method = fit.preference_method()
     for extra in ([], ["lora.enable_lora=true", "lora.rank=4"]):
+        # The real trainer starts from random weights: the demo's SFT checkpoint need not
+        # exist for the programs to be compared.
         cfg = load_config([DPO, "tokenizer_path=unused", "hf_path=json",
-                           "hf_data_files=unused.jsonl", *extra])
+                           "hf_data_files=unused.jsonl", "load_parameters_path=", *extra])
         mesh = mesh_of(cfg)
         shapes = method.batch_shapes(cfg, cfg.global_batch_size)
         trainer, model, optimizer, ref = compile_step.abstract_trainer(
