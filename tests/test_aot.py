@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_in_process
 
-from tpusft import train_dpo, train_sft
+from tpusft import train_dpo, train_grpo, train_sft
 from tpusft.aot import compile_step, fit, topology
 from tpusft.errors import ConfigError
 
@@ -134,6 +134,114 @@ def test_dpo_compile_path_lowers_the_programs_tunix_runs():
                                            if k != "ref_logps"}))
         for a, b in zip(ours, theirs, strict=True):
             assert a.as_text(debug_info=False) == b.as_text(debug_info=False), extra
+
+
+GRPO = str(REPO / "configs/demo/grpo.yml")
+
+
+def _recording(fn, calls, name):
+    """`fn`, recording each call's arguments under `name` (the first call's)."""
+    def wrapper(*args, **kwargs):
+        calls.setdefault(name, (args, kwargs))
+        return fn(*args, **kwargs)
+    wrapper.lower = fn.lower
+    return wrapper
+
+
+def test_grpo_compile_path_lowers_the_programs_a_cluster_runs(demo_assets, demo_tokenizer,
+                                                              monkeypatch):
+    """GRPO: each program the compile path builds from shapes (the rollout's prefill and
+    decode, the reference's log-probs, the update) lowers to the program a real RLCluster
+    and learner run, lowered with the very arguments the real calls received, full and LoRA."""
+    from tunix.rl import common
+    from tunix.rl import rl_cluster as rl_cluster_lib
+
+    from tpusft.aot import grpo_programs
+    from tpusft.config import load_config
+    from tpusft.models.decoder import ModelArgs
+    from tpusft.models.sharding import BATCH_AXES, mesh_of
+    from tpusft.rl import grpo
+    from tpusft.rl import rewards as rewards_lib
+    from tpusft.training.setup import build_model
+
+    for extra in ([], ["lora.enable_lora=true", "lora.rank=4"]):
+        cfg = load_config([GRPO, f"base_output_directory={demo_assets.parent}",
+                           f"tokenizer_path={demo_assets / 'tokenizer'}", "hf_path=json",
+                           "hf_data_files=unused.jsonl", "load_parameters_path=",
+                           "global_batch_size=8", "num_generations=2", "max_prompt_length=16",
+                           "max_completion_length=4", "enable_checkpointing=false", *extra])
+        mesh = mesh_of(cfg)
+        n = grpo_programs.rows(cfg)
+        tokenizer, pad_id, eos_id = grpo_programs.tokens(cfg)
+
+        def make(model, optimizer, c):
+            from tpusft.training.setup import reference_model
+            return (grpo_programs.actor_trainer(model, optimizer, c, pad_id, eos_id),
+                    reference_model(model))
+
+        trainer, model, optimizer, reference = compile_step.abstract_trainer(cfg, mesh, make)
+        with mesh:
+            s = grpo_programs.sampler(model, tokenizer, cfg)
+            prefill, state = grpo_programs.prefill_program(s, cfg, n)
+            decode, _ = grpo_programs.decode_program(s, prefill, prefill.compile(), state)
+            ours = {"prefill": prefill, "decode": decode,
+                    "reference": grpo_programs.logps_program(
+                        reference, cfg, n, pad_id, eos_id, cfg.temperature, True),
+                    "update": compile_step.tunix_train_step_jit(trainer).lower(
+                        model, optimizer, grpo_programs.train_example(
+                            cfg, n, jax.sharding.NamedSharding(
+                                mesh, jax.sharding.PartitionSpec(BATCH_AXES))))}
+
+            calls = {}
+            actor = build_model(cfg, ModelArgs.from_config(cfg), mesh, False,
+                                print_fn=lambda *_: None)
+            cluster = grpo.build_cluster(actor, demo_tokenizer, mesh, cfg)
+            rewards = rewards_lib.build(["answer_correct"], [], tokenizer=demo_tokenizer,
+                                        format_pattern="", length_penalty_start=1,
+                                        max_completion_length=cfg.max_completion_length)
+            grpo.build_learner(cluster, cfg, rewards, grpo.Timings())
+            real = cluster.rollout._sampler
+            for attr, name in (("_compiled_prefill_fn", "prefill"),
+                               ("_compiled_decode_fn", "decode")):
+                monkeypatch.setattr(real, attr, _recording(getattr(real, attr), calls, name))
+            monkeypatch.setattr(common, "compute_per_token_logps", _recording(
+                common.compute_per_token_logps, calls, "reference"))
+            prompts = ["<|begin_of_text|>what is 1+2?"] * n
+            out = cluster.generate(prompts=prompts, mode=rl_cluster_lib.Mode.TRAIN)
+            prompt_ids = jax.numpy.array(out.left_padded_prompt_tokens)
+            completion = jax.numpy.full((n, cfg.max_completion_length), pad_id, jax.numpy.int32)
+            cluster.get_ref_per_token_logps(prompt_ids, completion, pad_id, eos_id)
+            monkeypatch.undo()
+            theirs = {}
+            for name, fn in (("prefill", real._compiled_prefill_fn),
+                             ("decode", real._compiled_decode_fn),
+                             ("reference", common.compute_per_token_logps)):
+                args, kwargs = calls[name]
+                theirs[name] = fn.lower(*args, **kwargs)
+            jitted, _ = cluster.actor_trainer.jit_train_and_eval_step()
+            example = jax.tree.map(
+                lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding),
+                grpo_programs.train_example(cfg, n, jax.sharding.NamedSharding(
+                    mesh, jax.sharding.PartitionSpec(BATCH_AXES))))
+            theirs["update"] = jitted.func.lower(cluster.actor_trainer.model,
+                                                 cluster.actor_trainer.optimizer, example)
+        for name in ours:
+            assert (ours[name].as_text(debug_info=False)
+                    == theirs[name].as_text(debug_info=False)), (name, extra)
+
+
+@needs_libtpu
+def test_grpo_compiles_for_v5e_8_with_every_program():
+    """A compile-only GRPO run reports the resident state and each program's figures."""
+    done = run_in_process(train_grpo.main, GRPO, "compile_topology=v5e-8",
+                          "load_parameters_path=")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for program in ("rollout prefill (KV cache", "rollout decode:", "reference log-probs:",
+                    "update:"):
+        assert any(line.startswith(f"  {program}") for line in lines), (program, done.stdout)
+    assert "per chip, resident through the step: parameters" in done.stdout
+    assert "fits:" in done.stdout
 
 
 @needs_libtpu

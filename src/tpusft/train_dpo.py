@@ -93,7 +93,7 @@ def main(argv: Sequence[str]) -> int:
             4 / 3 if ref is not None else 1)
         print(f"tpusft preference training ({method.loss_type}) | run {cfg.run_directory}")
         report.describe_model(cfg, args, model)
-        report.attention_note(cfg, args, mesh, pairs=True)
+        report.attention_note(cfg, args, mesh, report.PAIRS)
         reference = report.reference(ref is not None, args.lora_rank, cfg.lora.adapter_path)
         constants = {"dpo": f"beta {method.beta:g}",
                      "simpo": f"beta {method.beta:g}, gamma {method.simpo_gamma:g}",

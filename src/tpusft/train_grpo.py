@@ -26,6 +26,10 @@ def main(argv: Sequence[str]) -> int:
     if cfg.print_config:
         sys.stdout.write(resolved_yaml(cfg))
         return 0
+    if cfg.compile_topology:  # will it fit? A step's programs compiled for a TPU topology
+        from tpusft.aot import fit
+
+        return fit.run(argv, cfg, fit.grpo_method())
     from tpusft import distributed
 
     distributed.initialize(cfg)  # several processes, when the config or environment says so

@@ -39,9 +39,15 @@ class Compiled:
     temporaries: int = 0
     reference: int = 0  # bytes per device of a reference model's own weights (DPO), live
     #                     through the step without being its argument
+    resident: int = 0   # bytes per device of other state live through the program without
+    #                     being its argument (GRPO: the optimizer state during the rollout)
     error: str = ""   # the compiler's out-of-memory message when it does not fit
     needed: float = 0.0     # bytes the compiler asked for, from its message
     available: float = 0.0  # bytes of HBM the compiler had, from its message
+    executable: Any = dataclasses.field(default=None, repr=False)  # jax's Compiled
+    parts: dict = dataclasses.field(default_factory=dict)  # each program of a step that
+    #                                                         runs several (GRPO), by name
+    kv_cache: int = 0  # bytes per device of a rollout's KV cache (GRPO)
 
     @property
     def fits(self) -> bool:
@@ -54,7 +60,7 @@ class Compiled:
         reuses the buffers of some temporaries for outputs; its own check, which a step
         that compiles has passed, is the verdict)."""
         return (self.arguments + self.outputs - self.aliased + self.temporaries
-                + self.reference)
+                + self.reference + self.resident)
 
 
 def per_device_bytes(tree: Any) -> int:
@@ -96,7 +102,8 @@ def _shapes_only(cfg: Any) -> Any:
 def abstract_trainer(cfg: Any, mesh, make_trainer, args=None):
     """(trainer, model, optimizer, reference or None): the run's model (setup.build_model,
     with `args` or the config's) and `make_trainer(model, optimizer, cfg)`'s trainer, built
-    as shapes."""
+    as shapes. The reference is the trainer's `ref_model`, or the second item where
+    `make_trainer` returns (trainer, reference) (GRPO's lives in Tunix's cluster)."""
     from tpusft.models.decoder import ModelArgs
     from tpusft.training.optimizer import make_optimizer
     from tpusft.training.setup import build_model
@@ -107,19 +114,21 @@ def abstract_trainer(cfg: Any, mesh, make_trainer, args=None):
 
     def build():
         model = build_model(shapes_cfg, args, mesh, resuming=False, print_fn=lambda *_: None)
-        trainer = make_trainer(model, make_optimizer(shapes_cfg), shapes_cfg)
+        made = make_trainer(model, make_optimizer(shapes_cfg), shapes_cfg)
+        trainer, reference = made if isinstance(made, tuple) else (
+            made, getattr(made, "ref_model", None))
         built["trainer"] = trainer
-        return model, trainer.optimizer, getattr(trainer, "ref_model", None)
+        return model, trainer.optimizer, reference
 
     with mesh:
         model, optimizer, reference = nnx.eval_shape(build)
     _place_optimizer_state(optimizer, mesh)
     if reference is not None:
-        _place_like(reference, model)
+        place_like(reference, model)
     return built["trainer"], model, optimizer, reference
 
 
-def _place_like(reference, model) -> None:
+def place_like(reference, model) -> None:
     """The reference's weights placed as the model's: setup.reference_model copies them
     (jnp.copy keeps an array's sharding), which shape evaluation does not carry."""
     leaf = {"is_leaf": lambda x: isinstance(x, jax.ShapeDtypeStruct)}
@@ -173,7 +182,7 @@ def compile_lowered(lowered, params: int, opt: int) -> Compiled:
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
     return Compiled(seconds, params, opt, m.argument_size_in_bytes, m.output_size_in_bytes,
-                    m.alias_size_in_bytes, m.temp_size_in_bytes)
+                    m.alias_size_in_bytes, m.temp_size_in_bytes, executable=compiled)
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}

@@ -24,10 +24,14 @@ class Method:
 
     name: str
     model_args: Callable
-    make_trainer: Callable
-    batch_shapes: Callable[[Any, int], dict]
+    make_trainer: Callable | None
+    batch_shapes: Callable[[Any, int], dict] | None
     flops_factor: Callable[[Any], float] = lambda cfg: 1.0
-    pairs: bool = False  # rows of preference pairs: a dense mask, XLA's attention
+    dense: str = ""  # rows that come with a mask, which XLA attends (report.PAIRS ...)
+    # A step of several programs (GRPO): `programs(cfg, mesh)` compiles them all.
+    programs: Callable | None = None
+    rows_per_example: Callable[[Any], int] = lambda cfg: 1
+    length: Callable[[Any], int] = lambda cfg: cfg.max_target_length
 
 
 def _dropout(cfg: Any) -> bool:
@@ -48,7 +52,7 @@ def sft_method() -> Method:
 def preference_method() -> Method:
     """DPO, ORPO, SimPO: the policy's step, and for DPO the reference's log-prob program."""
     from tpusft.models.decoder import ModelArgs
-    from tpusft.training import preference
+    from tpusft.training import preference, report
     from tpusft.training.preference_loss import PreferenceLoss, pair_batch_shapes
     from tpusft.training.setup import reference_model
 
@@ -67,7 +71,28 @@ def preference_method() -> Method:
 
     return Method("preference", args, make_trainer, shapes,
                   lambda cfg: 4 / 3 if PreferenceLoss.from_config(cfg).needs_reference else 1,
-                  pairs=True)
+                  dense=report.PAIRS)
+
+
+def grpo_method() -> Method:
+    """GRPO and its variants: the rollout's prefill and decode, the reference's (and with
+    num_iterations > 1 the old policy's) log-probs, and the update (aot/grpo_programs.py)."""
+    from tpusft.aot import grpo_programs
+    from tpusft.models.decoder import ModelArgs
+    from tpusft.rl import grpo
+    from tpusft.training import report
+
+    def flops_factor(cfg):  # the update, plus forward passes: rollout, reference, old policy
+        return 1 + (1 + grpo.needs_reference(cfg) + (cfg.num_iterations > 1)) / 3
+
+    def programs(cfg, mesh):
+        done = grpo_programs.compile_programs(cfg, mesh)
+        return dataclasses.replace(done.worst, parts=done.results, kv_cache=done.kv_cache)
+
+    return Method("GRPO", ModelArgs.from_config, None, None, flops_factor,
+                  dense=report.GRPO_ROWS, programs=programs,
+                  rows_per_example=lambda cfg: cfg.num_generations,
+                  length=lambda cfg: cfg.max_prompt_length + cfg.max_completion_length)
 
 
 def describe(cfg: Any) -> str:
@@ -94,6 +119,8 @@ def compile_run(cfg: Any, method: Method, topology: Topology) -> tuple[Compiled,
 
     mesh = mesh_for(cfg, topology)
     check_batch(cfg, mesh)
+    if method.programs is not None:
+        return method.programs(cfg, mesh), mesh
     trainer, model, optimizer, reference = compile_step.abstract_trainer(
         cfg, mesh, method.make_trainer, method.model_args(cfg))
     rows = cfg.global_batch_size // cfg.gradient_accumulation_steps
@@ -139,6 +166,25 @@ def memory_line(c: Compiled, hbm: float) -> str:
     return f"{head}; {c.error}"
 
 
+def program_lines(c: Compiled, hbm: float) -> list[str]:
+    """A step of several programs: what stays resident, then each program's own figures."""
+    head = f"parameters {gib(c.params)}, optimizer state {gib(c.optimizer)}"
+    if c.reference or any(p.reference for p in c.parts.values()):
+        head += f", reference weights {gib(max(p.reference for p in c.parts.values()))}"
+    lines = [f"per chip, resident through the step: {head}"]
+    for name, p in c.parts.items():
+        extra = f" (KV cache {gib(c.kv_cache)})" if name == "rollout prefill" else ""
+        if p.fits:
+            lines.append(f"  {name}{extra}: temporaries {gib(p.temporaries)}, total "
+                         f"{gib(p.total)} of {gib(hbm)} HBM")
+        elif p.needed:
+            lines.append(f"  {name}: out of memory: the compiler needs {gib(p.needed)} of the "
+                         f"{gib(p.available)} it can use")
+        else:
+            lines.append(f"  {name}: {p.error}")
+    return lines
+
+
 def shortfall(c: Compiled, hbm: float) -> float:
     """Bytes over the chip: from the compiler's message, else the total over the HBM."""
     if c.needed:
@@ -155,23 +201,36 @@ def run(argv: Sequence[str], cfg: Any, method: Method, print_fn=print) -> int:
     hbm = topology.hbm_bytes_per_device
     args = method.model_args(cfg)
     result, mesh = compile_run(cfg, method, topology)
-    rows = cfg.global_batch_size // cfg.gradient_accumulation_steps
+    accumulation = cfg.gradient_accumulation_steps
+    rows = cfg.global_batch_size * method.rows_per_example(cfg) // accumulation
     per_device = rows // batch_shards(mesh)
     kind = mesh.devices.flat[0].device_kind
     slices = f" x {topology.num_slices} slices" if topology.num_slices > 1 else ""
-    name = method.name if method.name == "SFT" else f"preference training ({cfg.dpo.loss_type})"
+    name = {"SFT": "SFT", "GRPO": f"GRPO ({cfg.loss_algo})"}.get(
+        method.name, f"preference training ({cfg.dpo.loss_type})")
     print_fn(f"tpusft {name} compile-only | {cfg.model_name} "
              f"({args.num_params() / 1e6:,.1f}M parameters), {describe(cfg)}, remat "
-             f"{args.remat_policy}, attention {report.attention(cfg, args, mesh, method.pairs)}")
-    accumulation = cfg.gradient_accumulation_steps
+             f"{args.remat_policy}, attention {report.attention(cfg, args, mesh, method.dense)}")
     micro = f", {accumulation} micro-batches" if accumulation > 1 else ""
+    if method.programs is not None:
+        batch = (f"{cfg.global_batch_size} prompts x {cfg.num_generations} completions = "
+                 f"{rows} rows of {cfg.max_prompt_length} + {cfg.max_completion_length} tokens "
+                 f"({per_device} per device)")
+    else:
+        batch = (f"batch {cfg.global_batch_size} x {cfg.max_target_length} tokens "
+                 f"({per_device} per device{micro})")
     print_fn(f"compiled for {topology.name}{slices} ({len(mesh.devices.flat)} x {kind}, "
-             f"{gib(hbm)} HBM each), mesh {dict(mesh.shape)}; batch {cfg.global_batch_size} x "
-             f"{cfg.max_target_length} tokens ({per_device} per device{micro})")
-    flops = training_flops_per_token(args, cfg.max_target_length) * (
-        cfg.global_batch_size * cfg.max_target_length) * method.flops_factor(cfg)
-    print_fn(f"per chip: {memory_line(result, hbm)}")
-    print_fn(f"model FLOPs per step {flops:.3g}; compiled in {result.seconds:.1f} s")
+             f"{gib(hbm)} HBM each), mesh {dict(mesh.shape)}; {batch}")
+    flops = training_flops_per_token(args, method.length(cfg)) * (
+        cfg.global_batch_size * method.rows_per_example(cfg) * method.length(cfg)
+    ) * method.flops_factor(cfg)
+    if result.parts:
+        for line in program_lines(result, hbm):
+            print_fn(line)
+    else:
+        print_fn(f"per chip: {memory_line(result, hbm)}")
+    print_fn(f"model FLOPs per step {flops:.3g}; compiled in "
+             f"{sum(p.seconds for p in result.parts.values()) or result.seconds:.1f} s")
     print_fn("(the TPU compiler's figures for this program, not a run on a TPU)")
     if result.fits:
         print_fn(f"fits: {gib(hbm - result.total)} to spare per chip" if result.total <= hbm
@@ -191,13 +250,16 @@ def _with(argv: Sequence[str], changes: Sequence[str]) -> Any:
 
 
 def largest_batch(argv: Sequence[str], method: Method, topology: Topology,
-                  ways: int, per_device: int) -> int:
-    """The largest per-device batch below `per_device` (halving) whose step fits; 0: none."""
+                  ways: int, per_device: int, per_example: int = 1) -> int:
+    """The largest per-device batch below `per_device` rows (halving) whose step fits; 0:
+    none. A GRPO example is `per_example` rows (its completions)."""
     rows = per_device // 2
     while rows >= 1:
-        cfg = _with(argv, [f"global_batch_size={rows * ways}", "gradient_accumulation_steps=1"])
-        if compile_run(cfg, method, topology)[0].fits:
-            return rows
+        if rows * ways % per_example == 0:
+            cfg = _with(argv, [f"global_batch_size={rows * ways // per_example}",
+                               "gradient_accumulation_steps=1"])
+            if compile_run(cfg, method, topology)[0].fits:
+                return rows
         rows //= 2
     return 0
 
@@ -226,14 +288,18 @@ def what_fits(argv: Sequence[str], cfg: Any, method: Method, topology: Topology,
     mesh = mesh_for(cfg, topology)
     ways = batch_shards(mesh)
     lines = []
-    rows = largest_batch(argv, method, topology, ways, per_device)
-    if rows:
+    per_example = method.rows_per_example(cfg)
+    rows = largest_batch(argv, method, topology, ways, per_device, per_example)
+    if rows and method.programs is not None:
+        lines.append(f"largest per-device batch that fits: {rows} rows (global_batch_size="
+                     f"{rows * ways // per_example} prompts)")
+    elif rows:
         steps = cfg.global_batch_size // (rows * ways)
         lines.append(f"largest per-device batch that fits: {rows} (keep global_batch_size="
                      f"{cfg.global_batch_size} with gradient_accumulation_steps={steps})")
     else:
         lines.append("largest per-device batch that fits: none, not even 1 row of "
-                     f"{cfg.max_target_length} tokens")
+                     f"{method.length(cfg)} tokens")
     for change in candidate_changes(cfg):
         other = _with(argv, change)
         result = compile_run(other, method, topology)[0]

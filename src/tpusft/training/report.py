@@ -23,16 +23,19 @@ def describe_model(cfg: Any, args, model, print_fn=print) -> None:
                  f"{100 * adapter / (total - adapter):.2f}%")
 
 
+# Rows that come with a [B, T, T] mask, which splash does not take (XLA attends them):
 PAIRS = "preference pairs, whose responses each also see the shared prompt"
+GRPO_ROWS = "GRPO's rows, which Tunix passes with a mask (left-padded prompts)"
 
 
-def attention(cfg: Any, args, mesh, pairs: bool = False) -> str:
-    """The attention kernel training uses, and why not splash where splash was in reach."""
+def attention(cfg: Any, args, mesh, dense: str = "") -> str:
+    """The attention kernel training uses, and why not splash where splash was in reach;
+    `dense` names rows that come with a mask (PAIRS, GRPO_ROWS)."""
     from tpusft.models import splash
     from tpusft.models.sharding import AxisRules
 
     rules = AxisRules.create(cfg.logical_axis_rules, mesh) if mesh is not None else None
-    reason = PAIRS if pairs else splash.why_not(args.attention, rules, cfg.max_target_length,
+    reason = dense or splash.why_not(args.attention, rules, cfg.max_target_length,
                                                  args.head_dim)
     if not reason:
         return "splash"
@@ -41,9 +44,9 @@ def attention(cfg: Any, args, mesh, pairs: bool = False) -> str:
     return f"xla (splash cannot serve {reason})"
 
 
-def attention_note(cfg: Any, args, mesh, pairs: bool = False, print_fn=print) -> None:
+def attention_note(cfg: Any, args, mesh, dense: str = "", print_fn=print) -> None:
     """Says which kernel attends when splash is in play (on TPU, or asked for)."""
-    kernel = attention(cfg, args, mesh, pairs)
+    kernel = attention(cfg, args, mesh, dense)
     if kernel not in ("auto", "xla", "cudnn"):
         print_fn(f"attention: {kernel}")
 
