@@ -1,12 +1,13 @@
 """Will it fit? Per-chip memory of tpusft's compiled steps for TPU topologies, on any machine.
 
     .venv/bin/python benchmarks/tpu_fit.py [--models llama3.2-1b llama3.1-8b ...]
-        [--methods full lora qlora dpo] [--topologies v5e-8 v6e-8 v5p-8]
+        [--methods full lora qlora dpo grpo] [--topologies v5e-8 v6e-8 v5p-8]
         [--longest] [--json benchmarks/results/tpu_fit.json]
 
 For each model x method x topology: the step compiled at global batch 8 x 2048 (fsdp over
 every chip, remat full, the run's defaults otherwise) and its per-chip total, or the
-compiler's out-of-memory figure; with --longest, also the longest power-of-two sequence
+compiler's out-of-memory figure (GRPO: configs/grpo.yml's own batch and lengths, its
+largest program); with --longest (not GRPO), also the longest power-of-two sequence
 (2048 ... 131072) whose step compiles at one row per device. Every figure is the TPU
 compiler's (libtpu, compile only), not a run on a TPU.
 """
@@ -28,6 +29,9 @@ METHODS = {  # config and overrides of each method
     "lora": ("configs/sft.yml", ["lora.enable_lora=true"]),
     "qlora": ("configs/sft.yml", ["lora.enable_lora=true", "lora.weight_qtype=nf4"]),
     "dpo": ("configs/dpo.yml", []),
+    # GRPO at configs/grpo.yml's shape (8 prompts x 8 completions, 256 + 512 tokens): its
+    # batch and lengths are its own; the demo's tokenizer gives the pad and stop ids.
+    "grpo": ("configs/grpo.yml", []),
 }
 
 
@@ -37,10 +41,18 @@ def compile_case(model: str, method: str, topology: str, rows: int, length: int)
     from tpusft.config import load_config
 
     config, extra = METHODS[method]
+    if method == "grpo":
+        from tpusft.demo import arithmetic
+
+        tokenizer = arithmetic.ensure_assets(str(REPO / "runs")) / "tokenizer"
+        shape = [f"tokenizer_path={tokenizer}", "remat_policy=full"]
+    else:
+        shape = [f"global_batch_size={rows}", f"max_target_length={length}",
+                 "gradient_accumulation_steps=1", "remat_policy=full"]
     cfg = load_config([str(REPO / config), f"model_name={model}", f"compile_topology={topology}",
-                       f"global_batch_size={rows}", f"max_target_length={length}",
-                       "gradient_accumulation_steps=1", "remat_policy=full", *extra])
-    recipe = fit.preference_method() if method == "dpo" else fit.sft_method()
+                       *shape, *extra])
+    recipe = {"dpo": fit.preference_method(), "grpo": fit.grpo_method()}.get(
+        method, fit.sft_method())
     result, _ = fit.compile_run(cfg, recipe, parse(topology))
     out = {"fits": result.fits, "seconds": round(result.seconds, 1)}
     if result.fits:
@@ -81,7 +93,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 case = compile_case(model, method, topology, 8, 2048)
                 case.update(model=model, method=method, topology=topology)
-                if a.longest:
+                if a.longest and method != "grpo":
                     case["longest"] = longest(model, method, topology)
                 case["wall_seconds"] = round(time.perf_counter() - t0, 1)
                 rows.append(case)

@@ -127,8 +127,10 @@ def prefill_program(s, cfg: Any, n: int):
         ids, total_sampling_steps=p + c, include_logits=False, forbidden_token_ids=None,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None, seed=seed,
         beam_size=None, include_logprobs=False), jax.ShapeDtypeStruct((n, p), jnp.int32))
-    # A static field the sampler fills with a concrete array (shape evaluation traced it).
-    state = state.replace(num_input_tokens=jnp.array(p, dtype=jnp.int32))
+    # A static field the sampler fills with a concrete array (shape evaluation traced it),
+    # and the cache as the model's init_cache places it (shape evaluation drops placement).
+    state = state.replace(num_input_tokens=jnp.array(p, dtype=jnp.int32),
+                          cache=s.transformer.cache_layout(n, p + c, s.dtype))
     weights = getattr(s, "_flattened_transformer_state")
     return getattr(s, "_compiled_prefill_fn").lower(weights, state, None, echo=False), state
 

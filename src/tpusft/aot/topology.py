@@ -79,7 +79,11 @@ class Topology:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         from jax.experimental import topologies
 
-        bounds = (1, 1, 1) if self.chips == 1 else (2, 2, 1)
+        # Hosts of 4 chips, except that a v5e-8 or v6e-8 is one host of 8 (a mesh that spans
+        # hosts decodes with whole rows on every device: models/sharding.decoding_rules).
+        bounds = ((1, 1, 1) if self.chips == 1
+                  else (2, 4, 1) if self.chips == 8 and self.generation.prefix in ("v5e", "v6e")
+                  else (2, 2, 1))
         try:
             desc = topologies.get_topology_desc(
                 platform="tpu", topology_name=self.libtpu_topology,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from tpusft.errors import ConfigError
 from tpusft.models import attention as attn
@@ -425,13 +426,31 @@ class Transformer(nnx.Module):
         return self.args
 
     # -------------------------------------------------------------- decoding cache
-    def init_cache(self, batch_size: int, cache_size: int, dtype: Any = None) -> dict:
+    def cache_layout(self, batch_size: int, cache_size: int, dtype: Any = None) -> dict:
+        """Shapes and placement of the decoding cache: per-layer key and value buffers with
+        rows over the batch axes and KV heads over tensor (decoding_rules); unplaced, every
+        device would hold the whole cache of every row."""
         a = self.args
         dtype = jnp.dtype(dtype or a.dtype)
         b, s, kv, d = batch_size, cache_size, a.num_kv_heads, a.head_dim
-        return {"k": [jnp.zeros((b, kv, d, s), dtype) for _ in range(a.num_layers)],
-                "v": [jnp.zeros((b, kv, s, d), dtype) for _ in range(a.num_layers)],
-                "end_index": jnp.zeros((batch_size,), jnp.int32)}
+        rules = decoding_rules(self.rules)
+
+        def buffer(shape):
+            sharding = None
+            if rules is not None and rules.mesh is not None:
+                sharding = NamedSharding(rules.mesh, rules.spec(
+                    ("activation_batch", "activation_kv_heads", None, None), shape))
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        return {"k": [buffer((b, kv, d, s)) for _ in range(a.num_layers)],
+                "v": [buffer((b, kv, s, d)) for _ in range(a.num_layers)],
+                "end_index": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    def init_cache(self, batch_size: int, cache_size: int, dtype: Any = None) -> dict:
+        """The decoding cache (Tunix's sampler calls this), zeros made in place on each device
+        as cache_layout places them, never whole on one."""
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding),
+                            self.cache_layout(batch_size, cache_size, dtype))
 
     def _rope(self, local: bool) -> jax.Array:
         a = self.args
