@@ -158,8 +158,8 @@ def memory_line(c: Compiled, hbm: float) -> str:
     if c.reference:
         head += f", reference weights {gib(c.reference)}"
     if c.fits:
-        return (f"{head}, temporaries {gib(c.temporaries)}, total {gib(c.total)} of "
-                f"{gib(hbm)} HBM")
+        return (f"{head}, peak total {gib(c.total)} of {gib(hbm)} HBM (temporaries "
+                f"{gib(c.temporaries)})")
     if c.needed:
         return (f"{head}; out of memory: the compiler needs {gib(c.needed)} of the "
                 f"{gib(c.available)} it can use")
@@ -175,8 +175,8 @@ def program_lines(c: Compiled, hbm: float) -> list[str]:
     for name, p in c.parts.items():
         extra = f" (KV cache {gib(c.kv_cache)})" if name == "rollout prefill" else ""
         if p.fits:
-            lines.append(f"  {name}{extra}: temporaries {gib(p.temporaries)}, total "
-                         f"{gib(p.total)} of {gib(hbm)} HBM")
+            lines.append(f"  {name}{extra}: peak total {gib(p.total)} of {gib(hbm)} HBM "
+                         f"(temporaries {gib(p.temporaries)})")
         elif p.needed:
             lines.append(f"  {name}: out of memory: the compiler needs {gib(p.needed)} of the "
                          f"{gib(p.available)} it can use")

@@ -68,7 +68,8 @@ def metrics(method: PreferenceLoss) -> tuple[tuple[str, str, str], ...]:
     return METRICS + (ORPO_METRICS if method.loss_type == "orpo" else ())
 
 
-class PreferenceTrainer(trainer_lib.DataStateCheckpoints, dpo_trainer.DPOTrainer):
+class PreferenceTrainer(trainer_lib.DonatedWeights, trainer_lib.DataStateCheckpoints,
+                        dpo_trainer.DPOTrainer):
     """Tunix's DPOTrainer on tpusft's pair batches and losses."""
 
     def __init__(self, model: nnx.Module, ref_model: nnx.Module | None,
