@@ -171,7 +171,7 @@ def program_lines(c: Compiled, hbm: float) -> list[str]:
     head = f"parameters {gib(c.params)}, optimizer state {gib(c.optimizer)}"
     if c.reference or any(p.reference for p in c.parts.values()):
         head += f", reference weights {gib(max(p.reference for p in c.parts.values()))}"
-    lines = [f"per chip, resident through the step: {head}"]
+    lines = [f"per chip: {head}, resident through the step"]
     for name, p in c.parts.items():
         extra = f" (KV cache {gib(c.kv_cache)})" if name == "rollout prefill" else ""
         if p.fits:
