@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tpu_fit import memory_cell  # noqa: E402 - the same table cell as tpusft's
+
 # Dimensions for the models MaxText 0.2.5 has no config of: (its config to start from, overrides)
 OVERRIDES = {
     "llama3.2-1b": ("llama3.1-8b", ["base_emb_dim=2048", "base_num_decoder_layers=16",
@@ -107,9 +110,7 @@ def main() -> None:
             r = case(a.maxtext_python, model, topology, 8, a.length)
             r.update(model=model, topology=topology, length=a.length)
             rows.append(r)
-            shown = (f"{r['total_gib']:.1f} GiB" if r["fits"] else
-                     f"does not fit (needs {r['needs_gib']:.1f} of {r['available_gib']:.2f})"
-                     if r["fits"] is False else f"error: {r['error']}")
+            shown = memory_cell(r) if r["fits"] is not None else f"error: {r['error']}"
             print(f"| {model} | {topology} | {shown} |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({

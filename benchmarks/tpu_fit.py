@@ -63,6 +63,13 @@ def compile_case(model: str, method: str, topology: str, rows: int, length: int)
     return out
 
 
+def memory_cell(case: dict) -> str:
+    """A table cell: the per-chip total, or the compiler's out-of-memory figures."""
+    if case["fits"]:
+        return f"{case['total_gib']:.1f} GiB"
+    return f"does not fit (needs {case['needs_gib']:.1f} of {case['available_gib']:.2f})"
+
+
 def longest(model: str, method: str, topology: str) -> int:
     from tpusft.aot.topology import parse
 
@@ -97,10 +104,7 @@ def main() -> None:
                     case["longest"] = longest(model, method, topology)
                 case["wall_seconds"] = round(time.perf_counter() - t0, 1)
                 rows.append(case)
-                memory = (f"{case['total_gib']:.1f} GiB" if case["fits"] else
-                          f"does not fit (needs {case['needs_gib']:.1f} of "
-                          f"{case['available_gib']:.2f})")
-                print(f"| {model} | {method} | {topology} | {memory} | "
+                print(f"| {model} | {method} | {topology} | {memory_cell(case)} | "
                       f"{case.get('longest', '-')} |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({

@@ -132,11 +132,11 @@ def abstract_trainer(cfg: Any, mesh, make_trainer, args=None):
         model, optimizer, reference = nnx.eval_shape(build)
     _place_optimizer_state(optimizer, mesh)
     if reference is not None:
-        place_like(reference, model)
+        _place_like(reference, model)
     return built["trainer"], model, optimizer, reference
 
 
-def place_like(reference, model) -> None:
+def _place_like(reference, model) -> None:
     """The reference's weights placed as the model's: setup.reference_model copies them
     (jnp.copy keeps an array's sharding), which shape evaluation does not carry."""
     leaf = {"is_leaf": lambda x: isinstance(x, jax.ShapeDtypeStruct)}

@@ -169,8 +169,9 @@ def memory_line(c: Compiled, hbm: float) -> str:
 def program_lines(c: Compiled, hbm: float) -> list[str]:
     """A step of several programs: what stays resident, then each program's own figures."""
     head = f"parameters {gib(c.params)}, optimizer state {gib(c.optimizer)}"
-    if c.reference or any(p.reference for p in c.parts.values()):
-        head += f", reference weights {gib(max(p.reference for p in c.parts.values()))}"
+    reference = max(p.reference for p in c.parts.values())
+    if reference:
+        head += f", reference weights {gib(reference)}"
     lines = [f"per chip: {head}, resident through the step"]
     for name, p in c.parts.items():
         extra = f" (KV cache {gib(c.kv_cache)})" if name == "rollout prefill" else ""

@@ -15,9 +15,10 @@ is resident but not its argument; the step fits when every program does. The rol
 the actor itself (one mesh for every role: Tunix shares it, no copy), and Tunix's start-of-step
 policy snapshot lives in host memory.
 
-The sampler's jitted programs and its flattened weights are Tunix private names, read here
-only (`_SAMPLER_PRIVATE`); tests/test_aot.py checks that each program lowers to the one a real
-cluster's learner runs.
+The sampler's jitted programs and its flattened weights are Tunix private names
+(`_compiled_prefill_fn`, `_compiled_decode_fn`, `_flattened_transformer_state`), read here only;
+tests/test_aot.py lowers each program through them and checks it against the one a real
+cluster's learner runs, so a rename fails there.
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ from tpusft.aot import compile_step
 from tpusft.aot.compile_step import Compiled
 from tpusft.errors import ConfigError
 from tpusft.models.sharding import BATCH_AXES
-
-_SAMPLER_PRIVATE = ("_compiled_prefill_fn", "_compiled_decode_fn",
-                    "_flattened_transformer_state")
-
 
 def rows(cfg: Any) -> int:
     """Rows of every GRPO program: each prompt's completions side by side."""
