@@ -389,6 +389,9 @@ def test_non_finite_gradients_never_reach_the_parameters():
     counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
               if "notfinite_count" in jax.tree_util.keystr(path)]
     assert [int(c) for c in counts] == [1]
+    moments = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+               if re.search(r"\.(mu|nu)\b", jax.tree_util.keystr(path))]
+    assert moments and all(np.all(np.asarray(m) == 0) for m in moments)  # Adam's untouched
     updates, state = opt.update({"w": jnp.ones((3,))}, state, params)
     assert np.all(np.asarray(optax.apply_updates(params, updates)["w"]) < 1.0)
 

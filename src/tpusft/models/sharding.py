@@ -117,6 +117,32 @@ class AxisRules:
         return PartitionSpec(*out)
 
 
+def vocab_split_axes(rules: AxisRules | None, vocab: int) -> tuple[str, ...]:
+    """The mesh axes that split the vocabulary when the output layer runs split over it
+    rather than over the batch: the batch's axes and the vocabulary's own, those longer than
+    1; () when there is none or they do not divide `vocab`."""
+    if rules is None or rules.mesh is None:
+        return ()
+    table, sizes = dict(rules.rules), dict(rules.axis_sizes)
+    axes = tuple(dict.fromkeys(a for name in ("activation_batch", "activation_vocab")
+                               for a in table.get(name, ()) if sizes.get(a, 1) > 1))
+    if not axes or vocab % math.prod(sizes[a] for a in axes):
+        return ()
+    return axes
+
+
+@dataclass(frozen=True)
+class Placement:
+    """with_sharding_constraint to a PartitionSpec over the rules' mesh, as a hashable callable
+    (a custom_vjp's static argument)."""
+
+    rules: AxisRules
+    spec: PartitionSpec
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.rules.mesh, self.spec))
+
+
 def constrain(x: jax.Array, rules: AxisRules | None, logical: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical axes; a no-op without rules or on one device."""
     if rules is None or rules.mesh is None or all(s == 1 for _, s in rules.axis_sizes):

@@ -106,7 +106,7 @@ def sft_loss(model, inputs, targets, weights, segment_ids, positions, loss_denom
     hidden, _ = model(inputs, positions, None, None, segment_ids, dropout_key=key,
                       return_hidden=True)
     total = output_nll_sum(hidden, model.output_kernel(), targets,
-                           weights.astype(jnp.float32), model.logits, vocab_tiles,
+                           weights.astype(jnp.float32), model.split_vocab_logits, vocab_tiles,
                            not model.args.lora_rank)
     return total / loss_denominator
 

@@ -78,7 +78,7 @@ def pair_logps(model, inputs, positions, segment_ids, score_index, targets, weig
     @jax.checkpoint  # keep only the chunk's inputs; recompute its logits for the gradient
     def chunk(total, xs):
         h, t, w = xs
-        logits = model.logits(h, kernel)
+        logits = model.split_vocab_logits(h, kernel)
         logz = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return total + jnp.einsum("bt,bts->bs", target - logz, w), None
