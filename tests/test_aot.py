@@ -119,7 +119,7 @@ def test_dpo_compile_path_lowers_the_programs_tunix_runs():
         pairs = {k: v for k, v in batch.items() if k != "ref_logps"}
         with mesh:
             ours = (compile_step.tunix_train_step_jit(trainer).lower(model, optimizer, batch),
-                    trainer._reference_logps.lower(ref, pairs))
+                    trainer.reference_logps.lower(ref, pairs))
             policy = build_model(cfg, method.model_args(cfg), mesh, False,
                                  print_fn=lambda *_: None)
             real = preference.preference_trainer(policy, reference_model(policy),
@@ -129,7 +129,7 @@ def test_dpo_compile_path_lowers_the_programs_tunix_runs():
                 {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()},
                 {k: s.sharding for k, s in batch.items()})
             theirs = (jitted.func.lower(real.model, real.optimizer, concrete),
-                      real._reference_logps.lower(
+                      real.reference_logps.lower(
                           real.ref_model, {k: v for k, v in concrete.items()
                                            if k != "ref_logps"}))
         for a, b in zip(ours, theirs, strict=True):
@@ -199,7 +199,7 @@ def test_grpo_compile_path_lowers_the_programs_a_cluster_runs(demo_assets, demo_
             rewards = rewards_lib.build(["answer_correct"], [], tokenizer=demo_tokenizer,
                                         format_pattern="", length_penalty_start=1,
                                         max_completion_length=cfg.max_completion_length)
-            grpo.build_learner(cluster, cfg, rewards, grpo.Timings())
+            grpo.build_learner(cluster, cfg, rewards)
             real = cluster.rollout._sampler
             for attr, name in (("_compiled_prefill_fn", "prefill"),
                                ("_compiled_decode_fn", "decode")):

@@ -100,9 +100,9 @@ def main(argv: Sequence[str]) -> int:
         # their copy); the trainer then restores the trained ones.
         model = build_model(cfg, args, mesh, existing_checkpoint(cfg, "actor")
                             and not grpo.needs_reference(cfg))
-        cluster = grpo.build_cluster(model, tokenizer, mesh, cfg)
-        timings = grpo.Timings()
-        learner = grpo.build_learner(cluster, cfg, rewards, timings)
+        timings = grpo.Timings(rewards)
+        cluster = grpo.build_cluster(model, tokenizer, mesh, cfg, timings)
+        learner = grpo.build_learner(cluster, cfg, rewards)
         actor = cluster.actor_trainer.model
         start = cluster.actor_trainer.train_steps
 

@@ -133,7 +133,7 @@ def compile_run(cfg: Any, method: Method, topology: Topology) -> tuple[Compiled,
             else nnx.state(reference))
         with mesh:
             ref = compile_step.compile_lowered(
-                trainer._reference_logps.lower(
+                trainer.reference_logps.lower(
                     reference, {k: v for k, v in batch.items() if k != "ref_logps"}),
                 compile_step.per_device_bytes(nnx.state(reference)), 0)
         if not ref.fits:

@@ -15,10 +15,9 @@ is resident but not its argument; the step fits when every program does. The rol
 the actor itself (one mesh for every role: Tunix shares it, no copy), and Tunix's start-of-step
 policy snapshot lives in host memory.
 
-The sampler's jitted programs and its flattened weights are Tunix private names
-(`_compiled_prefill_fn`, `_compiled_decode_fn`, `_flattened_transformer_state`), read here only;
-tests/test_aot.py lowers each program through them and checks it against the one a real
-cluster's learner runs, so a rename fails there.
+The sampler's jitted programs and its flattened weights are Tunix private names, reached
+through internals/tunix_private.py; tests/test_aot.py lowers each program through them and
+checks it against the one a real cluster's learner runs.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tpusft.aot import compile_step
 from tpusft.aot.compile_step import Compiled
 from tpusft.errors import ConfigError
+from tpusft.internals import tunix_private
 from tpusft.models.sharding import BATCH_AXES
 
 def rows(cfg: Any) -> int:
@@ -128,8 +128,8 @@ def prefill_program(s, cfg: Any, n: int):
     # and the cache as the model's init_cache places it (shape evaluation drops placement).
     state = state.replace(num_input_tokens=jnp.array(p, dtype=jnp.int32),
                           cache=s.transformer.cache_layout(n, p + c, s.dtype))
-    weights = getattr(s, "_flattened_transformer_state")
-    return getattr(s, "_compiled_prefill_fn").lower(weights, state, None, echo=False), state
+    prefill, _, weights = tunix_private.sampler_programs(s)
+    return prefill.lower(weights, state, None, echo=False), state
 
 
 def decode_program(s, prefill_lowered, prefill_compiled, state):
@@ -138,8 +138,8 @@ def decode_program(s, prefill_lowered, prefill_compiled, state):
     out = jax.tree.map(lambda x, sh, given: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=sh, weak_type=given.weak_type),
         prefill_lowered.out_info, prefill_compiled.output_shardings, state)
-    return getattr(s, "_compiled_decode_fn").lower(
-        getattr(s, "_flattened_transformer_state"), out), out
+    _, decode, weights = tunix_private.sampler_programs(s)
+    return decode.lower(weights, out), out
 
 
 def logps_program(model: nnx.Module, cfg: Any, n: int, pad_id: int, eos_id: int,

@@ -23,12 +23,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
-from orbax.checkpoint._src.futures import future
-from orbax.checkpoint._src.serialization import ocdbt_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from safetensors import safe_open
 
 from tpusft.errors import CheckpointError
+from tpusft.internals import orbax_private
 
 Block = tuple[tuple[slice, ...], np.ndarray]
 
@@ -123,13 +121,9 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
     async def _write_all(self, values, infos, args):
         for value, info, arg in zip(values, infos, args, strict=True):
             await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=value.shape, local_shape=value.block_shape,
-                dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint),
-                metadata_key=self._metadata_key)
-            tspec = spec.json
+            tspec = orbax_private.array_write_spec(
+                self, info, arg, global_shape=value.shape, local_shape=value.block_shape,
+                dtype=value.dtype)
             base = tspec.get("kvstore", {}).get("base")
             if isinstance(base, dict) and base.get("driver") == "file":
                 # Data files go through the page cache without an fsync per chunk (like any
@@ -151,8 +145,8 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
-        return [future.CommitFutureAwaitingContractedSignals(
-            self._write_all(values, infos, args), name="tpusft_streamed_array")]
+        return [orbax_private.commit_future(self._write_all(values, infos, args),
+                                            name="tpusft_streamed_array")]
 
 
 def _register() -> None:
@@ -208,7 +202,7 @@ class NativeReader:
                     rel = rel[:-1]
                 self.entries[rel] = keys
         self.clock = ReadClock()
-        self._context = ts_utils.get_ts_context(use_ocdbt=True)
+        self._context = orbax_private.tensorstore_context()
         self._handles: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
 
@@ -218,8 +212,8 @@ class NativeReader:
                                   f"the model preset and scan_layers")
         with self._lock:
             if rel not in self._handles:
-                spec = ts_utils.ArrayReadSpec(str(self.items), ".".join(self.entries[rel]),
-                                              self.use_zarr3, use_ocdbt=True).json
+                spec = orbax_private.array_read_spec(str(self.items),
+                                                     ".".join(self.entries[rel]), self.use_zarr3)
                 self._handles[rel] = ts.open(ts.Spec(spec), open=True,
                                              context=self._context).result()
             return self._handles[rel]

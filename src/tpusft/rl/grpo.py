@@ -100,10 +100,42 @@ def training_config(cfg: Any) -> rl_cluster_lib.RLTrainingConfig:
     )
 
 
-def build_cluster(actor: nnx.Module, tokenizer, mesh, cfg: Any) -> rl_cluster_lib.RLCluster:
+class TimedCluster(rl_cluster_lib.RLCluster):
+    """Tunix's cluster with a fresh rollout seed per step (folded from the run's seed and the
+    global step) and its rollouts and actor updates timed into `timings`."""
+
+    def __init__(self, *, seed: int, timings: Timings | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed, self.timings = seed, timings
+
+    def generate(self, *args, **kwargs) -> base_rollout.RolloutOutput:
+        self.cluster_config.rollout_config.seed = jax.random.key_data(
+            jax.random.fold_in(jax.random.key(self.seed), self.global_steps))
+        start = time.perf_counter()
+        out = super().generate(*args, **kwargs)
+        if self.timings is not None:
+            prompt = int(np.count_nonzero(np.asarray(out.left_padded_prompt_tokens)
+                                          != self.rollout.pad_id()))
+            self.timings.rollout(time.perf_counter() - start, [len(t) for t in out.tokens],
+                                 prompt)
+        return out
+
+    def update_actor(self, train_ds, *args, **kwargs):
+        timings = self.timings
+        start, excluded = time.perf_counter(), timings.excluded_s if timings else 0.0
+        super().update_actor(train_ds, *args, **kwargs)
+        if timings is not None:
+            examples = sum(len(e.completion_ids) for e in train_ds)
+            seconds = time.perf_counter() - start - (timings.excluded_s - excluded)
+            timings.update(self.actor_trainer.train_steps, seconds, examples)
+
+
+def build_cluster(actor: nnx.Module, tokenizer, mesh, cfg: Any,
+                  timings: Timings | None = None) -> TimedCluster:
     """Tunix's cluster, its actor restored from run_name's newest intact checkpoint."""
     reference = reference_model(actor) if needs_reference(cfg) else None
-    cluster = rl_cluster_lib.RLCluster(
+    cluster = TimedCluster(
+        seed=cfg.seed, timings=timings,
         actor=actor, reference=reference, tokenizer=tokenizer,
         cluster_config=rl_cluster_lib.ClusterConfig(
             role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh},
@@ -141,7 +173,8 @@ class Timings:
     """What each optimizer step saw: the rollout before it (time, tokens, completion lengths,
     each reward's values) and its own update time and tokens, keyed by the step number."""
 
-    def __init__(self):
+    def __init__(self, rewards: list[rewards_lib.Reward]):
+        self.rewards = rewards
         self.rollout_s = 0.0
         self.rollout_tokens = self.batch_tokens = 0
         self.completion_lengths: list[int] = []
@@ -154,49 +187,20 @@ class Timings:
         self.completion_lengths = lengths
         self.batch_tokens = sum(lengths) + prompt_tokens
 
-    def update(self, step: int, seconds: float, rewards: list[rewards_lib.Reward],
-               examples: int) -> None:
+    def update(self, step: int, seconds: float, examples: int) -> None:
         """One actor update of `examples` of the last rollout's completions."""
         n = max(len(self.completion_lengths), 1)
         self.steps[step] = {
             "rollout_s": self.rollout_s, "rollout_tokens": self.rollout_tokens,
             "update_s": seconds, "train_tokens": self.batch_tokens * examples / n,
             "lengths": list(self.completion_lengths),
-            "rewards": {r.name: (r.weight, r.last.copy()) for r in rewards}}
+            "rewards": {r.name: (r.weight, r.last.copy()) for r in self.rewards}}
         self.rollout_s, self.rollout_tokens = 0.0, 0  # counted once, by the first update
 
 
-def build_learner(cluster, cfg: Any, rewards: list[rewards_lib.Reward], timings: Timings):
+def build_learner(cluster: TimedCluster, cfg: Any, rewards: list[rewards_lib.Reward]):
     learner_cls, algo = algorithm_config(cfg)
-
-    class Learner(learner_cls):
-        """Tunix's learner, with a fresh rollout seed per step and rollouts/updates timed."""
-
-        def _generate_and_compute_advantage(self, training_input, mode=rl_cluster_lib.Mode.TRAIN):
-            rc = self.rl_cluster.cluster_config.rollout_config
-            rc.seed = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed),
-                                                             self.rl_cluster.global_steps))
-            return super()._generate_and_compute_advantage(training_input, mode)
-
-    generate, update = cluster.generate, cluster.update_actor
-
-    def timed_generate(*args, **kwargs):
-        start = time.perf_counter()
-        out = generate(*args, **kwargs)
-        prompt = int(np.count_nonzero(np.asarray(out.left_padded_prompt_tokens)
-                                      != cluster.rollout.pad_id()))
-        timings.rollout(time.perf_counter() - start, [len(t) for t in out.tokens], prompt)
-        return out
-
-    def timed_update(train_examples, *args, **kwargs):
-        start, excluded = time.perf_counter(), timings.excluded_s
-        update(train_examples, *args, **kwargs)
-        examples = sum(len(e.completion_ids) for e in train_examples)
-        seconds = time.perf_counter() - start - (timings.excluded_s - excluded)
-        timings.update(cluster.actor_trainer.train_steps, seconds, rewards, examples)
-
-    cluster.generate, cluster.update_actor = timed_generate, timed_update
-    return Learner(cluster, algo, rewards)
+    return learner_cls(cluster, algo, rewards)
 
 
 def held_out_accuracy(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int,

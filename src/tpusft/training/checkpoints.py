@@ -14,9 +14,9 @@
 
 `adopt` puts it under a Tunix trainer. Tunix builds its own manager in the trainer's
 constructor and restores there; tpusft's recipes pass it no checkpoint directory (so it
-restores nothing) and `adopt` sets the restored step on the trainer afterwards. That is the
-one place that writes the trainer's private step counters (Tunix has no public setter) and
-that has it report a held-back step before a save (`report_pending_step`).
+restores nothing) and `adopt` sets the restored step on the trainer afterwards (through
+internals/tunix_private.py: Tunix has no public setter), and `report_pending_step` has it
+report a held-back step before a save.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from tunix.sft import checkpoint_manager as tunix_checkpoints
-from tunix.sft import profiler as tunix_profiler
 
 from tpusft import distributed
 from tpusft.checkpoint import integrity
 from tpusft.errors import CheckpointError, Diverged, RunFailed
+from tpusft.internals import tunix_private
 
 SHAPES_KEY = "tpusft_shapes"
 LAYOUT_KEY = "tpusft_layout"
@@ -130,7 +130,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
     def save(self, step: int, model, optimizer=None, save_only_lora_params: bool = False,
              force: bool = False, custom_metadata: dict[str, Any] | None = None) -> bool:
         self._agree_on_signal()
-        manager = self._checkpoint_manager
+        manager = tunix_private.orbax_manager(self)
         if manager is None:
             return False
         if not force and not self._urgent() and not manager.should_save(step):
@@ -183,7 +183,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         if self.preemption.saved_step == step:
             return
         with self._storage_errors(step):
-            self._checkpoint_manager.wait_until_finished()
+            tunix_private.orbax_manager(self).wait_until_finished()
         self.print(f"{self.preemption.reason}: checkpoint of step {step} saved in "
                    f"{self.root}; run the same command again to continue", flush=True)
         self.preemption.finished(step)
@@ -250,14 +250,14 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         return integrity.compare(stored, restored)
 
     def _metadata(self, step: int) -> dict[str, Any]:
-        meta = self._checkpoint_manager.metadata(step)
+        meta = tunix_private.orbax_manager(self).metadata(step)
         return dict(getattr(meta, "custom_metadata", None) or {})
 
     def maybe_restore(self, model, optimizer=None, step: int | None = None,
                       restore_only_lora_params: bool = False) -> tuple[int, dict[str, Any]]:
-        if self._checkpoint_manager is None:
+        if tunix_private.orbax_manager(self) is None:
             return 0, {}
-        steps = [step] if step is not None else sorted(self._checkpoint_manager.all_steps(),
+        steps = [step] if step is not None else sorted(tunix_private.orbax_manager(self).all_steps(),
                                                        reverse=True)
         with _quiet_background_failures(collect=True):
             return self._restore_newest_intact(model, optimizer, steps, restore_only_lora_params)
@@ -313,7 +313,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         distributed.sync(f"tpusft-set-aside-{step}")
         self.damaged.append((step, why))
         self.print(f"checkpoint step {step} is damaged: {why}; moved to {dst}")
-        self._checkpoint_manager.reload()  # Orbax caches the list of steps
+        tunix_private.orbax_manager(self).reload()  # Orbax caches the list of steps
 
 
 def adopt(trainer, root: str | None, options, **guard) -> GuardedCheckpoints:
@@ -322,17 +322,10 @@ def adopt(trainer, root: str | None, options, **guard) -> GuardedCheckpoints:
     guard.setdefault("metadata_fn", trainer.custom_checkpoint_metadata)
     manager = GuardedCheckpoints(root, options, **guard)
     trainer.checkpoint_manager = manager
-    step, metadata = manager.maybe_restore(trainer.model, trainer.optimizer,
-                                           restore_only_lora_params=trainer._lora_enabled)  # noqa: SLF001
-    accumulation = trainer.config.get_with_default("gradient_accumulation_steps", 1)
-    trainer._train_steps = step  # noqa: SLF001 - Tunix restores only in its constructor
-    trainer._iter_steps = step * accumulation  # noqa: SLF001
-    trainer._restored_custom_metadata = metadata  # noqa: SLF001
-    max_steps = trainer.config.max_steps
-    trainer._prof = tunix_profiler.Profiler(  # noqa: SLF001 - its first step is the restored one
-        initial_step=trainer._iter_steps,  # noqa: SLF001
-        max_step=max_steps * accumulation if max_steps is not None else None,
-        profiler_options=trainer.config.profiler_options)
+    step, metadata = manager.maybe_restore(
+        trainer.model, trainer.optimizer,
+        restore_only_lora_params=tunix_private.lora_enabled(trainer))
+    tunix_private.set_position(trainer, step, metadata)  # Tunix restores only in its __init__
     return manager
 
 
@@ -342,13 +335,12 @@ def report_pending_step(trainer) -> None:
     otherwise commit before step N's record exists, and a kill between the two loses that
     record for good (the resumed run starts at N+1). Called before a save, this reports
     step N now; Tunix's next step then starts a new hold-back as on a run's first step."""
-    if trainer._prev_buffered_train_metrics is not None:  # noqa: SLF001 - no public flush
-        trainer._write_train_metrics()  # noqa: SLF001
+    tunix_private.report_held_back_step(trainer)
 
 
 def finite_counters(optimizer) -> tuple[int, int]:
-    """(updates skipped in a row, updates skipped in all) from optax.apply_if_finite's state in
-    an optimizer (0, 0 when it has none)."""
+    """(updates skipped in a row, updates skipped in all) from the optimizer's
+    optax.ApplyIfFiniteState (training/optimizer.py; 0, 0 when it has none)."""
     state = nnx.state(optimizer, nnx.optimizer.OptState)
     row = total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:

@@ -31,10 +31,13 @@ def sequence_chunks(x: jax.Array, n: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, n, t // n, *x.shape[2:]), 1, 0)
 
 
-def _nll_sum_and_grads(hidden, kernel, targets, weights, logits_fn, tiles, kernel_grad):
+def _nll_sum_and_grads(hidden, kernel, targets, weights, logits_fn, tiles, kernel_grad,
+                       kernel_like):
     """Sum of weighted NLL and its gradients, one sequence chunk at a time: each chunk's
     logits live only inside its scan step, where d loss / d logits = softmax - one_hot (times
-    the token's weight) goes straight back through the output layer."""
+    the token's weight) goes straight back through the output layer. `kernel_like` places an
+    array shaped as the kernel as the kernel is sharded: the kernel gradient's float32 sum
+    over the chunks is kept as a shard on each chip, not whole on every one."""
     def step(dkernel, chunk):
         h, t, w = chunk
         if kernel_grad:
@@ -48,10 +51,12 @@ def _nll_sum_and_grads(hidden, kernel, targets, weights, logits_fn, tiles, kerne
                    - jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype)) * w[..., None]
         grads = pullback(dlogits)
         if kernel_grad:
-            dkernel = dkernel + grads[1].astype(jnp.float32)
+            dkernel = kernel_like(dkernel + kernel_like(grads[1].astype(jnp.float32)))
         return dkernel, (nll, grads[0])
 
     dkernel = jnp.zeros(kernel.shape if kernel_grad else (), jnp.float32)
+    if kernel_grad:
+        dkernel = kernel_like(dkernel)
     dkernel, (sums, dhidden) = jax.lax.scan(
         step, dkernel, (sequence_chunks(hidden, tiles), sequence_chunks(targets, tiles),
                         sequence_chunks(weights, tiles)))
@@ -59,25 +64,30 @@ def _nll_sum_and_grads(hidden, kernel, targets, weights, logits_fn, tiles, kerne
     return jnp.sum(sums), dhidden, dkernel.astype(kernel.dtype) if kernel_grad else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _as_is(x: jax.Array) -> jax.Array:
+    return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def output_nll_sum(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
                    weights: jax.Array, logits_fn: Callable, tiles: int,
-                   kernel_grad: bool) -> jax.Array:
+                   kernel_grad: bool, kernel_like: Callable = _as_is) -> jax.Array:
     """sum(weights * -log softmax(logits_fn(hidden, kernel))[targets]) over [B, T] tokens,
     with the gradients for hidden (and kernel, when kernel_grad) computed chunk by chunk in the
     forward pass and scaled by the incoming cotangent in the backward one (a fused output
     layer and cross-entropy: the [B, T, vocab] logits never exist at once)."""
     return _nll_sum_and_grads(hidden, kernel, targets, weights, logits_fn, tiles,
-                              kernel_grad)[0]
+                              kernel_grad, kernel_like)[0]
 
 
-def _output_nll_fwd(hidden, kernel, targets, weights, logits_fn, tiles, kernel_grad):
+def _output_nll_fwd(hidden, kernel, targets, weights, logits_fn, tiles, kernel_grad,
+                    kernel_like):
     total, dhidden, dkernel = _nll_sum_and_grads(hidden, kernel, targets, weights, logits_fn,
-                                                 tiles, kernel_grad)
+                                                 tiles, kernel_grad, kernel_like)
     return total, (dhidden, dkernel, kernel)
 
 
-def _output_nll_bwd(logits_fn, tiles, kernel_grad, res, g):
+def _output_nll_bwd(logits_fn, tiles, kernel_grad, kernel_like, res, g):
     dhidden, dkernel, kernel = res
     dkernel = (dkernel * g).astype(kernel.dtype) if kernel_grad else jnp.zeros_like(kernel)
     return (dhidden * g.astype(dhidden.dtype), dkernel, None, None)
@@ -107,7 +117,7 @@ def sft_loss(model, inputs, targets, weights, segment_ids, positions, loss_denom
                       return_hidden=True)
     total = output_nll_sum(hidden, model.output_kernel(), targets,
                            weights.astype(jnp.float32), model.split_vocab_logits, vocab_tiles,
-                           not model.args.lora_rank)
+                           not model.args.lora_rank, model.output_kernel_like)
     return total / loss_denominator
 
 

@@ -51,6 +51,16 @@ def skip_if_not_finite(inner: optax.GradientTransformation) -> optax.GradientTra
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def current_learning_rate(optimizer: Any) -> float | None:
+    """The learning rate an nnx Optimizer over make_optimizer's chain applies next (read from
+    inject_hyperparams' state); None for an optimizer without it."""
+    hyperparams = getattr(optimizer.opt_state, "hyperparams", None)
+    if hyperparams is None or "learning_rate" not in hyperparams:
+        return None
+    lr = hyperparams["learning_rate"]
+    return float(jax.device_get(getattr(lr, "value", lr)))
+
+
 def make_optimizer(cfg: Any) -> optax.GradientTransformation:
     """inject_hyperparams makes the learning rate visible to Tunix's metrics; skip_if_not_finite
     drops any update whose gradients hold NaN or inf (and counts it). Weight decay skips

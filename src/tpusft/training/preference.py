@@ -6,7 +6,7 @@ Orbax checkpoints. tpusft plugs into its hooks:
   * the loss (training/preference_loss.py): DPO, ORPO and SimPO on tpusft's pair rows (the
     prompt once, then both responses), with the output layer run on response positions in
     chunks instead of Tunix's full-vocabulary logits of two sequences per pair;
-  * `_prepare_inputs`: the batch sharded over the mesh and, for DPO, the reference model's
+  * `prepare_inputs`: the batch sharded over the mesh and, for DPO, the reference model's
     log-probs of both sides computed once per batch outside the gradient (as Tunix does);
   * the data hooks, data-iterator state in checkpoints and the progress line shared with SFT
     (training/trainer.py).
@@ -23,6 +23,7 @@ from flax import nnx
 from tunix.sft import sharding_utils
 from tunix.sft.dpo import dpo_trainer
 
+from tpusft.internals import tunix_private
 from tpusft.training import trainer as trainer_lib
 from tpusft.training.preference_loss import PreferenceLoss, make_loss_fn, pair_logps
 
@@ -69,7 +70,7 @@ def metrics(method: PreferenceLoss) -> tuple[tuple[str, str, str], ...]:
 
 
 class PreferenceTrainer(trainer_lib.DonatedWeights, trainer_lib.DataStateCheckpoints,
-                        dpo_trainer.DPOTrainer):
+                        tunix_private.PreparesInputs, dpo_trainer.DPOTrainer):
     """Tunix's DPOTrainer on tpusft's pair batches and losses."""
 
     def __init__(self, model: nnx.Module, ref_model: nnx.Module | None,
@@ -79,14 +80,14 @@ class PreferenceTrainer(trainer_lib.DonatedWeights, trainer_lib.DataStateCheckpo
         super().__init__(model, ref_model, optimizer, config)
         self.with_loss_fn(make_loss_fn(method, seed, tiles), has_aux=True)
         self.with_gen_model_input_fn(lambda batch: batch)
-        self._aux_metrics_to_log = {name: np.mean for name, _, _ in metrics(method)}
-        self._reference_logps = nnx.jit(functools.partial(_reference_logps, tiles=tiles))
+        tunix_private.set_aux_metrics(self, {name: np.mean for name, _, _ in metrics(method)})
+        self.reference_logps = nnx.jit(functools.partial(_reference_logps, tiles=tiles))
 
-    def _prepare_inputs(self, batch: dict) -> dict:
+    def prepare_inputs(self, batch: dict) -> dict:
         batch = sharding_utils.shard_input(batch, self.config.data_sharding_axis)
         if self.ref_model is None:
             return batch
-        return dict(batch, ref_logps=self._reference_logps(self.ref_model, batch))
+        return dict(batch, ref_logps=self.reference_logps(self.ref_model, batch))
 
 
 def _reference_logps(model, batch: dict, tiles: int):

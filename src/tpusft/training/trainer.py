@@ -32,12 +32,14 @@ from tunix.sft import profiler as tunix_profiler
 
 from tpusft import distributed
 from tpusft.errors import Diverged
+from tpusft.internals import tunix_private
 from tpusft.models.sharding import BATCH_AXES
 from tpusft.training import loss as loss_lib
 from tpusft.training import tensorboard
 from tpusft.training.checkpoints import adopt, per_process_values, report_pending_step
 from tpusft.training.divergence import DivergenceGuard
 from tpusft.training.metrics import JsonlWriter, format_duration
+from tpusft.training.optimizer import current_learning_rate
 from tpusft.training.preemption import Preemption
 
 DATA_STATE_KEY = "tpusft_data_state"
@@ -261,9 +263,9 @@ class Progress(tunix_hooks.TrainingHooks):
         record = {"kind": "train", "step": step, "loss": loss}
         if known:
             record["batch_crc32"] = self.feeder.step_crc[index]
-        lr = train_ctx._try_get_learning_rate()  # noqa: SLF001 - Tunix exposes no public getter
+        lr = current_learning_rate(train_ctx.optimizer)
         if lr is not None:
-            record["learning_rate"] = float(jax.device_get(lr))
+            record["learning_rate"] = lr
         record.update(self._extras(train_ctx, "train"))
         if self.divergence is not None and self.divergence.skipped:
             record["skipped_updates"] = self.divergence.skipped
@@ -317,13 +319,10 @@ class Progress(tunix_hooks.TrainingHooks):
             self.jsonl.flush()
 
     def on_train_step_start(self, train_ctx):
-        # Tunix evaluates after the steps that are multiples of eval_every_n_steps (read from
-        # its config after every step); the last step is evaluated too, so a run always ends
-        # with held-out figures.
-        config = train_ctx.config
-        if (train_ctx.train_steps + 1 == self.total_steps and config.eval_every_n_steps
-                and self.total_steps % config.eval_every_n_steps):
-            config.eval_every_n_steps = self.total_steps
+        # The last step is evaluated too, so a run always ends with held-out figures.
+        every = train_ctx.config.eval_every_n_steps
+        if train_ctx.train_steps + 1 == self.total_steps and every and self.total_steps % every:
+            tunix_private.evaluate_after(train_ctx, self.total_steps)
 
     def on_eval_step_start(self, train_ctx):
         pass
@@ -378,7 +377,7 @@ class DataStateCheckpoints:
 
     @property
     def restored_metadata(self) -> dict[str, Any]:
-        return self._restored_custom_metadata or {}
+        return tunix_private.restored_metadata(self)
 
     def attach(self, feeder: BatchFeeder) -> None:
         """Feeds the trainer from `feeder`, resumed at the checkpoint's data position."""

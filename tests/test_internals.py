@@ -1,0 +1,51 @@
+"""Library private names: each still exists as tpusft uses it, and none is used outside
+src/tpusft/internals/, so a Tunix or Orbax upgrade that renames one fails here."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from pathlib import Path
+
+import pytest
+
+from tpusft.internals import orbax_private, tunix_private
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "tpusft"
+MODULES = {"google-tunix": tunix_private, "orbax-checkpoint": orbax_private}
+
+
+@pytest.mark.parametrize("package", sorted(MODULES))
+def test_every_private_name_still_exists_as_used(package):
+    module = MODULES[package]
+    assert module.missing() == [], (
+        f"{package} {importlib.metadata.version(package)} (checked against {module.VERSION}) "
+        f"changed private names tpusft uses: update src/tpusft/internals/"
+        f"{module.__name__.rsplit('.', 1)[1]}.py")
+
+
+def test_the_check_notices_a_renamed_name(monkeypatch):
+    """missing() is not blind: a name that is gone, or a parameter that is, is reported."""
+    names = tunix_private.NAMES + (
+        (tunix_private.peft_trainer.PeftTrainer, "_no_such_attribute", "attribute"),
+        (tunix_private.peft_trainer.PeftTrainer, "_write_train_metrics", ("self", "extra")))
+    monkeypatch.setattr(tunix_private, "NAMES", names)
+    assert len(tunix_private.missing()) == 2
+    monkeypatch.setattr(orbax_private, "NAMES", orbax_private.NAMES + (
+        (orbax_private.ts_utils, "get_ts_context", ("no_such_parameter",)),))
+    assert len(orbax_private.missing()) == 1
+
+
+def test_no_private_name_is_used_outside_internals():
+    names = {name for _, name, _ in tunix_private.NAMES + orbax_private.NAMES
+             if name.startswith("_") and not name.startswith("__")}
+    pattern = re.compile(r"orbax\.checkpoint\._src|tunix\.\S*\._|SLF001|[.\"'](%s)\b"
+                         % "|".join(map(re.escape, sorted(names))))
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.parent.name == "internals":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line) or re.search(r"def (%s)\(" % "|".join(names), line):
+                found.append(f"{path.relative_to(SRC)}:{n}: {line.strip()}")
+    assert found == [], "private library names outside src/tpusft/internals/:\n" + "\n".join(found)
