@@ -41,9 +41,9 @@ def write_random_hf(out: Path, preset: str, dtype: str, tied: bool,
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    from tpusft.checkpoint.convert import model_args
-    from tpusft.checkpoint.hf_config import hf_config_for
-    from tpusft.checkpoint.hf_layout import native_leaves
+    from tpusft.conversion.convert import model_args
+    from tpusft.conversion.hf_config import hf_config_for
+    from tpusft.conversion.hf_layout import native_leaves
     from tpusft.config.loader import load_preset
 
     keys = {**load_preset(preset), "logits_via_embedding": tied}

@@ -54,8 +54,8 @@ def main() -> None:
     from flax import nnx
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tpusft.checkpoint.convert import hf_to_native
-    from tpusft.checkpoint.native import restore_params
+    from tpusft.conversion.convert import hf_to_native
+    from tpusft.conversion.native import restore_params
     from tpusft.models import sampling
     from tpusft.models.decoder import ModelArgs, Transformer
 

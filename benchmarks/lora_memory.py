@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tpusft.checkpoint.convert import model_args
+from tpusft.conversion.convert import model_args
 from tpusft.config.loader import load_preset
 from tpusft.models import lora
 from tpusft.models.decoder import create_model

@@ -154,6 +154,7 @@ def run_tpusft(a, packed: bool) -> dict:
     from tpusft.models.decoder import ModelArgs, create_model
     from tpusft.models.sharding import make_mesh
     from tpusft.training import trainer as trainer_lib
+    from tpusft.training.feeder import BatchFeeder
     from tpusft.training.optimizer import make_optimizer
 
     cfg = _cfg(a, a.steps)
@@ -166,7 +167,7 @@ def run_tpusft(a, packed: bool) -> dict:
     with mesh:
         model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, 0)
         jax.block_until_ready(jax.tree.leaves(nnx_state(model)))
-        feeder = trainer_lib.BatchFeeder(grain.MapDataset.source(data).to_iter_dataset(), 1)
+        feeder = BatchFeeder(grain.MapDataset.source(data).to_iter_dataset(), 1)
         trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
         trainer.with_training_hooks(_jax_hooks(times))
         start = time.perf_counter()

@@ -119,8 +119,8 @@ def hf_tensors(directory) -> dict[str, np.ndarray]:
 
 def native_tensors(path) -> dict[str, np.ndarray]:
     """Every parameter of a native (MaxText-layout) checkpoint, by 'a/b/c' name."""
-    from tpusft.checkpoint.native import resolve
-    from tpusft.checkpoint.streaming import NativeReader
+    from tpusft.conversion.native import resolve
+    from tpusft.conversion.streaming import NativeReader
 
     items, _ = resolve(str(path))
     reader = NativeReader(items, ("params", "params"))
@@ -133,8 +133,8 @@ def restored_model(keys: dict, path, scan: bool = True):
     """A float32 tpusft model for model keys, with parameters restored from `path`."""
     import dataclasses
 
-    from tpusft.checkpoint.convert import model_args
-    from tpusft.checkpoint.native import restore_params
+    from tpusft.conversion.convert import model_args
+    from tpusft.conversion.native import restore_params
     from tpusft.models.decoder import create_model
 
     args = dataclasses.replace(model_args(keys, scan), dtype="float32", remat_policy="none")

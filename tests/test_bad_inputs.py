@@ -57,9 +57,9 @@ def _main(command):
     elif command == "data":
         from tpusft.data.inspect import main
     elif command == "hf_to_native":
-        from tpusft.checkpoint.cli import hf_to_native_main as main
+        from tpusft.conversion.cli import hf_to_native_main as main
     else:
-        from tpusft.checkpoint.cli import native_to_hf_main as main
+        from tpusft.conversion.cli import native_to_hf_main as main
     return main
 
 

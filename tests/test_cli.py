@@ -212,7 +212,7 @@ def test_grpo_runs_resumes_and_exports(tmp_path):
     assert not any(t.startswith(("jax/", "rewards/", "completions/", "actor/")) for t in tb)
     assert "Skipping non-TPU device" not in first.stderr + second.stderr
 
-    from tpusft.checkpoint.cli import native_to_hf_main
+    from tpusft.conversion.cli import native_to_hf_main
 
     out = tmp_path / "hf"
     export = run_in_process(native_to_hf_main, str(run / "checkpoints"), str(out))
@@ -294,7 +294,7 @@ def test_dpo_resumes_exactly_and_exports(tmp_path):
     # Held-out figures before training, every eval_interval steps and after the last step.
     lora_rows = read_jsonl(str(tmp_path / "lora" / "metrics.jsonl"))
     assert [r["step"] for r in lora_rows if r["kind"] == "eval"] == [0, 2, 3]
-    from tpusft.checkpoint.cli import native_to_hf_main
+    from tpusft.conversion.cli import native_to_hf_main
 
     out = tmp_path / "hf"
     export = run_in_process(native_to_hf_main, str(tmp_path / "lora" / "checkpoints"), str(out))

@@ -18,8 +18,8 @@ from hf_oracle import (
     restored_model,
 )
 
-from tpusft.checkpoint.convert import hf_to_native, model_args, native_to_hf
-from tpusft.checkpoint.native import restore_params
+from tpusft.conversion.convert import hf_to_native, model_args, native_to_hf
+from tpusft.conversion.native import restore_params
 from tpusft.models import sampling
 from tpusft.models.decoder import create_model
 
@@ -150,7 +150,7 @@ def test_round_trips_and_hf_loading(name, converted, tmp_path):
     flat = tmp_path / "unscanned"
     hf_to_native(str(d / "hf"), str(flat), scan_layers=False, log=lambda *_: None)
     scanned, unscanned = native_tensors(d / "native"), native_tensors(flat)
-    from tpusft.checkpoint.hf_layout import native_leaves
+    from tpusft.conversion.hf_layout import native_leaves
 
     by_hf = {}
     for leaf in native_leaves(model_args(keys, True)):

@@ -24,7 +24,7 @@ def tool(name: str, *args: str):
 
 def inproc(name: str, *args: str):
     """A converter's main in this process, through the command-line error wrapper."""
-    from tpusft.checkpoint import cli
+    from tpusft.conversion import cli
 
     return run_in_process(getattr(cli, f"{name}_main"), *args)
 
@@ -102,7 +102,7 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     """A train_sft run's checkpoint -> HF; transformers' logits equal tpusft's on it."""
     import transformers
 
-    from tpusft.checkpoint.convert import find_model_keys
+    from tpusft.conversion.convert import find_model_keys
 
     run = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={tmp_path}",
                   "run_name=r", "steps=6", "checkpoint_period=6", "global_batch_size=8",
@@ -133,7 +133,7 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     # into the base and writes the PEFT adapter, which peft loads on the exported base.
     from peft import PeftModel
 
-    from tpusft.checkpoint.streaming import NativeReader
+    from tpusft.conversion.streaming import NativeReader
 
     lora_run = run_cli("tpusft.train_sft", "configs/demo/sft_lora.yml",
                        f"base_output_directory={tmp_path}", "run_name=l", "steps=6",
@@ -186,7 +186,7 @@ def chat_native(tmp_path_factory):
     """A tiny Llama with a chat tokenizer, converted: (hf dir, native dir, tokenizer)."""
     from chat_tokenizers import chat_tokenizer
 
-    from tpusft.checkpoint.convert import hf_to_native
+    from tpusft.conversion.convert import hf_to_native
 
     d = tmp_path_factory.mktemp("chat")
     tok = chat_tokenizer("llama3")
@@ -237,7 +237,7 @@ def test_export_generation_config_comes_from_the_tokenizer(tmp_path):
     exported with its tokenizer's bos/eos/pad and stops at the chat template's end of turn."""
     import transformers
 
-    from tpusft.checkpoint.convert import hf_to_native, native_to_hf
+    from tpusft.conversion.convert import hf_to_native, native_to_hf
     from tpusft.demo import arithmetic
 
     tok_dir = tmp_path / "tok"

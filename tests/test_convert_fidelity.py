@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from hf_oracle import TINY, build_hf_model, hf_logits, padded_batch_diff, restored_model
 
-from tpusft.checkpoint import hf_config
-from tpusft.checkpoint.convert import hf_to_native, native_to_hf
+from tpusft.conversion import hf_config
+from tpusft.conversion.convert import hf_to_native, native_to_hf
 from tpusft.errors import CheckpointError
 
 T = 24  # longer than the tiny models' sliding windows (8)
@@ -109,7 +109,7 @@ def test_every_config_field_is_mapped_or_declared_irrelevant(family):
     fields = set(getattr(transformers, CLASSES[family])().to_dict()) - base
     unknown = sorted(f for f in fields if f not in hf_config.MAPPED and f not in hf_config.IGNORED)
     assert not unknown, f"{CLASSES[family]} fields neither mapped nor declared irrelevant: " \
-                        f"{unknown} (add them to tpusft.checkpoint.hf_config.MAPPED or IGNORED)"
+                        f"{unknown} (add them to tpusft.conversion.hf_config.MAPPED or IGNORED)"
     assert not set(hf_config.MAPPED) & set(hf_config.IGNORED)
 
 
@@ -151,7 +151,7 @@ def test_untied_output_layer_moves_in_bands_bit_exact(tmp_path, monkeypatch):
     the last one shorter) and comes back bit for bit."""
     from hf_oracle import hf_tensors
 
-    from tpusft.checkpoint import hf_layout
+    from tpusft.conversion import hf_layout
 
     monkeypatch.setattr(hf_layout, "BAND_BYTES", 3 * 64 * 4)
     assert hf_layout.bands(256, 64 * 4)[-1] == (255, 256)

@@ -24,6 +24,7 @@ from tpusft.models.sharding import make_mesh
 from tpusft.training import preference
 from tpusft.training.optimizer import make_optimizer
 from tpusft.training.preference_loss import PreferenceLoss, log1mexp, make_loss_fn
+from tpusft.training.progress import Progress
 from tpusft.training.setup import reference_model
 
 ARGS = ModelArgs(family="llama3", vocab_size=64, emb_dim=32, num_layers=2, num_heads=4,
@@ -339,7 +340,7 @@ def _train(cfg, tokenizer, devices):
                                            cfg, feeder)
         losses, starts = [], []
 
-        class Record(preference.trainer_lib.Progress):
+        class Record(Progress):
             def on_train_step_start(self, ctx):
                 starts.append(time.perf_counter())
 

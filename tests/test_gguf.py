@@ -13,7 +13,7 @@ pytest.importorskip("gguf")
 from chat_tokenizers import chat_tokenizer  # noqa: E402
 from hf_oracle import build_hf_model  # noqa: E402
 
-from tpusft.checkpoint.gguf_export import hf_to_gguf  # noqa: E402
+from tpusft.conversion.gguf_export import hf_to_gguf  # noqa: E402
 from tpusft.errors import ConfigError  # noqa: E402
 
 FAMILY = {"llama3": "llama3", "llama3-tied": "llama3", "mistral": "mistral",

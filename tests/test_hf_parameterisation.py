@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 from hf_oracle import build_hf_model, restored_model
 
-from tpusft.checkpoint import hf_layout
-from tpusft.checkpoint.convert import hf_to_native, model_args
+from tpusft.conversion import hf_layout
+from tpusft.conversion.convert import hf_to_native, model_args
 from tpusft.models.hf_parameterisation import affine, decay_mask, hf_steps
 
 FAMILIES = ("llama3", "llama3-tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
@@ -23,7 +23,7 @@ FAMILIES = ("llama3", "llama3-tied", "mistral", "qwen2", "qwen3", "gemma2", "gem
 def test_factors_are_the_converters(name):
     """For every native leaf, the converter's HF -> native transform is s * HF + b (up to a
     permutation), with (s, b) what the optimizer uses."""
-    from tpusft.checkpoint.hf_config import model_keys
+    from tpusft.conversion.hf_config import model_keys
 
     hf = build_hf_model(name)
     args = model_args(model_keys(hf.config), True)

@@ -190,7 +190,7 @@ def test_dropout_keyed_per_step_and_layer_off_without_key():
 
 def test_sft_loss_and_feeder_key_dropout_by_training_step():
     from tpusft.training import loss as loss_lib
-    from tpusft.training.trainer import BatchFeeder
+    from tpusft.training.feeder import BatchFeeder
 
     model = _numpy_model(ARGS)
     batch = {"inputs": np.asarray(TOKENS), "targets": np.asarray(TOKENS),

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hf_oracle import hf_logits, hf_tensors, native_tensors, restored_model
 
-from tpusft.checkpoint.convert import hf_to_native, native_to_hf
-from tpusft.checkpoint.hf_config import load_hf_config, model_keys
+from tpusft.conversion.convert import hf_to_native, native_to_hf
+from tpusft.conversion.hf_config import load_hf_config, model_keys
 
 FIXTURES = Path(__file__).parent / "fixtures" / "maxtext"
 CASES = [(m, s) for m in ("llama", "qwen3") for s in ("scanned", "unscanned")]

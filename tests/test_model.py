@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from tpusft.checkpoint.native import restore_params
+from tpusft.conversion.native import restore_params
 from tpusft.errors import CheckpointError
 from tpusft.models import sampling
 from tpusft.models.decoder import ModelArgs, create_model

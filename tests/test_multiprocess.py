@@ -106,7 +106,7 @@ def _restore(checkpoint: Path) -> dict[str, np.ndarray]:
     import jax
     from flax import nnx
 
-    from tpusft.checkpoint.native import restore_params
+    from tpusft.conversion.native import restore_params
     from tpusft.config import load_config
     from tpusft.models.decoder import ModelArgs, create_model
     from tpusft.models.sharding import mesh_of

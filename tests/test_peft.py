@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from hf_oracle import build_hf_model, hf_logits
 
-from tpusft.checkpoint import peft_adapter
-from tpusft.checkpoint.convert import (
+from tpusft.conversion import peft_adapter
+from tpusft.conversion.convert import (
     find_model_keys,
     hf_to_native,
     load_adapters,
@@ -19,8 +19,8 @@ from tpusft.checkpoint.convert import (
     native_to_hf,
     peft_to_native,
 )
-from tpusft.checkpoint.native import restore_params
-from tpusft.checkpoint.streaming import save_native
+from tpusft.conversion.native import restore_params
+from tpusft.conversion.streaming import save_native
 from tpusft.errors import CheckpointError
 from tpusft.models import lora
 from tpusft.models.decoder import create_model

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tpusft.checkpoint.convert import model_args
-from tpusft.checkpoint.hf_config import hf_config_for, model_keys
-from tpusft.checkpoint.hf_layout import native_leaves
+from tpusft.conversion.convert import model_args
+from tpusft.conversion.hf_config import hf_config_for, model_keys
+from tpusft.conversion.hf_layout import native_leaves
 from tpusft.config.loader import configs_root, load_preset
 from tpusft.models.decoder import Transformer
 

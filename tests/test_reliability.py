@@ -347,7 +347,7 @@ def test_fingerprints_find_any_changed_word_and_ignore_sharding():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from tpusft.checkpoint import integrity
+    from tpusft.conversion import integrity
 
     rng = np.random.default_rng(0)
     tree = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
@@ -625,20 +625,20 @@ def test_a_step_reported_before_its_checkpoint_is_timed_with_the_next(tmp_path, 
     Steps of 1 s each: every logged step time stays 1 s (not 0.5 s, then 2 s)."""
     from types import SimpleNamespace
 
-    from tpusft.training import trainer as trainer_lib
+    from tpusft.training import progress as progress_lib
     from tpusft.training.metrics import JsonlWriter
 
     clock = [0.0]
-    monkeypatch.setattr(trainer_lib.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(progress_lib.time, "perf_counter", lambda: clock[0])
     feeder = SimpleNamespace(step_tokens=[100] * 6, step_slots=[100] * 6, step_crc=[0] * 6,
                              stats=None, bad_rows=0)
-    ctx = SimpleNamespace(train_steps=0, _try_get_learning_rate=lambda: None,
+    ctx = SimpleNamespace(train_steps=0, optimizer=SimpleNamespace(opt_state=None),
                           metrics_logger=SimpleNamespace(log=lambda *a, **k: None,
                                                          metric_exists=lambda *a: False))
-    progress = trainer_lib.Progress(feeder, total_steps=6, log_period=2, flops_per_token=1.0,
-                                    peak_flops_total=0.0,
-                                    jsonl=JsonlWriter(str(tmp_path / "metrics.jsonl")),
-                                    print_fn=lambda *a, **k: None)
+    progress = progress_lib.Progress(feeder, total_steps=6, log_period=2, flops_per_token=1.0,
+                                     peak_flops_total=0.0,
+                                     jsonl=JsonlWriter(str(tmp_path / "metrics.jsonl")),
+                                     print_fn=lambda *a, **k: None)
     progress.on_train_start(ctx)
 
     class HeldBack:  # a trainer holding step 4's report when step 4's checkpoint is saved

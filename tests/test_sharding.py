@@ -16,6 +16,8 @@ from tpusft.data import packing, sources
 from tpusft.models.decoder import ModelArgs, create_model
 from tpusft.models.sharding import make_mesh
 from tpusft.training import trainer as trainer_lib
+from tpusft.training.feeder import BatchFeeder
+from tpusft.training.progress import Progress
 from tpusft.training.optimizer import make_optimizer
 
 
@@ -46,11 +48,11 @@ def _train(cfg, tokenizer, devices, prepare=None):
         model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, seed=0)
         if prepare is not None:
             prepare(model)
-        feeder = trainer_lib.BatchFeeder(ds, cfg.gradient_accumulation_steps)
+        feeder = BatchFeeder(ds, cfg.gradient_accumulation_steps)
         trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
         losses, starts = [], []
 
-        class Record(trainer_lib.Progress):
+        class Record(Progress):
             def on_train_step_start(self, ctx):
                 super().on_train_step_start(ctx)
                 starts.append(time.perf_counter())

@@ -79,7 +79,7 @@ def prepare(family: str, root: Path, lora: bool) -> dict:
     import torch
     from hf_oracle import build_hf_model
 
-    from tpusft.checkpoint.convert import hf_to_native
+    from tpusft.conversion.convert import hf_to_native
 
     root.mkdir(parents=True, exist_ok=True)
     hf = build_hf_model(family)
@@ -153,7 +153,7 @@ def run_tpusft(main, keys: list[str], root: Path) -> Trajectory:
     from conftest import run_in_process
     from hf_oracle import hf_tensors
 
-    from tpusft.checkpoint.convert import native_to_hf
+    from tpusft.conversion.convert import native_to_hf
 
     result = run_in_process(main, str(CONFIGS / "base.yml"), *keys)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

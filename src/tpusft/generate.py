@@ -25,7 +25,7 @@ def main(argv: Sequence[str]) -> int:
                           "runs/<run_name>/checkpoints)")
     _from_checkpoint(cfg, argv[1:])
 
-    from tpusft.checkpoint.native import restore_params
+    from tpusft.conversion.native import restore_params
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic, evaluate
     from tpusft.models.decoder import ModelArgs, create_model
@@ -52,7 +52,7 @@ def _from_checkpoint(cfg, overrides: Sequence[str]) -> None:
     """The model keys recorded beside the checkpoint (a converted model's or a run's), unless
     the command line sets model_name or model keys; its tokenizer, unless tokenizer_path is
     set."""
-    from tpusft.checkpoint.convert import find_model_keys
+    from tpusft.conversion.convert import find_model_keys
     from tpusft.config.loader import absolute_path
     from tpusft.config.schema import MODEL_KEYS
     from tpusft.data.chat import has_tokenizer

@@ -43,6 +43,7 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.models.sharding import mesh_of
     from tpusft.training import preference, report
     from tpusft.training import trainer as trainer_lib
+    from tpusft.training.progress import Progress
     from tpusft.training.metrics import (
         peak_tflops_per_device,
         training_flops_per_token,
@@ -114,7 +115,7 @@ def main(argv: Sequence[str]) -> int:
         if cfg.demo_task and start == 0:
             demo_before = evaluate.report(model, tokenizer, cfg, "before training")
 
-        progress = trainer_lib.Progress(
+        progress = Progress(
             feeder, cfg.steps, cfg.log_period, flops_per_token,
             peak * 1e12 * jax.device_count(), metrics_writer(out),
             extras=preference.metrics(method))

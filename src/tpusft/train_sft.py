@@ -40,6 +40,8 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.models.sharding import mesh_of
     from tpusft.training import report
     from tpusft.training import trainer as trainer_lib
+    from tpusft.training.feeder import BatchFeeder
+    from tpusft.training.progress import Progress
     from tpusft.training.metrics import (
         peak_tflops_per_device,
         training_flops_per_token,
@@ -74,7 +76,7 @@ def main(argv: Sequence[str]) -> int:
     with mesh:
         model = build_model(cfg, args, mesh, existing_checkpoint(cfg))
 
-        feeder = trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
+        feeder = BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
                                          cfg.eval_steps, stats,
                                          replicated=cfg.data_sharding == "global")
         trainer = trainer_lib.build_trainer(model, make_optimizer(cfg), cfg, feeder)
@@ -98,7 +100,7 @@ def main(argv: Sequence[str]) -> int:
         if cfg.demo_task and start == 0:
             demo_before = evaluate.report(model, tokenizer, cfg, "before training")
 
-        progress = trainer_lib.Progress(
+        progress = Progress(
             feeder, cfg.steps, cfg.log_period, flops_per_token,
             peak * 1e12 * jax.device_count(), metrics_writer(out))
         if not trainer_lib.fit(trainer, cfg, progress, eval_ds is not None):

@@ -1,6 +1,6 @@
 """GGUF export: see `python tools/convert_checkpoint/native_to_gguf.py --help`."""
 
-from tpusft.checkpoint.cli import native_to_gguf_main, reuse_freed_memory
+from tpusft.conversion.cli import native_to_gguf_main, reuse_freed_memory
 from tpusft.errors import run_cli
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def quiet(tunix_config):
 
 def _place_optimizer_state(optimizer, mesh) -> None:
     """Every optimizer slot on the mesh by its partition spec, as Tunix places the state
-    before its first step (PeftTrainer._shard_optimizer); counters are replicated."""
+    before its first step; counters are replicated."""
     state = nnx.state(optimizer, nnx.optimizer.OptState)
     specs = nnx.get_partition_spec(state)
     placed = jax.tree.map(

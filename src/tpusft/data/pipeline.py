@@ -167,18 +167,18 @@ def load_split(hf_path: str, split: str, *, data_files: str | list | None = None
 class _StreamIterator(grain.DatasetIterator):
     def __init__(self, hf_iterable):
         super().__init__()
-        self._ds = hf_iterable
-        self._it = iter(self._ds)
+        self._hf_ds = hf_iterable
+        self._it = iter(self._hf_ds)
 
     def __next__(self):
         return next(self._it)
 
     def get_state(self):
-        return {"hf_state": self._ds.state_dict()}
+        return {"hf_state": self._hf_ds.state_dict()}
 
     def set_state(self, state):
-        self._ds.load_state_dict(state["hf_state"])
-        self._it = iter(self._ds)
+        self._hf_ds.load_state_dict(state["hf_state"])
+        self._it = iter(self._hf_ds)
 
 
 class StreamDataset(grain.IterDataset):

@@ -99,7 +99,7 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"{needed[1]} is missing: bash tools/setup/setup.sh {needed[2]}"
                           ) from None
 
-    from tpusft.checkpoint.native import restore_params
+    from tpusft.conversion.native import restore_params
     from tpusft.data.chat import load_tokenizer
     from tpusft.demo import arithmetic, evaluate
     from tpusft.models.decoder import ModelArgs, create_model

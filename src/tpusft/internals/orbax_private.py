@@ -1,6 +1,6 @@
 """Every Orbax private name tpusft uses, and why, in one place (orbax-checkpoint 0.12.8).
 
-checkpoint/streaming.py writes a native leaf block by block through a type handler of its
+conversion/streaming.py writes a native leaf block by block through a type handler of its
 own and reads single layers through TensorStore. The specs Orbax writes and reads arrays
 with, its TensorStore context and the commit future a handler returns are in
 `orbax.checkpoint._src`; using Orbax's own (not a copy) keeps the files exactly those Orbax

@@ -10,8 +10,11 @@ used, so an upgrade that renames one fails in that test instead of in a run.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
+
+from flax import nnx
 
 from tunix.generate import sampler as sampler_lib
 from tunix.sft import checkpoint_manager as tunix_checkpoints
@@ -32,6 +35,9 @@ NAMES: tuple[tuple[type, str, Any], ...] = (
     (peft_trainer.PeftTrainer, "_prev_buffered_train_metrics", "attribute"),
     (peft_trainer.PeftTrainer, "_write_train_metrics", ("self",)),
     (peft_trainer.PeftTrainer, "_prepare_inputs", ("self", "input_data")),
+    (peft_trainer.PeftTrainer, "_jitted_train_step_fn", "attribute"),
+    (peft_trainer.PeftTrainer, "_jitted_eval_step_fn", "attribute"),
+    (peft_trainer.PeftTrainer, "_shard_optimizer", ("self", "mesh")),
     (dpo_trainer.DPOTrainer, "_aux_metrics_to_log", "attribute"),
     (tunix_checkpoints.CheckpointManager, "_checkpoint_manager", "attribute"),
     (sampler_lib.Sampler, "_compiled_prefill_fn", "attribute"),
@@ -90,6 +96,22 @@ def report_held_back_step(trainer: peft_trainer.PeftTrainer) -> None:
     has started); Tunix's next step then starts a new hold-back as on a run's first step."""
     if trainer._prev_buffered_train_metrics is not None:  # noqa: SLF001
         trainer._write_train_metrics()  # noqa: SLF001
+
+
+def build_jitted_steps(trainer: peft_trainer.PeftTrainer, mesh,
+                       donate_argnames: tuple[str, ...]) -> None:
+    """Builds a trainer's jitted train step (donating `donate_argnames`) and eval step, bound
+    to its model and optimizer as Tunix binds them, and places its optimizer state on `mesh`
+    as Tunix does first; Tunix's jit_train_and_eval_step then returns the ones it finds built.
+    Tunix's own donates the optimizer state only."""
+    if trainer._jitted_train_step_fn is not None:  # noqa: SLF001
+        return
+    trainer._shard_optimizer(mesh)  # noqa: SLF001
+    trainer._jitted_train_step_fn = functools.partial(  # noqa: SLF001
+        nnx.jit(trainer.create_train_step_fn(), donate_argnames=donate_argnames),
+        trainer.model, trainer.optimizer)
+    trainer._jitted_eval_step_fn = functools.partial(  # noqa: SLF001
+        nnx.jit(trainer.create_eval_step_fn()), trainer.model)
 
 
 def set_aux_metrics(trainer: dpo_trainer.DPOTrainer, reducers: dict[str, Callable]) -> None:

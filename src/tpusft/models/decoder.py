@@ -506,52 +506,88 @@ class Transformer(nnx.Module):
         # Decoding with several processes keeps the batch whole on every device (the host
         # reads what a sampler fills); otherwise the model's own rules.
         rules = self.rules if cache is None else decoding_rules(self.rules)
-        use_splash = (cache is None and attention_mask is None and not splash.why_not(
-            a.attention, rules, input_tokens.shape[1], a.head_dim))
-        if use_splash:  # the kernel takes the mask as structure: no [B, T, T] array
-            if segment_ids is None:
-                segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
-            attention_mask = splash.SegmentMask(segment_ids, 0)
-        elif attention_mask is None:
-            if segment_ids is None:
-                segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
-            attention_mask = attn.segment_mask(segment_ids)
-        if not use_splash:
-            attention_mask = attention_mask.astype(jnp.bool_)
         end_index = cache["end_index"] if cache is not None else None
+        masks = self._masks(input_tokens, positions, attention_mask, segment_ids, end_index,
+                            rules, cache is not None)
+        rope = self._rope_tables(positions)
+        x = jnp.take(self._embedding(), input_tokens, axis=0).astype(jnp.dtype(a.dtype))
+        x = constrain(x, rules, BATCH_SEQ_EMBED)
+        new_cache = None
+        if cache is not None:
+            x, new_cache = self._decode_layers(x, masks, rope, cache, layers, rules)
+        else:
+            layer_keys = None  # one dropout key per layer, or none
+            if dropout_key is not None and a.lora_rank and a.lora_dropout:
+                layer_keys = jax.random.split(dropout_key, a.num_layers)
+            x = self._train_layers(x, masks, rope, rules, layer_keys)
+        x = rms_norm(x, self.decoder.decoder_norm.scale[...], a.norm_eps)
+        if decode_only_last_token:
+            x = x[:, -1:]
+        if return_hidden:
+            return x, new_cache
+        logits = self.logits(x)
+        if cache is not None:
+            logits = replicate_across_processes(logits, rules)
+        return logits, new_cache
 
-        # Sliding-window layers see keys fewer than `sliding_window` positions back: cache
-        # slots when decoding; token positions otherwise (in a preference pair's row the
-        # rejected response sits after the chosen one, but its positions follow the prompt).
-        local_mask = attention_mask
+    def _masks(self, input_tokens, positions, attention_mask, segment_ids, end_index, rules,
+               decoding: bool) -> dict[bool, Any]:
+        """{is a sliding-window layer: its mask}: splash's SegmentMask structure where the
+        kernel serves (no [B, T, T] array), boolean masks otherwise. Sliding-window layers see
+        keys fewer than `sliding_window` positions back: cache slots when decoding; token
+        positions otherwise (in a preference pair's row the rejected response sits after the
+        chosen one, but its positions follow the prompt)."""
+        a = self.args
+        use_splash = (not decoding and attention_mask is None and not splash.why_not(
+            a.attention, rules, input_tokens.shape[1], a.head_dim))
+        if attention_mask is None and segment_ids is None:
+            segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
         if use_splash:
-            local_mask = splash.SegmentMask(segment_ids, a.sliding_window)
-        elif a.sliding_window:
-            if cache is not None:
+            return {False: splash.SegmentMask(segment_ids, 0),
+                    True: splash.SegmentMask(segment_ids, a.sliding_window)}
+        if attention_mask is None:
+            attention_mask = attn.segment_mask(segment_ids)
+        attention_mask = attention_mask.astype(jnp.bool_)
+        local_mask = attention_mask
+        if a.sliding_window:
+            if decoding:
                 q_idx = jnp.arange(input_tokens.shape[1]) + end_index[0]
                 distance = q_idx[:, None] - jnp.arange(attention_mask.shape[-1])[None, :]
             else:
                 distance = positions[:, :, None] - positions[:, None, :]
             local_mask = attention_mask & (distance < a.sliding_window)
-        # RoPE tables, once per forward pass; sliding-window layers share them unless they
-        # rotate on a base of their own (Gemma 3).
+        return {False: attention_mask, True: local_mask}
+
+    def _rope_tables(self, positions: jax.Array) -> dict[bool, Any]:
+        """{is a sliding-window layer: its RoPE tables}, once per forward pass; sliding-window
+        layers share the global ones unless they rotate on a base of their own (Gemma 3)."""
         rope_global = attn.rope_tables(positions, self._rope(False))
-        rope = {False: rope_global,
-                True: attn.rope_tables(positions, self._rope(True)) if a.local_rope_theta
+        return {False: rope_global,
+                True: attn.rope_tables(positions, self._rope(True)) if self.args.local_rope_theta
                 else rope_global}
 
-        x = jnp.take(self._embedding(), input_tokens, axis=0).astype(jnp.dtype(a.dtype))
-        x = constrain(x, rules, BATCH_SEQ_EMBED)
+    def _decode_layers(self, x, masks, rope, cache: dict, layers, rules):
+        """Decoding: one layer after another on each layer's own weights and cache buffers,
+        so a step reads the weights once and writes only the new tokens' keys and values."""
+        a, end_index = self.args, cache["end_index"]
+        ks, vs = [], []
+        for i, lp in enumerate(layers if layers is not None else self.layer_params()):
+            local = a.is_local(i)
+            x, (k, v) = layer_forward(lp, x, masks[local], (cache["k"][i], cache["v"][i]),
+                                      end_index, a, rope[local], rules)
+            ks.append(k)
+            vs.append(v)
+        return x, {"k": ks, "v": vs, "end_index": end_index + x.shape[1]}
 
-        # One dropout key per layer, or none.
-        layer_keys = None
-        if dropout_key is not None and a.lora_rank and a.lora_dropout:
-            layer_keys = jax.random.split(dropout_key, a.num_layers)
+    def _train_layers(self, x, masks, rope, rules, layer_keys):
+        """Every layer over the whole sequence, rematerialised by remat_policy: scanned over
+        the stacked blocks (and the remainder after them) with scan_layers, one stored unit
+        after another otherwise."""
+        a, fam = self.args, self.args.fam
 
         def make_body(local: bool):
             def body(x, p, kv, key):
-                return layer_forward(rope_halves_order(p, a.fam), x,
-                                     local_mask if local else attention_mask, kv, end_index, a,
+                return layer_forward(rope_halves_order(p, fam), x, masks[local], kv, None, a,
                                      rope[local], rules, key)
             if a.remat_policy != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[a.remat_policy],
@@ -567,57 +603,34 @@ class Transformer(nnx.Module):
                 x, _ = bodies[a.is_local(first_layer + j)](x, lp, None, key)
             return x
 
-        fam = a.fam
-        group = fam.block_style == "nested"
-        new_cache = None
-        if cache is not None:
-            # Decoding: one layer after another on each layer's own weights and cache buffers,
-            # so a step reads the weights once and writes only the new tokens' keys and values.
-            ks, vs = [], []
-            for i, lp in enumerate(layers if layers is not None else self.layer_params()):
-                mask = local_mask if a.is_local(i) else attention_mask
-                x, (k, v) = layer_forward(lp, x, mask, (cache["k"][i], cache["v"][i]),
-                                          end_index, a, rope[a.is_local(i)], rules)
-                ks.append(k)
-                vs.append(v)
-            new_cache = {"k": ks, "v": vs, "end_index": end_index + input_tokens.shape[1]}
-        elif a.scan_layers:
-            blocks, rest = block_counts(fam, a.num_layers)
-            period = fam.period
-            if blocks:
-                stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0),
-                                       self._weights(self.decoder.layers))
-                keys_in = None
-                if layer_keys is not None:
-                    keys_in = layer_keys[:blocks * period].reshape(blocks, period)
-
-                def scan_fn(x, inp):
-                    p, keys = inp
-                    return run_unit(x, p, group, 0, keys), None
-
-                x, _ = jax.lax.scan(scan_fn, x, (stacked, keys_in))
-            if rest:
-                p = self._weights(self.decoder.layers_remainder)
-                first = blocks * period
-                keys = layer_keys[first:] if layer_keys is not None else None
-                x = run_unit(x, p, True, first, keys)
-        else:
+        if not a.scan_layers:
             per_unit = len(GEMMA2_SUFFIXES) if fam.block_style == "suffix" else 1
             for u in range(a.num_layers // per_unit):
                 p = self._weights(getattr(self.decoder, f"layers_{u}"))
                 first = u * per_unit
                 keys = layer_keys[first:first + per_unit] if layer_keys is not None else None
                 x = run_unit(x, p, False, first, keys)
+            return x
+        group = fam.block_style == "nested"
+        blocks, rest = block_counts(fam, a.num_layers)
+        if blocks:
+            stacked = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0),
+                                   self._weights(self.decoder.layers))
+            keys_in = None
+            if layer_keys is not None:
+                keys_in = layer_keys[:blocks * fam.period].reshape(blocks, fam.period)
 
-        x = rms_norm(x, self.decoder.decoder_norm.scale[...], a.norm_eps)
-        if decode_only_last_token:
-            x = x[:, -1:]
-        if return_hidden:
-            return x, new_cache
-        logits = self.logits(x)
-        if cache is not None:
-            logits = replicate_across_processes(logits, rules)
-        return logits, new_cache
+            def scan_fn(x, inp):
+                p, keys = inp
+                return run_unit(x, p, group, 0, keys), None
+
+            x, _ = jax.lax.scan(scan_fn, x, (stacked, keys_in))
+        if rest:
+            p = self._weights(self.decoder.layers_remainder)
+            first = blocks * fam.period
+            keys = layer_keys[first:] if layer_keys is not None else None
+            x = run_unit(x, p, True, first, keys)
+        return x
 
     def layer_params(self) -> list[dict]:
         """Each layer's parameter dict, in layer order (slices of the stacked arrays for

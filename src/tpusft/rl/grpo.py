@@ -25,8 +25,6 @@ from flax import nnx
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import dapo_learner, drgrpo_learner, grpo_learner
 from tunix.rl.rollout import base_rollout
-from tunix.sft import hooks as tunix_hooks
-from tunix.sft import metrics_logger as tunix_metrics
 
 from tpusft.data.chat import stop_ids
 from tpusft.errors import ConfigError
@@ -37,7 +35,9 @@ from tpusft.training import tensorboard
 from tpusft.training.metrics import JsonlWriter, format_duration
 from tpusft.training.optimizer import make_optimizer
 from tpusft.training.setup import reference_model
-from tpusft.training.trainer import checkpoint_options, make_resilient
+from tpusft.training.progress import ProgressBase
+from tpusft.training.trainer import make_resilient
+from tpusft.training.tunix_config import checkpoint_options
 
 Role = rl_cluster_lib.Role
 
@@ -222,43 +222,26 @@ def held_out_accuracy(model, tokenizer, problems: list[tuple[str, str]], max_new
     return correct / max(len(rows), 1), rows
 
 
-class Progress(tunix_hooks.TrainingHooks):
-    """After each optimizer step: rewards (mean and std of each), accuracy, completion length,
-    KL, clip fraction, rollout and train tokens/s, ETA to the progress line (every log_period
-    steps), metrics.jsonl and TensorBoard; held-out greedy accuracy every eval_interval."""
+class Progress(ProgressBase):
+    """GRPO's progress reporter (the actor trainer's hooks). After each optimizer step:
+    rewards (mean and std of each), accuracy, completion length, KL, clip fraction, rollout
+    and train tokens/s, ETA to the progress line (every log_period steps), metrics.jsonl and
+    TensorBoard; held-out greedy accuracy every eval_interval."""
+
+    role = "actor"
 
     def __init__(self, cfg: Any, rewards: list[rewards_lib.Reward], timings: Timings,
                  evaluate_fn, jsonl: JsonlWriter, print_fn=print):
+        super().__init__(jsonl, print_fn)
         self.cfg, self.rewards, self.timings = cfg, rewards, timings
-        self.evaluate_fn, self.jsonl, self.print = evaluate_fn, jsonl, print_fn
+        self.evaluate_fn = evaluate_fn
         self.start_time = None
         self.start_step = None
-        self.history: list[tuple[int, float]] = []
         self.evals: list[tuple[int, float]] = []
-        self.divergence = None  # the trainer's DivergenceGuard (nan_policy)
 
     def on_train_start(self, train_ctx):  # Tunix calls this once per global step
         if self.start_time is None:
             self.start_time, self.start_step = time.perf_counter(), train_ctx.train_steps
-
-    def on_train_end(self, train_ctx):
-        pass
-
-    def on_train_step_start(self, train_ctx):
-        pass
-
-    def on_eval_step_start(self, train_ctx):
-        pass
-
-    def on_eval_step_end(self, train_ctx, eval_loss):
-        pass
-
-    def _tunix_metric(self, train_ctx, name: str) -> float | None:
-        logger = train_ctx.metrics_logger
-        for mode in ("train", tunix_metrics.Mode.TRAIN):
-            if logger.metric_exists("actor", name, mode):
-                return float(logger.get_metric_history("actor", name, mode)[-1])
-        return None
 
     def record(self, step: int, loss: float, train_ctx=None) -> dict:
         rec: dict[str, Any] = {"kind": "train", "step": step, "loss": loss}
@@ -283,7 +266,7 @@ class Progress(tunix_hooks.TrainingHooks):
             rec["train_tokens_per_s"] = seen["train_tokens"] / seen["update_s"]
         if train_ctx is not None:
             for name in ("kl", "pg_clipfrac"):
-                value = self._tunix_metric(train_ctx, name)
+                value = self.metric(train_ctx, name)
                 if value is not None:
                     rec["clip_fraction" if name == "pg_clipfrac" else name] = value
         return rec
@@ -294,10 +277,8 @@ class Progress(tunix_hooks.TrainingHooks):
         if self.history and step <= self.history[-1][0]:
             return
         loss = float(train_loss)
-        if self.divergence is not None:
-            self.divergence.observe(step, loss, self._tunix_metric(train_ctx, "grad_norm"))
+        self.observe(train_ctx, step, loss)
         rec = self.record(step, loss, train_ctx)
-        self.history.append((step, loss))
         self.jsonl.write(rec)
         logger = train_ctx.metrics_logger
         for key, value in rec.items():

@@ -1,7 +1,7 @@
 """Training checkpoints that are checked on the way out and on the way back in.
 
 `GuardedCheckpoints` is Tunix's checkpoint manager (Orbax underneath) with three additions:
-  * saving: the state is fingerprinted (checkpoint/integrity.py) and refused when any array
+  * saving: the state is fingerprinted (conversion/integrity.py) and refused when any array
     holds NaN or inf, so a diverged run never rotates good checkpoints out for bad ones;
     the fingerprints, array shapes and the run's batch layout go into the checkpoint's
     metadata, in the same atomic commit as the arrays;
@@ -36,7 +36,7 @@ from flax import nnx
 from tunix.sft import checkpoint_manager as tunix_checkpoints
 
 from tpusft import distributed
-from tpusft.checkpoint import integrity
+from tpusft.conversion import integrity
 from tpusft.errors import CheckpointError, Diverged, RunFailed
 from tpusft.internals import tunix_private
 

@@ -25,6 +25,8 @@ from tunix.sft.dpo import dpo_trainer
 
 from tpusft.internals import tunix_private
 from tpusft.training import trainer as trainer_lib
+from tpusft.training.feeder import BatchFeeder, DataStateCheckpoints
+from tpusft.training.tunix_config import training_config as tunix_training_config
 from tpusft.training.preference_loss import PreferenceLoss, make_loss_fn, pair_logps
 
 # Tunix's metric name -> (metrics.jsonl key, progress-line format), logged every step/eval.
@@ -59,8 +61,8 @@ def policy_args(args, method: PreferenceLoss, print_fn=print):
     return args
 
 
-def batch_feeder(train_ds, cfg: Any, eval_ds=None, stats=None) -> trainer_lib.BatchFeeder:
-    return trainer_lib.BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
+def batch_feeder(train_ds, cfg: Any, eval_ds=None, stats=None) -> BatchFeeder:
+    return BatchFeeder(train_ds, cfg.gradient_accumulation_steps, eval_ds,
                                    cfg.eval_steps, stats, prepare=_pairs,
                                    replicated=cfg.data_sharding == "global")
 
@@ -69,7 +71,7 @@ def metrics(method: PreferenceLoss) -> tuple[tuple[str, str, str], ...]:
     return METRICS + (ORPO_METRICS if method.loss_type == "orpo" else ())
 
 
-class PreferenceTrainer(trainer_lib.DonatedWeights, trainer_lib.DataStateCheckpoints,
+class PreferenceTrainer(trainer_lib.DonatedWeights, DataStateCheckpoints,
                         tunix_private.PreparesInputs, dpo_trainer.DPOTrainer):
     """Tunix's DPOTrainer on tpusft's pair batches and losses."""
 
@@ -98,7 +100,7 @@ def _reference_logps(model, batch: dict, tiles: int):
 
 def training_config(cfg: Any, method: PreferenceLoss) -> dpo_trainer.DPOTrainingConfig:
     # Tunix's own fields, as the run's settings say; tpusft's loss reads them from `method`.
-    return trainer_lib.training_config(
+    return tunix_training_config(
         cfg, dpo_trainer.DPOTrainingConfig,
         algorithm="orpo" if method.loss_type == "orpo" else "dpo", beta=method.beta,
         lambda_orpo=method.orpo_lambda, label_smoothing=method.label_smoothing)
@@ -118,7 +120,7 @@ def preference_trainer(model: nnx.Module, ref_model: nnx.Module | None,
 
 def build_trainer(model: nnx.Module, ref_model: nnx.Module | None,
                   optimizer: optax.GradientTransformation, cfg: Any,
-                  feeder: trainer_lib.BatchFeeder) -> PreferenceTrainer:
+                  feeder: BatchFeeder) -> PreferenceTrainer:
     """The trainer, restored from run_name's last checkpoint (model, optimizer, data) if any."""
     trainer = preference_trainer(model, ref_model, optimizer, cfg)
     mesh = model.rules.mesh if model.rules is not None else None

@@ -135,8 +135,8 @@ def build_model(cfg: Any, args, mesh, resuming: bool, print_fn=print):
     """The sharded model: load_parameters_path's weights (a LoRA run's base every time, since
     its checkpoints hold only adapters), lora.adapter_path's adapters, and the QLoRA base
     quantized. A resumed full fine-tune gets its weights from the trainer's checkpoint."""
-    from tpusft.checkpoint.convert import load_adapters
-    from tpusft.checkpoint.native import restore_params
+    from tpusft.conversion.convert import load_adapters
+    from tpusft.conversion.native import restore_params
     from tpusft.models import lora
     from tpusft.models.decoder import abstract_model, create_model
 

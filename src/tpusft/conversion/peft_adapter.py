@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tpusft.checkpoint import hf_layout
+from tpusft.conversion import hf_layout
 from tpusft.errors import CheckpointError
 from tpusft.models import lora
 from tpusft.models.decoder import ModelArgs

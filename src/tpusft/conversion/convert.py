@@ -27,9 +27,9 @@ import numpy as np
 import yaml
 from etils import epath
 
-from tpusft.checkpoint import hf_config, hf_layout, peft_adapter
-from tpusft.checkpoint.native import resolve
-from tpusft.checkpoint.streaming import (
+from tpusft.conversion import hf_config, hf_layout, peft_adapter
+from tpusft.conversion.native import resolve
+from tpusft.conversion.streaming import (
     NativeReader,
     SafetensorsReader,
     StreamedArray,
@@ -274,7 +274,7 @@ def load_adapters(model, args: ModelArgs, path: str) -> str:
     (dropout is a training setting and may differ)."""
     from flax import nnx
 
-    from tpusft.checkpoint.native import restore_params
+    from tpusft.conversion.native import restore_params
 
     p = epath.Path(path)
     if (p / peft_adapter.CONFIG).exists():

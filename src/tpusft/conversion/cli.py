@@ -116,7 +116,7 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
     a.output = absolute_path(a.output)
     model_name, overrides = _model_keys(a)
 
-    from tpusft.checkpoint.convert import check_new_output, hf_to_native
+    from tpusft.conversion.convert import check_new_output, hf_to_native
     from tpusft.config.loader import load_preset
 
     check_new_output(a.output)
@@ -127,7 +127,7 @@ def hf_to_native_main(argv: Sequence[str]) -> int:
         src = _fetch_from_hub(src)
     preset = {**(load_preset(model_name) if model_name else {}), **overrides} or None
     if Path(src, "adapter_config.json").exists():  # a PEFT LoRA adapter
-        from tpusft.checkpoint.convert import peft_to_native
+        from tpusft.conversion.convert import peft_to_native
 
         info = peft_to_native(src, a.output, keys=preset, scan_layers=a.scan_layers)
         print(f"wrote {info['items']}: LoRA adapters of {info['adapters']} projections; train "
@@ -171,7 +171,7 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
     a.hf_assets, a.base = absolute_path(a.hf_assets), absolute_path(a.base)
     model_name, overrides = _model_keys(a)
 
-    from tpusft.checkpoint.convert import native_to_hf
+    from tpusft.conversion.convert import native_to_hf
     from tpusft.config.loader import load_preset
 
     keys = load_preset(model_name) if model_name else None
@@ -215,7 +215,7 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
         raise ConfigError("--from-hf reads the model from config.json; --model_name and "
                           "key=value apply to native checkpoints")
     src, out = absolute_path(a.source), absolute_path(a.output)
-    from tpusft.checkpoint.gguf_export import DTYPES, hf_to_gguf
+    from tpusft.conversion.gguf_export import DTYPES, hf_to_gguf
 
     if a.dtype not in DTYPES:
         raise ConfigError(f"--dtype {a.dtype!r}: GGUF export writes {', '.join(DTYPES)}")
@@ -232,7 +232,7 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
     else:
         import tempfile
 
-        from tpusft.checkpoint.convert import native_to_hf
+        from tpusft.conversion.convert import native_to_hf
         from tpusft.config.loader import load_preset
 
         keys = load_preset(model_name) if model_name else None

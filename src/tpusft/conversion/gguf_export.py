@@ -324,7 +324,7 @@ def hf_to_gguf(hf_dir: str, output: str, *, dtype: str = "f16",
                tokenizer_pre: str | None = None, name: str | None = None) -> dict[str, Any]:
     import gguf
 
-    from tpusft.checkpoint.streaming import SafetensorsReader
+    from tpusft.conversion.streaming import SafetensorsReader
 
     if dtype not in DTYPES:
         raise ConfigError(f"GGUF export: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
