@@ -168,8 +168,9 @@ def test_grpo_compile_path_lowers_the_programs_a_cluster_runs(demo_assets, demo_
         cfg = load_config([GRPO, f"base_output_directory={demo_assets.parent}",
                            f"tokenizer_path={demo_assets / 'tokenizer'}", "hf_path=json",
                            "hf_data_files=unused.jsonl", "load_parameters_path=",
-                           "global_batch_size=8", "num_generations=2", "max_prompt_length=16",
-                           "max_completion_length=4", "enable_checkpointing=false", *extra])
+                           "global_batch_size=8", "grpo.num_generations=2",
+                           "grpo.max_prompt_length=16",
+                           "grpo.max_completion_length=4", "enable_checkpointing=false", *extra])
         mesh = mesh_of(cfg)
         n = grpo_programs.rows(cfg)
         tokenizer, pad_id, eos_id = grpo_programs.tokens(cfg)
@@ -186,7 +187,7 @@ def test_grpo_compile_path_lowers_the_programs_a_cluster_runs(demo_assets, demo_
             decode, _ = grpo_programs.decode_program(s, prefill, prefill.compile(), state)
             ours = {"prefill": prefill, "decode": decode,
                     "reference": grpo_programs.logps_program(
-                        reference, cfg, n, pad_id, eos_id, cfg.temperature, True),
+                        reference, cfg, n, pad_id, eos_id, cfg.grpo.temperature, True),
                     "update": compile_step.tunix_train_step_jit(trainer).lower(
                         model, optimizer, grpo_programs.train_example(
                             cfg, n, jax.sharding.NamedSharding(
@@ -198,7 +199,7 @@ def test_grpo_compile_path_lowers_the_programs_a_cluster_runs(demo_assets, demo_
             cluster = grpo.build_cluster(actor, demo_tokenizer, mesh, cfg)
             rewards = rewards_lib.build(["answer_correct"], [], tokenizer=demo_tokenizer,
                                         format_pattern="", length_penalty_start=1,
-                                        max_completion_length=cfg.max_completion_length)
+                                        max_completion_length=cfg.grpo.max_completion_length)
             grpo.build_learner(cluster, cfg, rewards)
             real = cluster.rollout._sampler
             for attr, name in (("_compiled_prefill_fn", "prefill"),
@@ -209,7 +210,8 @@ def test_grpo_compile_path_lowers_the_programs_a_cluster_runs(demo_assets, demo_
             prompts = ["<|begin_of_text|>what is 1+2?"] * n
             out = cluster.generate(prompts=prompts, mode=rl_cluster_lib.Mode.TRAIN)
             prompt_ids = jax.numpy.array(out.left_padded_prompt_tokens)
-            completion = jax.numpy.full((n, cfg.max_completion_length), pad_id, jax.numpy.int32)
+            completion = jax.numpy.full((n, cfg.grpo.max_completion_length), pad_id,
+                                        jax.numpy.int32)
             cluster.get_ref_per_token_logps(prompt_ids, completion, pad_id, eos_id)
             monkeypatch.undo()
             theirs = {}

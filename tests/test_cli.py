@@ -167,8 +167,8 @@ def test_gcs_output_directory(tmp_path, gcs_emulator, monkeypatch):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from step 6" in again.stdout
     gen = run_cli("tpusft.generate", DEMO, f"base_output_directory={base}",
-                  f"load_parameters_path={base}/gcs/checkpoints", "prompt=1+2=",
-                  "max_decode_length=3", env={**gcs_emulator, "HOME": str(tmp_path)})
+                  f"load_parameters_path={base}/gcs/checkpoints", "generate.prompt=1+2=",
+                  "generate.max_decode_length=3", env={**gcs_emulator, "HOME": str(tmp_path)})
     assert gen.returncode == 0, gen.stderr[-3000:]
 
 
@@ -177,9 +177,10 @@ def test_grpo_runs_resumes_and_exports(tmp_path):
     """GRPO on the demo task (a random model: wiring, not learning): per-step metrics,
     held-out accuracy, native checkpoints that resume and convert to HF."""
     args = ["configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
-            "load_parameters_path=", "global_batch_size=4", "num_generations=2",
-            "max_completion_length=4", "eval_prompts=4", "eval_interval=2", "log_period=1",
-            "checkpoint_period=2", "async_checkpointing=false", "beta=0.04", "run_name=g"]
+            "load_parameters_path=", "global_batch_size=4", "grpo.num_generations=2",
+            "grpo.max_completion_length=4", "grpo.eval_prompts=4", "eval_interval=2",
+            "log_period=1",
+            "checkpoint_period=2", "async_checkpointing=false", "grpo.beta=0.04", "run_name=g"]
     first = run_cli("tpusft.train_grpo", *args, "steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "reference model: a frozen copy of the starting weights" in first.stdout
@@ -232,7 +233,7 @@ def test_grpo_broken_reward_is_a_one_line_error(tmp_path, monkeypatch, body, mes
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "bad_reward", raising=False)
     proc = run_in_process(main, "configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
-                          "global_batch_size=8", "reward_functions=[bad_reward:fn]")
+                          "global_batch_size=8", "grpo.reward_functions=[bad_reward:fn]")
     _one_line_error(proc, message)
 
 

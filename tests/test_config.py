@@ -1,5 +1,7 @@
 """Config: YAML chain, presets, typed overrides, and every config error class."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -72,11 +74,28 @@ def test_gcs_output_paths():
     (["max_target_length=96", "num_vocab_tiling=5"],
      "num_vocab_tiling=5 must divide max_target_length=96"),
     (["num_vocab_tiling=-1"], "num_vocab_tiling=-1 is too small"),
+    (["num_generations=8"], "config key 'num_generations' is now 'grpo.num_generations'"),
+    (["decode_temperature=0.7"], "config key 'decode_temperature' is now 'generate.temperature'"),
+    (["grpo.beta=-1"], "grpo.beta=-1.0 is too small"),
 ])
 def test_config_errors(args, message):
     with pytest.raises(ConfigError, match=None) as e:
         load_config([SFT, *REQUIRED, *args])
     assert message in str(e.value)
+
+
+def test_a_moved_key_in_a_yaml_file_names_its_section(tmp_path):
+    old = tmp_path / "old.yml"
+    old.write_text(f"base_config: {Path(SFT).resolve()}\nbeta: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([str(old), *REQUIRED])
+    assert str(e.value) == (f"{old}: config key 'beta' is now 'grpo.beta'; write grpo.beta=... "
+                            f"(YAML: under grpo:)")
+    new = tmp_path / "new.yml"
+    new.write_text(f"base_config: {Path(SFT).resolve()}\ngrpo:\n  beta: 0.1\n"
+                   f"generate:\n  top_k: 5\n")
+    cfg = load_config([str(new), *REQUIRED])
+    assert (cfg.grpo.beta, cfg.generate.top_k, cfg.dpo.beta) == (0.1, 5, 0.1)
 
 
 def test_missing_and_bad_yaml(tmp_path):

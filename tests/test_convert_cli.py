@@ -224,11 +224,12 @@ def test_generate_needs_only_a_checkpoint_and_a_tokenizer(chat_native, tmp_path)
     _, native, _ = chat_native
     rel = os.path.relpath(native, REPO)
     proc = run_in_process(generate.main, "configs/sft.yml", f"load_parameters_path={rel}",
-                          'prompt=Hello', "max_decode_length=4", "max_prefill_length=32",
+                          'generate.prompt=Hello', "generate.max_decode_length=4",
+                          "generate.max_prefill_length=32",
                           "dtype=float32")
     assert proc.returncode == 0 and proc.stdout, proc.stderr[-3000:]
     proc = run_in_process(generate.main, "configs/sft.yml", f"load_parameters_path={native}",
-                          "prompt=Hello", "model_name=qwen3-0.6b")
+                          "generate.prompt=Hello", "model_name=qwen3-0.6b")
     assert proc.returncode == 2 and "check model_name" in proc.stderr, proc.stderr[-2000:]
 
 

@@ -251,8 +251,9 @@ def test_a_signal_to_one_process_stops_both_and_a_killed_process_stops_the_other
 
 def test_grpo_runs_on_two_processes(tmp_path):
     args = ["configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
-            "load_parameters_path=", "global_batch_size=8", "num_generations=2",
-            "max_completion_length=4", "eval_prompts=4", "eval_interval=2", "log_period=1",
+            "load_parameters_path=", "global_batch_size=8", "grpo.num_generations=2",
+            "grpo.max_completion_length=4", "grpo.eval_prompts=4", "eval_interval=2",
+            "log_period=1",
             "checkpoint_period=2", "async_checkpointing=false", "run_name=g", "steps=2"]
     out = Run("tpusft.train_grpo", args, tmp_path, "grpo").succeed()
     assert "in 2 processes" in out

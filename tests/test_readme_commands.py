@@ -37,7 +37,7 @@ PLACEHOLDERS = ("/path/to/", "gs://my-bucket", "meta-llama/", "HuggingFaceH4/", 
 SHORTER = {
     "configs/demo/sft_lora.yml": ["steps=4", "checkpoint_period=2", "eval_interval=4",
                                   "eval_steps=1", "log_period=2"],
-    "configs/demo/grpo.yml": ["steps=2", "eval_interval=0", "eval_prompts=8",
+    "configs/demo/grpo.yml": ["steps=2", "eval_interval=0", "grpo.eval_prompts=8",
                               "global_batch_size=8", "log_period=1"],
     "configs/demo/dpo.yml": ["steps=2", "eval_interval=2", "eval_steps=1", "log_period=1"],
 }
@@ -204,5 +204,5 @@ def test_the_readme_demo_commands_run_as_written(tmp_path):
             _check_export_scores(result.stdout)
         if "compile_topology=" in command:
             assert "per chip: parameters" in result.stdout, result.stdout[-2000:]
-        if "tpusft.generate" in command and 'prompt="12+30="' in command:
+        if "tpusft.generate" in command and 'generate.prompt="12+30="' in command:
             assert "42" in result.stdout, result.stdout[-1000:]

@@ -128,8 +128,8 @@ def test_grpo_sigterm_saves_and_resumes_exactly(tmp_path):
     seen to differ from it by up to 5e-4 in loss; the cause, inside Tunix's learner, is not
     tracked down, so GRPO resume is not promised bit for bit.)"""
     args = ["configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
-            "load_parameters_path=", "global_batch_size=4", "num_generations=2",
-            "max_completion_length=4", "eval_prompts=0", "log_period=1",
+            "load_parameters_path=", "global_batch_size=4", "grpo.num_generations=2",
+            "grpo.max_completion_length=4", "grpo.eval_prompts=0", "log_period=1",
             "checkpoint_period=100", "steps=8"]
     full = run_cli("tpusft.train_grpo", *args, "run_name=full")
     assert full.returncode == 0, full.stderr[-3000:]

@@ -100,7 +100,7 @@ def test_user_reward_function_and_weights(tmp_path, monkeypatch, demo_tokenizer)
         with pytest.raises(ConfigError, match=message):
             rewards.build([spec], [], tokenizer=demo_tokenizer, format_pattern=".*",
                           length_penalty_start=4, max_completion_length=8)
-    with pytest.raises(ConfigError, match="reward_weights has 1 value"):
+    with pytest.raises(ConfigError, match="grpo.reward_weights has 1 value"):
         rewards.build(["answer_correct", "length_penalty"], [1.0], tokenizer=demo_tokenizer,
                       format_pattern=".*", length_penalty_start=4, max_completion_length=8)
     with pytest.raises(rewards.RewardError, match="needs a reference answer"):

@@ -1,7 +1,7 @@
 """Sample from a checkpoint with the KV cache.
 
     python -m tpusft.generate configs/demo/sft.yml load_parameters_path=runs/demo-sft/checkpoints \
-        prompt="12+30="
+        generate.prompt="12+30="
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.errors import ConfigError
 
     cfg = load_config(argv, needs_data=False)
-    if not cfg.prompt:
-        raise ConfigError('prompt is empty; pass prompt="your message"')
+    if not cfg.generate.prompt:
+        raise ConfigError('generate.prompt is empty; pass generate.prompt="your message"')
     if not cfg.load_parameters_path:
         raise ConfigError("load_parameters_path is empty; point it at a checkpoint (e.g. "
                           "runs/<run_name>/checkpoints)")
@@ -39,10 +39,10 @@ def main(argv: Sequence[str]) -> int:
     with mesh:
         model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, cfg.seed)
         restore_params(model, cfg.load_parameters_path)
-        text = evaluate.answer(model, tokenizer, [cfg.prompt],
-                               max_new_tokens=cfg.max_decode_length,
-                               prefill_length=cfg.max_prefill_length,
-                               temperature=cfg.decode_temperature, top_k=cfg.decode_top_k,
+        text = evaluate.answer(model, tokenizer, [cfg.generate.prompt],
+                               max_new_tokens=cfg.generate.max_decode_length,
+                               prefill_length=cfg.generate.max_prefill_length,
+                               temperature=cfg.generate.temperature, top_k=cfg.generate.top_k,
                                seed=cfg.seed)[0]
     print(text)
     return 0

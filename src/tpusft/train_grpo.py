@@ -81,16 +81,16 @@ def main(argv: Sequence[str]) -> int:
         raise DataError(f"no usable prompts in the training data ({stats.summary()})") from None
     problems = []
     eval_sources, eval_part = sources.sources(cfg, train=False)
-    if eval_sources and cfg.eval_prompts:
+    if eval_sources and cfg.grpo.eval_prompts:
         problems = prompts.held_out(
             eval_sources, popts, dataclasses.replace(sources.options(cfg, train=False),
                                                      **every_row),
-            tokenizer, cfg.eval_prompts, eval_part)
+            tokenizer, cfg.grpo.eval_prompts, eval_part)
     rewards = rewards_lib.build(
-        cfg.reward_functions, cfg.reward_weights, tokenizer=tokenizer,
-        format_pattern=cfg.format_pattern,
-        length_penalty_start=cfg.length_penalty_start or cfg.max_completion_length // 2,
-        max_completion_length=cfg.max_completion_length)
+        cfg.grpo.reward_functions, cfg.grpo.reward_weights, tokenizer=tokenizer,
+        format_pattern=cfg.grpo.format_pattern,
+        length_penalty_start=cfg.grpo.length_penalty_start or cfg.grpo.max_completion_length // 2,
+        max_completion_length=cfg.grpo.max_completion_length)
     rewards_lib.check(rewards, first)  # a broken reward fails now, not after compiling
 
     # ---- model and Tunix's RL cluster
@@ -106,15 +106,16 @@ def main(argv: Sequence[str]) -> int:
         actor = cluster.actor_trainer.model
         start = cluster.actor_trainer.train_steps
 
-        print(f"tpusft GRPO ({cfg.loss_algo}) | run {cfg.run_directory}")
+        print(f"tpusft GRPO ({cfg.grpo.loss_algo}) | run {cfg.run_directory}")
         report.describe_model(cfg, args, actor)
         ref = report.reference(grpo.needs_reference(cfg), args.lora_rank,
                                cfg.lora.adapter_path)
         print(f"{report.devices(mesh)}; reference model: {ref}; rollouts: "
-              f"{cfg.rollout_engine} sampler")
-        print(f"{cfg.global_batch_size} prompts x {cfg.num_generations} completions per step, "
-              f"prompt <= {cfg.max_prompt_length}, completion <= {cfg.max_completion_length} "
-              f"tokens, temperature {cfg.temperature:g}; {cfg.steps} steps; rewards: "
+              f"{cfg.grpo.rollout_engine} sampler")
+        print(f"{cfg.global_batch_size} prompts x {cfg.grpo.num_generations} completions per step, "
+              f"prompt <= {cfg.grpo.max_prompt_length}, "
+              f"completion <= {cfg.grpo.max_completion_length} "
+              f"tokens, temperature {cfg.grpo.temperature:g}; {cfg.steps} steps; rewards: "
               + ", ".join(f"{r.name} x{r.weight:g}" for r in rewards))
         if start:
             print(f"resuming from step {start} (checkpoint in {cfg.checkpoint_directory})")
@@ -123,7 +124,7 @@ def main(argv: Sequence[str]) -> int:
             if not problems:
                 return None
             acc, rows = grpo.held_out_accuracy(actor, tokenizer, problems,
-                                               cfg.max_completion_length)
+                                               cfg.grpo.max_completion_length)
             return acc, len(rows)
 
         trainer = cluster.actor_trainer

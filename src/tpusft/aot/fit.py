@@ -83,7 +83,7 @@ def grpo_method() -> Method:
     from tpusft.training import report
 
     def flops_factor(cfg):  # the update, plus forward passes: rollout, reference, old policy
-        return 1 + (1 + grpo.needs_reference(cfg) + (cfg.num_iterations > 1)) / 3
+        return 1 + (1 + grpo.needs_reference(cfg) + (cfg.grpo.num_iterations > 1)) / 3
 
     def programs(cfg, mesh):
         done = grpo_programs.compile_programs(cfg, mesh)
@@ -91,8 +91,8 @@ def grpo_method() -> Method:
 
     return Method("GRPO", ModelArgs.from_config, None, None, flops_factor,
                   dense=report.GRPO_ROWS, programs=programs,
-                  rows_per_example=lambda cfg: cfg.num_generations,
-                  length=lambda cfg: cfg.max_prompt_length + cfg.max_completion_length)
+                  rows_per_example=lambda cfg: cfg.grpo.num_generations,
+                  length=lambda cfg: cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length)
 
 
 def describe(cfg: Any) -> str:
@@ -207,15 +207,16 @@ def run(argv: Sequence[str], cfg: Any, method: Method, print_fn=print) -> int:
     per_device = rows // batch_shards(mesh)
     kind = mesh.devices.flat[0].device_kind
     slices = f" x {topology.num_slices} slices" if topology.num_slices > 1 else ""
-    name = {"SFT": "SFT", "GRPO": f"GRPO ({cfg.loss_algo})"}.get(
+    name = {"SFT": "SFT", "GRPO": f"GRPO ({cfg.grpo.loss_algo})"}.get(
         method.name, f"preference training ({cfg.dpo.loss_type})")
     print_fn(f"tpusft {name} compile-only | {cfg.model_name} "
              f"({args.num_params() / 1e6:,.1f}M parameters), {describe(cfg)}, remat "
              f"{args.remat_policy}, attention {report.attention(cfg, args, mesh, method.dense)}")
     micro = f", {accumulation} micro-batches" if accumulation > 1 else ""
     if method.programs is not None:
-        batch = (f"{cfg.global_batch_size} prompts x {cfg.num_generations} completions = "
-                 f"{rows} rows of {cfg.max_prompt_length} + {cfg.max_completion_length} tokens "
+        g = cfg.grpo
+        batch = (f"{cfg.global_batch_size} prompts x {g.num_generations} completions = "
+                 f"{rows} rows of {g.max_prompt_length} + {g.max_completion_length} tokens "
                  f"({per_device} per device)")
     else:
         batch = (f"batch {cfg.global_batch_size} x {cfg.max_target_length} tokens "

@@ -38,7 +38,7 @@ from tpusft.models.sharding import BATCH_AXES
 
 def rows(cfg: Any) -> int:
     """Rows of every GRPO program: each prompt's completions side by side."""
-    return cfg.global_batch_size * cfg.num_generations
+    return cfg.global_batch_size * cfg.grpo.num_generations
 
 
 def actor_trainer(model: nnx.Module, optimizer, cfg: Any, pad_id: int, eos_id: int):
@@ -51,7 +51,7 @@ def actor_trainer(model: nnx.Module, optimizer, cfg: Any, pad_id: int, eos_id: i
     from tpusft.rl import grpo
 
     _, algo = grpo.algorithm_config(cfg)
-    algo.temperature = cfg.temperature
+    algo.temperature = cfg.grpo.temperature
     trainer = rl_trainer.Trainer(model, optimizer,
                                  compile_step.quiet(grpo.training_config(cfg)),
                                  custom_checkpoint_metadata_fn=dict)
@@ -68,7 +68,7 @@ def train_example(cfg: Any, n: int, sharding=None):
 
     from tpusft.rl import grpo
 
-    p, c = cfg.max_prompt_length, cfg.max_completion_length
+    p, c = cfg.grpo.max_prompt_length, cfg.grpo.max_completion_length
 
     def s(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -78,7 +78,7 @@ def train_example(cfg: Any, n: int, sharding=None):
         completion_ids=s((n, c), jnp.int32), completion_mask=s((n, c), jnp.bool_),
         advantages=s((n,), jnp.float32),
         ref_per_token_logps=s((n, c), jnp.float32) if grpo.needs_reference(cfg) else None,
-        old_per_token_logps=s((n, c), jnp.float32) if cfg.num_iterations > 1 else None)
+        old_per_token_logps=s((n, c), jnp.float32) if cfg.grpo.num_iterations > 1 else None)
 
 
 def tokens(cfg: Any) -> tuple[Any, int, int]:
@@ -110,7 +110,7 @@ def sampler(model: nnx.Module, tokenizer, cfg: Any):
 
     a = model.args
     s = sampler_lib.Sampler(model, tokenizer, sampler_lib.CacheConfig(
-        cache_size=cfg.max_prompt_length + cfg.max_completion_length,
+        cache_size=cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length,
         num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim))
     s.eos_ids = jnp.array(grpo.rollout_config(cfg, tokenizer).eos_tokens)  # Sampler.__call__
     return s
@@ -118,11 +118,12 @@ def sampler(model: nnx.Module, tokenizer, cfg: Any):
 
 def prefill_program(s, cfg: Any, n: int):
     """(the prefill lowered for `n` left-padded prompts, the sampling state it takes)."""
-    p, c = cfg.max_prompt_length, cfg.max_completion_length
+    p, c = cfg.grpo.max_prompt_length, cfg.grpo.max_completion_length
     seed = jax.random.key_data(jax.random.key(cfg.seed))
     state = jax.eval_shape(lambda ids: s.init_sample_state(
         ids, total_sampling_steps=p + c, include_logits=False, forbidden_token_ids=None,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None, seed=seed,
+        temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k or None,
+        seed=seed,
         beam_size=None, include_logprobs=False), jax.ShapeDtypeStruct((n, p), jnp.int32))
     # A static field the sampler fills with a concrete array (shape evaluation traced it),
     # and the cache as the model's init_cache places it (shape evaluation drops placement).
@@ -154,9 +155,9 @@ def logps_program(model: nnx.Module, cfg: Any, n: int, pad_id: int, eos_id: int,
     graphdef, state = nnx.split(model)
     return common.compute_per_token_logps.lower(
         graphdef, state,
-        prompt_tokens=jax.ShapeDtypeStruct((n, cfg.max_prompt_length), jnp.int32,
+        prompt_tokens=jax.ShapeDtypeStruct((n, cfg.grpo.max_prompt_length), jnp.int32,
                                            sharding=place),
-        completion_tokens=jax.ShapeDtypeStruct((n, cfg.max_completion_length), jnp.int32,
+        completion_tokens=jax.ShapeDtypeStruct((n, cfg.grpo.max_completion_length), jnp.int32,
                                                sharding=place),
         pad_id=pad_id, eos_id=eos_id, stop_gradient=True, return_logits=False,
         temperature=temperature)
@@ -215,9 +216,9 @@ def compile_programs(cfg: Any, mesh) -> Programs:
             results["rollout decode"] = result(decode, params)
         if reference is not None:
             results["reference log-probs"] = result(
-                logps_program(reference, cfg, n, pad_id, eos_id, cfg.temperature, True),
+                logps_program(reference, cfg, n, pad_id, eos_id, cfg.grpo.temperature, True),
                 ref_all, reference_is_argument=True)
-        if cfg.num_iterations > 1:
+        if cfg.grpo.num_iterations > 1:
             results["policy log-probs"] = result(
                 logps_program(model, cfg, n, pad_id, eos_id, 1.0, False), params)
         batch = train_example(cfg, n, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tpusft.config.schema import MODEL_KEYS, Config, flat_fields, sections
+from tpusft.config.schema import MODEL_KEYS, MOVED_KEYS, Config, flat_fields, sections
 from tpusft.errors import ConfigError
 
 
@@ -158,6 +158,9 @@ def parse_override(arg: str) -> tuple[str, Any]:
 def _check_known(name: str, source: str) -> None:
     if name in _FIELDS:
         return
+    if name in MOVED_KEYS:
+        raise ConfigError(f"{source}: config key {name!r} is now {MOVED_KEYS[name]!r}; write "
+                          f"{MOVED_KEYS[name]}=... (YAML: under {MOVED_KEYS[name].split('.')[0]}:)")
     close = difflib.get_close_matches(name, list(_FIELDS), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see configs/base.yml for all keys"
     raise ConfigError(f"{source}: unknown config key {name!r}{hint}")

@@ -83,6 +83,61 @@ class DpoConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """The `generate.` section: sampling with `python -m tpusft.generate`."""
+
+    prompt: str = key("", "User message for `python -m tpusft.generate` (the chat template is "
+                      "applied).", section="Generation (python -m tpusft.generate)")
+    max_prefill_length: int = key(256, "Prompt tokens reserved in the KV cache.", minimum=1)
+    max_decode_length: int = key(64, "New tokens to generate.", minimum=1)
+    temperature: float = key(0.0, "Sampling temperature; 0 is greedy.", minimum=0)
+    top_k: int = key(0, "Sample from the k most likely tokens (0: all).", minimum=0)
+
+
+@dataclass
+class GrpoConfig:
+    """The `grpo.` section: GRPO and its variants (`python -m tpusft.train_grpo`)."""
+
+    loss_algo: str = key(
+        "grpo", "GRPO variant (Tunix's learners): grpo, gspo-token (sequence-level importance "
+        "ratio), drgrpo (Dr. GRPO: no std normalisation, length-unbiased loss), dapo (clip-"
+        "higher, token-mean loss, no KL term).", choices=("grpo", "gspo-token", "drgrpo", "dapo"),
+        section="GRPO (python -m tpusft.train_grpo)")
+    num_generations: int = key(4, "Completions sampled per prompt (the group G).", minimum=2)
+    num_iterations: int = key(1, "Policy updates per batch of rollouts (mu).", minimum=1)
+    beta: float = key(0.04, "Weight of the KL penalty to the reference model (0: no reference "
+                      "model is kept).", minimum=0)
+    epsilon: float = key(0.2, "Clipping range of the importance ratio.", minimum=0)
+    epsilon_high: float = key(0.28, "DAPO: upper clipping range (clip-higher).", minimum=0)
+    temperature: float = key(1.0, "Rollout sampling temperature.", minimum=0)
+    top_p: float = key(1.0, "Rollout nucleus sampling (1: off).", minimum=0)
+    top_k: int = key(0, "Rollouts sample from the k most likely tokens (0: all).", minimum=0)
+    max_prompt_length: int = key(
+        256, "Prompt tokens; longer prompts are cut from the left, or dropped with "
+        "truncation=drop (counted either way).", minimum=1)
+    max_completion_length: int = key(256, "Tokens generated per completion.", minimum=1)
+    rollout_engine: str = key("vanilla", "Rollout engine: Tunix's sampler driving tpusft's "
+                              "model and KV cache (every backend).", choices=("vanilla",))
+    reward_functions: list = key(
+        ["answer_correct"], "Rewards, summed with reward_weights: answer_correct, "
+        "answer_format, length_penalty, or 'module:function' with the signature "
+        "fn(prompts, completions, **columns) -> list[float] (columns: answer, mode).")
+    reward_weights: list = key([], "One weight per reward function (empty: all 1).")
+    format_pattern: str = key(
+        r"<reasoning>.+</reasoning>\s*<answer>.+</answer>",
+        "answer_format: regular expression a whole completion must match.")
+    length_penalty_start: int = key(
+        0, "length_penalty: tokens allowed before the penalty starts (0: half of "
+        "max_completion_length).", minimum=0)
+    system_prompt: str = key("", "System message added to every prompt (empty: none).")
+    prompt_template: str = key("{prompt}", "The user turn, with {prompt} replaced by "
+                               "the data set's prompt or question.")
+    eval_prompts: int = key(128, "Held-out prompts decoded greedily for accuracy before "
+                            "training, every eval_interval steps and at the end (0: none).",
+                            minimum=0)
+
+
+@dataclass
 class Config:
     # ------------------------------------------------------------------ run
     run_name: str | None = key(
@@ -346,58 +401,18 @@ class Config:
                                            "runs; the dcn_* keys split the mesh over them).",
                                            minimum=1)
 
-    # ----------------------------------------------------------- generation
-    prompt: str = key("", "User message for `python -m tpusft.generate` (the chat template is "
-                      "applied).", section="Generation")
-    max_prefill_length: int = key(256, "Prompt tokens reserved in the KV cache.", minimum=1)
-    max_decode_length: int = key(64, "New tokens to generate.", minimum=1)
-    decode_temperature: float = key(0.0, "Sampling temperature; 0 is greedy.", minimum=0)
-    decode_top_k: int = key(0, "Sample from the k most likely tokens (0: all).", minimum=0)
-
-    # ----------------------------------------------------------------- GRPO
-    loss_algo: str = key(
-        "grpo", "GRPO variant (Tunix's learners): grpo, gspo-token (sequence-level importance "
-        "ratio), drgrpo (Dr. GRPO: no std normalisation, length-unbiased loss), dapo (clip-"
-        "higher, token-mean loss, no KL term).", choices=("grpo", "gspo-token", "drgrpo", "dapo"),
-        section="GRPO")
-    num_generations: int = key(4, "Completions sampled per prompt (the group G).", minimum=2)
-    num_iterations: int = key(1, "Policy updates per batch of rollouts (mu).", minimum=1)
-    beta: float = key(0.04, "Weight of the KL penalty to the reference model (0: no reference "
-                      "model is kept).", minimum=0)
-    epsilon: float = key(0.2, "Clipping range of the importance ratio.", minimum=0)
-    epsilon_high: float = key(0.28, "DAPO: upper clipping range (clip-higher).", minimum=0)
-    temperature: float = key(1.0, "Rollout sampling temperature.", minimum=0)
-    top_p: float = key(1.0, "Rollout nucleus sampling (1: off).", minimum=0)
-    top_k: int = key(0, "Rollouts sample from the k most likely tokens (0: all).", minimum=0)
-    max_prompt_length: int = key(
-        256, "Prompt tokens; longer prompts are cut from the left, or dropped with "
-        "truncation=drop (counted either way).", minimum=1)
-    max_completion_length: int = key(256, "Tokens generated per completion.", minimum=1)
-    rollout_engine: str = key("vanilla", "Rollout engine: Tunix's sampler driving tpusft's "
-                              "model and KV cache (every backend).", choices=("vanilla",))
-    reward_functions: list = key(
-        ["answer_correct"], "Rewards, summed with reward_weights: answer_correct, "
-        "answer_format, length_penalty, or 'module:function' with the signature "
-        "fn(prompts, completions, **columns) -> list[float] (columns: answer, mode).")
-    reward_weights: list = key([], "One weight per reward function (empty: all 1).")
-    format_pattern: str = key(
-        r"<reasoning>.+</reasoning>\s*<answer>.+</answer>",
-        "answer_format: regular expression a whole completion must match.")
-    length_penalty_start: int = key(
-        0, "length_penalty: tokens allowed before the penalty starts (0: half of "
-        "max_completion_length).", minimum=0)
-    system_prompt: str = key("", "GRPO: system message added to every prompt (empty: none).")
-    prompt_template: str = key("{prompt}", "GRPO: the user turn, with {prompt} replaced by "
-                               "the data set's prompt or question.")
-    eval_prompts: int = key(128, "GRPO: held-out prompts decoded greedily for accuracy before "
-                            "training, every eval_interval steps and at the end (0: none).",
-                            minimum=0)
-
     # ----------------------------------------------------------------- LoRA
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"nested": True})
 
     # ----------------------------------------------------------- preference
     dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"nested": True})
+
+    # ----------------------------------------------------------------- GRPO
+    grpo: GrpoConfig = field(default_factory=GrpoConfig, metadata={"nested": True})
+
+    # ----------------------------------------------------------- generation
+    generate: GenerateConfig = field(default_factory=GenerateConfig,
+                                     metadata={"nested": True})
 
     # ------------------------------------------------------- derived paths
     # Set by the loader, not by the user.
@@ -414,6 +429,19 @@ class Config:
                     out.pop(f.name)
         return out
 
+
+# Keys that moved into a section: old top-level name -> its name now. A config or command line
+# that still uses one is refused with one line naming the new key.
+MOVED_KEYS = {
+    **{name: f"grpo.{name}" for name in (
+        "loss_algo", "num_generations", "num_iterations", "beta", "epsilon", "epsilon_high",
+        "temperature", "top_p", "top_k", "max_prompt_length", "max_completion_length",
+        "rollout_engine", "reward_functions", "reward_weights", "format_pattern",
+        "length_penalty_start", "system_prompt", "prompt_template", "eval_prompts")},
+    "prompt": "generate.prompt", "max_prefill_length": "generate.max_prefill_length",
+    "max_decode_length": "generate.max_decode_length",
+    "decode_temperature": "generate.temperature", "decode_top_k": "generate.top_k",
+}
 
 # Keys a model preset may set.
 MODEL_KEYS = (

@@ -232,9 +232,10 @@ class PromptOptions:
 
     @classmethod
     def from_config(cls, cfg: Any) -> PromptOptions:
-        if "{prompt}" not in cfg.prompt_template:
-            raise ConfigError(f"prompt_template={cfg.prompt_template!r} must contain {{prompt}}")
-        return cls(cfg.max_prompt_length, cfg.system_prompt, cfg.prompt_template,
+        if "{prompt}" not in cfg.grpo.prompt_template:
+            raise ConfigError(f"grpo.prompt_template={cfg.grpo.prompt_template!r} must contain "
+                              f"{{prompt}}")
+        return cls(cfg.grpo.max_prompt_length, cfg.grpo.system_prompt, cfg.grpo.prompt_template,
                    cfg.truncation, cfg.bad_row_policy)
 
 

@@ -53,35 +53,36 @@ ALGORITHMS = {
 
 def algorithm_config(cfg: Any):
     """(learner class, its algorithm config) for loss_algo."""
-    learner, config_cls, fixed = ALGORITHMS[cfg.loss_algo]
-    kw = dict(num_generations=cfg.num_generations, num_iterations=cfg.num_iterations,
-              epsilon=cfg.epsilon, **fixed)
-    if cfg.loss_algo == "dapo":  # no KL term; clip-higher; overlong shaping: length_penalty
-        kw.update(epsilon_high=cfg.epsilon_high, overlong_buffer=None)
+    learner, config_cls, fixed = ALGORITHMS[cfg.grpo.loss_algo]
+    kw = dict(num_generations=cfg.grpo.num_generations, num_iterations=cfg.grpo.num_iterations,
+              epsilon=cfg.grpo.epsilon, **fixed)
+    if cfg.grpo.loss_algo == "dapo":  # no KL term; clip-higher; overlong shaping: length_penalty
+        kw.update(epsilon_high=cfg.grpo.epsilon_high, overlong_buffer=None)
     else:
-        kw["beta"] = cfg.beta
+        kw["beta"] = cfg.grpo.beta
     return learner, config_cls(**kw)
 
 
 def needs_reference(cfg: Any) -> bool:
     """Tunix computes reference log-probs whenever beta != 0 (DAPO: always, for its KL log)."""
-    return cfg.loss_algo == "dapo" or cfg.beta != 0.0
+    return cfg.grpo.loss_algo == "dapo" or cfg.grpo.beta != 0.0
 
 
 def rollout_engine(cfg: Any) -> str:
     """Tunix's rollout engine name. The vanilla sampler drives tpusft's decoder and KV cache
     on CPU, GPU and TPU; another engine (vLLM on TPU) is selected here."""
-    if cfg.rollout_engine == "vanilla":
+    if cfg.grpo.rollout_engine == "vanilla":
         return "vanilla"
-    raise ConfigError(f"rollout_engine={cfg.rollout_engine} is not available in this install; "
-                      f"use rollout_engine=vanilla")
+    raise ConfigError(f"grpo.rollout_engine={cfg.grpo.rollout_engine} is not available in this "
+                      f"install; use grpo.rollout_engine=vanilla")
 
 
 def rollout_config(cfg: Any, tokenizer) -> base_rollout.RolloutConfig:
     return base_rollout.RolloutConfig(
-        max_tokens_to_generate=cfg.max_completion_length, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k or None, max_prompt_length=cfg.max_prompt_length,
-        kv_cache_size=cfg.max_prompt_length + cfg.max_completion_length,
+        max_tokens_to_generate=cfg.grpo.max_completion_length, temperature=cfg.grpo.temperature,
+        top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k or None,
+        max_prompt_length=cfg.grpo.max_prompt_length,
+        kv_cache_size=cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length,
         eos_tokens=stop_ids(tokenizer), seed=jax.random.key_data(jax.random.key(cfg.seed)))
 
 
@@ -153,8 +154,9 @@ def guard_actor(cluster: rl_cluster_lib.RLCluster, cfg: Any) -> None:
     skips that many batches on resume); at the end of a run it is the steps completed."""
     trainer = cluster.actor_trainer
     root = f"{cfg.checkpoint_directory}/actor" if cfg.enable_checkpointing else None
-    layout = {"global_batch_size": cfg.global_batch_size, "num_generations": cfg.num_generations,
-              "num_iterations": cfg.num_iterations}
+    layout = {"global_batch_size": cfg.global_batch_size,
+              "num_generations": cfg.grpo.num_generations,
+              "num_iterations": cfg.grpo.num_iterations}
     make_resilient(trainer, cfg, root=root, required=("global_step",), layout=layout,
                    metadata_fn=lambda: {"global_step": cluster.global_steps, "role": "actor"})
     if trainer.train_steps:

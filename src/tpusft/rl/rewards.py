@@ -7,7 +7,7 @@ A reward function has the signature
 with one float per completion. `columns` holds the data set's other fields for each
 completion, as arrays aligned with `completions`: `answer` (the reference answer, when the
 data set has one) and `mode` ("train" or "eval"). Name one in the config as
-`reward_functions=['my_module:my_reward']`; the module is imported from the working directory
+`grpo.reward_functions=['my_module:my_reward']`; the module is imported from the working directory
 or the Python path.
 
 Built-ins (by name):
@@ -115,7 +115,8 @@ def make_answer_format(pattern: str) -> RewardFn:
     try:
         regex = re.compile(pattern, re.DOTALL)
     except re.error as e:
-        raise ConfigError(f"format_pattern={pattern!r} is not a regular expression: {e}") from None
+        raise ConfigError(f"grpo.format_pattern={pattern!r} is not a regular expression: "
+                          f"{e}") from None
 
     def answer_format(prompts, completions, **_) -> list[float]:
         return [float(regex.fullmatch(c.strip()) is not None) for c in completions]
@@ -137,18 +138,18 @@ def load_user_function(spec: str) -> RewardFn:
     """'module:function' -> the function (the working directory is importable)."""
     module_name, sep, fn_name = spec.partition(":")
     if not sep or not module_name or not fn_name:
-        raise ConfigError(f"reward_functions: {spec!r} is neither a built-in ({', '.join(BUILTIN)})"
-                          f" nor 'module:function'")
+        raise ConfigError(f"grpo.reward_functions: {spec!r} is neither a built-in "
+                          f"({', '.join(BUILTIN)}) nor 'module:function'")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"reward_functions: cannot import {module_name!r} for {spec!r}: {e}"
+        raise ConfigError(f"grpo.reward_functions: cannot import {module_name!r} for {spec!r}: {e}"
                           ) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ConfigError(f"reward_functions: {module_name!r} has no function {fn_name!r}")
+        raise ConfigError(f"grpo.reward_functions: {module_name!r} has no function {fn_name!r}")
     return fn
 
 
@@ -199,10 +200,11 @@ def build(names: Sequence[str], weights: Sequence[float], *, tokenizer, format_p
           length_penalty_start: int, max_completion_length: int) -> list[Reward]:
     """The configured rewards, in order."""
     if not names:
-        raise ConfigError("reward_functions is empty; name at least one (e.g. answer_correct)")
+        raise ConfigError("grpo.reward_functions is empty; name at least one (e.g. "
+                          "answer_correct)")
     if weights and len(weights) != len(names):
-        raise ConfigError(f"reward_weights has {len(weights)} value(s) for {len(names)} "
-                          f"reward_functions; give one weight per function or none")
+        raise ConfigError(f"grpo.reward_weights has {len(weights)} value(s) for {len(names)} "
+                          f"grpo.reward_functions; give one weight per function or none")
     out = []
     for i, name in enumerate(names):
         if name == "answer_correct":
