@@ -17,23 +17,20 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.config import load_config
     from tpusft.errors import ConfigError
 
-    cfg = load_config(argv, needs_data=False)
+    cfg = load_config(argv, needs_data=False, layers=[checkpoint_layer(argv[1:])])
     if not cfg.generate.prompt:
         raise ConfigError('generate.prompt is empty; pass generate.prompt="your message"')
     if not cfg.load_parameters_path:
         raise ConfigError("load_parameters_path is empty; point it at a checkpoint (e.g. "
                           "runs/<run_name>/checkpoints)")
-    _from_checkpoint(cfg, argv[1:])
 
     from tpusft.conversion.native import restore_params
     from tpusft.data.chat import load_tokenizer
-    from tpusft.demo import arithmetic, evaluate
+    from tpusft.demo import evaluate
     from tpusft.models.decoder import ModelArgs, create_model
     from tpusft.models.sharding import mesh_of
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
-    if cfg.demo_task:
-        arithmetic.apply_to_config(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     mesh = mesh_of(cfg)
     with mesh:
@@ -48,28 +45,36 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _from_checkpoint(cfg, overrides: Sequence[str]) -> None:
-    """The model keys recorded beside the checkpoint (a converted model's or a run's), unless
-    the command line sets model_name or model keys; its tokenizer, unless tokenizer_path is
-    set."""
-    from tpusft.conversion.convert import find_model_keys
-    from tpusft.config.loader import absolute_path
-    from tpusft.config.schema import MODEL_KEYS
-    from tpusft.data.chat import has_tokenizer
-    from tpusft.errors import ConfigError
+def checkpoint_layer(command_line: Sequence[str]):
+    """A config layer (config/loader.py): the model keys recorded beside the checkpoint (a
+    converted model's or a run's), unless the command line sets model_name or model keys;
+    its tokenizer, unless tokenizer_path is set. Applied before validation, so the recorded
+    keys are checked as any others."""
+    given = {a.partition("=")[0] for a in command_line}
 
-    cfg.load_parameters_path = absolute_path(cfg.load_parameters_path)
-    keys, assets = find_model_keys(cfg.load_parameters_path)
-    given = {a.partition("=")[0] for a in overrides}
-    if keys and not given & {"model_name", *MODEL_KEYS} and not cfg.demo_task:
-        for k, v in keys.items():
-            setattr(cfg, k, v)
-    if not cfg.tokenizer_path and not cfg.demo_task:
-        if not assets or not has_tokenizer(assets):
-            raise ConfigError("tokenizer_path is empty and no tokenizer is recorded beside the "
-                              "checkpoint; set tokenizer_path= to a Hugging Face tokenizer "
-                              "directory")
-        cfg.tokenizer_path = assets
+    def layer(values: dict, _above_base: set) -> dict:
+        from tpusft.config.loader import absolute_path
+        from tpusft.config.schema import MODEL_KEYS
+        from tpusft.conversion.convert import find_model_keys
+        from tpusft.data.chat import has_tokenizer
+        from tpusft.errors import ConfigError
+
+        if not values.get("load_parameters_path"):
+            return {}
+        path = absolute_path(values["load_parameters_path"])
+        keys, assets = find_model_keys(path)
+        out = {"load_parameters_path": path}
+        if keys and not given & {"model_name", *MODEL_KEYS} and not values.get("demo_task"):
+            out.update(keys)
+        if not values.get("tokenizer_path") and not values.get("demo_task"):
+            if not assets or not has_tokenizer(assets):
+                raise ConfigError("tokenizer_path is empty and no tokenizer is recorded beside "
+                                  "the checkpoint; set tokenizer_path= to a Hugging Face "
+                                  "tokenizer directory")
+            out["tokenizer_path"] = assets
+        return out
+
+    return layer
 
 
 def cli() -> None:

@@ -38,7 +38,7 @@ def main(argv: Sequence[str]) -> int:
 
     from tpusft.data import pairs
     from tpusft.data.chat import load_tokenizer
-    from tpusft.demo import arithmetic, evaluate
+    from tpusft.demo import evaluate
     from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import mesh_of
     from tpusft.training import preference, report
@@ -64,8 +64,6 @@ def main(argv: Sequence[str]) -> int:
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     out = prepare_run_directory(cfg)
-    if cfg.demo_task:
-        arithmetic.apply_to_config(cfg)
     method = PreferenceLoss.from_config(cfg)
 
     # ---- data: batches of global_batch_size pairs

@@ -38,7 +38,6 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.data.chat import load_tokenizer
     from tpusft.data.encoders import PromptOptions
     from tpusft.data.pipeline import DataStats
-    from tpusft.demo import arithmetic
     from tpusft.errors import DataError
     from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import mesh_of
@@ -58,8 +57,6 @@ def main(argv: Sequence[str]) -> int:
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     out = prepare_run_directory(cfg)
-    if cfg.demo_task:
-        arithmetic.apply_to_config(cfg)
 
     # ---- prompts and rewards
     write_resolved_config(cfg, out)

@@ -35,7 +35,7 @@ def main(argv: Sequence[str]) -> int:
 
     from tpusft.data import packing
     from tpusft.data.chat import load_tokenizer
-    from tpusft.demo import arithmetic, evaluate
+    from tpusft.demo import evaluate
     from tpusft.models.decoder import ModelArgs
     from tpusft.models.sharding import mesh_of
     from tpusft.training import report
@@ -60,8 +60,6 @@ def main(argv: Sequence[str]) -> int:
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     out = prepare_run_directory(cfg)
-    if cfg.demo_task:
-        arithmetic.apply_to_config(cfg)
 
     # ---- data
     write_resolved_config(cfg, out)

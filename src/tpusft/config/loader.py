@@ -14,7 +14,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,18 +287,38 @@ def absolute_path(path: str) -> str:
     return path if not path or "://" in path else str(Path(path).expanduser().absolute())
 
 
-def derive_paths(cfg: Config) -> None:
-    if not cfg.run_name:
-        cfg.run_name = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-    base = cfg.base_output_directory = absolute_path(cfg.base_output_directory or ".")
-    cfg.run_directory = _join(base, cfg.run_name)
-    cfg.checkpoint_directory = _join(cfg.run_directory, "checkpoints")
-    cfg.tensorboard_directory = _join(cfg.run_directory, "tensorboard")
-    cfg.profile_directory = _join(cfg.run_directory, "profile")
+def derived_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """run_name (a timestamp when unset), base_output_directory made absolute and the run's
+    directories under them."""
+    check_run_name(values.get("run_name"))
+    run_name = values.get("run_name") or datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    base = absolute_path(values.get("base_output_directory") or ".")
+    run = _join(base, run_name)
+    return {"run_name": run_name, "base_output_directory": base, "run_directory": run,
+            "checkpoint_directory": _join(run, "checkpoints"),
+            "tensorboard_directory": _join(run, "tensorboard"),
+            "profile_directory": _join(run, "profile")}
 
 
-def load_config(argv: Sequence[str], needs_data: bool = True) -> Config:
-    """`argv` is [CONFIG.yml, key=value, ...] as given on the command line."""
+# A layer: (the values so far, the keys set above base.yml) -> values to set before the
+# Config is built and validated.
+Layer = Callable[[dict[str, Any], set[str]], dict[str, Any]]
+
+
+def _demo_layer(values: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    if not values.get("demo_task"):
+        return {}
+    from tpusft.demo import arithmetic
+
+    return arithmetic.config_layer(values)
+
+
+def load_config(argv: Sequence[str], needs_data: bool = True,
+                layers: Sequence[Layer] = ()) -> Config:
+    """`argv` is [CONFIG.yml, key=value, ...] as given on the command line. The values are
+    layered: base.yml, the model preset, the task configs and the command line, then the
+    derived paths, the demo's assets (demo_task) and `layers` (keys a checkpoint records);
+    the Config is then built, validated and frozen."""
     if not argv or "=" in argv[0]:
         raise ConfigError("usage: CONFIG.yml [key=value ...]; the first argument is a YAML file "
                           "such as configs/sft.yml")
@@ -316,12 +336,14 @@ def load_config(argv: Sequence[str], needs_data: bool = True) -> Config:
     model_name = upper.get("model_name", values.get("model_name", Config.model_name))
     values.update(load_preset(model_name))
     values.update(upper)
+    values.update(derived_paths(values))
+    for layer in (_demo_layer, *layers):
+        values.update(layer(dict(values), set(upper)))
 
     nested = {name: cls(**{k.partition(".")[2]: v for k, v in values.items()
                            if k.startswith(name + ".")}) for name, cls in sections().items()}
     cfg = Config(**{k: v for k, v in values.items() if "." not in k}, **nested)
     validate(cfg, needs_data)
-    derive_paths(cfg)
     return cfg
 
 

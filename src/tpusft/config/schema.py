@@ -40,7 +40,7 @@ DEFAULT_LOGICAL_AXIS_RULES = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     """The `lora.` section: low-rank adapters on the frozen (optionally quantized) base."""
 
@@ -63,7 +63,7 @@ class LoraConfig:
         "checkpoint (hf_to_native.py of a PEFT adapter). Empty: new adapters.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DpoConfig:
     """The `dpo.` section: preference training (`python -m tpusft.train_dpo`)."""
 
@@ -82,7 +82,7 @@ class DpoConfig:
                              "side's NLL.", minimum=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateConfig:
     """The `generate.` section: sampling with `python -m tpusft.generate`."""
 
@@ -94,7 +94,7 @@ class GenerateConfig:
     top_k: int = key(0, "Sample from the k most likely tokens (0: all).", minimum=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GrpoConfig:
     """The `grpo.` section: GRPO and its variants (`python -m tpusft.train_grpo`)."""
 
@@ -137,7 +137,7 @@ class GrpoConfig:
                             minimum=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     # ------------------------------------------------------------------ run
     run_name: str | None = key(

@@ -109,11 +109,7 @@ def _dtype(name: str | None) -> np.dtype | None:
 
 
 def model_args(keys: dict[str, Any], scan_layers: bool) -> ModelArgs:
-    cfg = Config()
-    for k, v in keys.items():
-        setattr(cfg, k, v)
-    cfg.scan_layers = scan_layers
-    return ModelArgs.from_config(cfg)
+    return ModelArgs.from_config(Config(**{**keys, "scan_layers": scan_layers}))
 
 
 def check_against_preset(keys: dict[str, Any], preset: dict[str, Any], name: str) -> None:

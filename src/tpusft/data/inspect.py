@@ -61,11 +61,8 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.config import load_config
     from tpusft.data import encoders, packing, pairs, pipeline, sources
     from tpusft.data.chat import load_tokenizer
-    from tpusft.demo import arithmetic
 
     cfg = load_config(argv)
-    if cfg.demo_task:
-        arithmetic.apply_to_config(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     srcs, part = sources.sources(cfg, train=True)
     opts = sources.options(cfg, train=True)

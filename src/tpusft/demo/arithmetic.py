@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+from tpusft.errors import ConfigError
+
 SPECIAL = ["<pad>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
            "<|end_header_id|>", "<|eot_id|>", "<unk>"]
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz +-=?.,:\n")
@@ -106,16 +108,24 @@ def ensure_assets(base_output_directory: str) -> Path:
     return root
 
 
-def apply_to_config(cfg) -> None:
-    """Points an arithmetic-demo config at the generated assets (explicit settings win):
-    the chat data set, or its preference pairs for demo_task=arithmetic_preference."""
-    root = ensure_assets(cfg.base_output_directory)
-    cfg.tokenizer_path = cfg.tokenizer_path or str(root / "tokenizer")
-    prefix = "preference_" if cfg.demo_task == "arithmetic_preference" else ""
-    if not cfg.hf_path:
-        cfg.hf_path = "json"
-        cfg.hf_data_files = str(root / f"{prefix}train.jsonl")
-        cfg.hf_eval_files = cfg.hf_eval_files or str(root / f"{prefix}eval.jsonl")
+def config_layer(values: dict) -> dict:
+    """The config keys that point an arithmetic-demo run at the generated assets, a layer
+    under which explicit settings win (config/loader.py applies it before validation): the
+    tokenizer and the chat data set, or its preference pairs for
+    demo_task=arithmetic_preference."""
+    try:
+        root = ensure_assets(values["base_output_directory"])
+    except OSError as e:
+        raise ConfigError(f"cannot write the demo's assets under "
+                          f"{values['base_output_directory']} ({' '.join(str(e).split())[:200]}); "
+                          f"set base_output_directory= to a writable directory") from None
+    out = {"tokenizer_path": values.get("tokenizer_path") or str(root / "tokenizer")}
+    prefix = "preference_" if values["demo_task"] == "arithmetic_preference" else ""
+    if not values.get("hf_path"):
+        out.update(hf_path="json", hf_data_files=str(root / f"{prefix}train.jsonl"),
+                   hf_eval_files=(values.get("hf_eval_files")
+                                  or str(root / f"{prefix}eval.jsonl")))
+    return out
 
 
 def held_out_problems(cfg, limit: int) -> list[tuple[str, str]]:

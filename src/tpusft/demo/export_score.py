@@ -106,7 +106,6 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.models.sharding import mesh_of
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
-    arithmetic.apply_to_config(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     problems = arithmetic.held_out_problems(cfg, limit=128)
     with mesh_of(cfg):
