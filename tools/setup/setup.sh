@@ -51,9 +51,24 @@ fi
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 stamp=".venv/.tpusft-install"
-want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16) $spec ${CMAKE_ARGS:-}"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  echo "tpusft already installed in .venv ($spec)"
+# The stamp holds the install's hash of pyproject.toml and this script, its extras and the
+# llama.cpp build flags; an install that has every extra asked for (an earlier --gguf --test
+# covers a later --test) is not repeated.
+hash="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16)"
+installed() {
+  local have e
+  [ -f "$stamp" ] || return 1
+  [ "$(cut -d'|' -f1 "$stamp")" = "$hash" ] || return 1
+  have=$(cut -d'|' -f2 "$stamp")
+  for e in ${extras[@]+"${extras[@]}"}; do
+    [[ ",$have," == *",$e,"* ]] || return 1
+    if [ "$e" = gguf ] && [ "$(cut -d'|' -f3- "$stamp")" != "${CMAKE_ARGS:-}" ]; then
+      return 1
+    fi
+  done
+}
+if installed; then
+  echo "tpusft already installed in .venv ($(cut -d'|' -f2 "$stamp" | sed 's/^$/no extras/'))"
 else
   .venv/bin/python -m pip install -q --upgrade pip
   if [[ " ${extras[*]:-} " == *" gguf "* ]]; then
@@ -67,7 +82,7 @@ else
     fi
   fi
   .venv/bin/python -m pip install -q -e "$spec"
-  echo "$want" > "$stamp"
+  echo "$hash|$(IFS=,; echo "${extras[*]:-}")|${CMAKE_ARGS:-}" > "$stamp"
   echo "installed tpusft into .venv ($spec)"
 fi
 
