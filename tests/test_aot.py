@@ -261,6 +261,19 @@ def test_dpo_full_lora_and_simpo_compile_for_v5e_8():
 
 
 @needs_libtpu
+@pytest.mark.slow
+def test_a_1b_model_s_dpo_and_grpo_steps_compile_for_v5e_8_and_fit():
+    """Llama 3.2 1B's shapes through the demo's DPO and GRPO configs (their batches and
+    lengths): every program of each step compiles for a v5e-8 and fits."""
+    for main, config in ((train_dpo.main, DPO), (train_grpo.main, GRPO)):
+        done = run_in_process(main, config, "model_name=llama3.2-1b", "load_parameters_path=",
+                              "compile_topology=v5e-8")
+        assert done.returncode == 0, (config, done.stdout[-2000:], done.stderr[-2000:])
+        assert "llama3.2-1b (1,235.8M parameters)" in done.stdout, done.stdout
+        assert re.search(r"^fits: [\d.]+ GiB to spare per chip$", done.stdout, re.M), done.stdout
+
+
+@needs_libtpu
 def test_demo_compiles_for_v5e_8_and_fits():
     done = run_in_process(train_sft.main, DEMO, "compile_topology=v5e-8")
     assert done.returncode == 0, done.stderr
