@@ -40,7 +40,7 @@ def missing() -> list[str]:
     """The entries of NAMES this Orbax lacks or has without a parameter used, one line each."""
     out = []
     for owner, name, used in NAMES:
-        where = f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', owner.__name__)}.{name}"
+        where = f"{getattr(owner, '__qualname__', owner.__name__)}.{name}"
         if used == "attribute":
             if f"self.{name} =" not in inspect.getsource(owner):
                 out.append(f"{where}: no longer set by {owner.__qualname__}")

@@ -401,12 +401,12 @@ def _output_matmul_fwd(hidden, kernel, kernel_like):
 
 def _output_matmul_bwd(kernel_like, res, g):
     hidden, kernel = res
-    _, pullback = jax.vjp(
-        lambda h: lora.matmul(h, kernel, 1, preferred_element_type=jnp.float32), hidden)
+    dhidden, = jax.linear_transpose(  # the forward matmul's transpose, without its primal
+        lambda h: lora.matmul(h, kernel, 1, preferred_element_type=jnp.float32), hidden)(g)
     rows = hidden.reshape(-1, hidden.shape[-1])
     dkernel = jnp.matmul(rows.T, g.reshape(rows.shape[0], -1),
                          preferred_element_type=kernel.dtype)
-    return pullback(g)[0], kernel_like(dkernel)
+    return dhidden, kernel_like(dkernel)
 
 
 output_matmul.defvjp(_output_matmul_fwd, _output_matmul_bwd)

@@ -121,6 +121,11 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         self.per_process = tuple(per_process)
         self.damaged: list[tuple[int, str]] = []
 
+    @property
+    def orbax(self):
+        """The Orbax CheckpointManager under Tunix's (None without a directory)."""
+        return tunix_private.orbax_manager(self)
+
     # ---------------------------------------------------------------- save
     def _trees(self, model, optimizer, lora_only: bool) -> dict[str, Any]:
         params = nnx.state(model, nnx.LoRAParam) if lora_only else nnx.state(model)
@@ -130,7 +135,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
     def save(self, step: int, model, optimizer=None, save_only_lora_params: bool = False,
              force: bool = False, custom_metadata: dict[str, Any] | None = None) -> bool:
         self._agree_on_signal()
-        manager = tunix_private.orbax_manager(self)
+        manager = self.orbax
         if manager is None:
             return False
         if not force and not self._urgent() and not manager.should_save(step):
@@ -183,7 +188,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         if self.preemption.saved_step == step:
             return
         with self._storage_errors(step):
-            tunix_private.orbax_manager(self).wait_until_finished()
+            self.orbax.wait_until_finished()
         self.print(f"{self.preemption.reason}: checkpoint of step {step} saved in "
                    f"{self.root}; run the same command again to continue", flush=True)
         self.preemption.finished(step)
@@ -250,15 +255,14 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         return integrity.compare(stored, restored)
 
     def _metadata(self, step: int) -> dict[str, Any]:
-        meta = tunix_private.orbax_manager(self).metadata(step)
+        meta = self.orbax.metadata(step)
         return dict(getattr(meta, "custom_metadata", None) or {})
 
     def maybe_restore(self, model, optimizer=None, step: int | None = None,
                       restore_only_lora_params: bool = False) -> tuple[int, dict[str, Any]]:
-        if tunix_private.orbax_manager(self) is None:
+        if self.orbax is None:
             return 0, {}
-        steps = [step] if step is not None else sorted(tunix_private.orbax_manager(self).all_steps(),
-                                                       reverse=True)
+        steps = [step] if step is not None else sorted(self.orbax.all_steps(), reverse=True)
         with _quiet_background_failures(collect=True):
             return self._restore_newest_intact(model, optimizer, steps, restore_only_lora_params)
 
@@ -313,7 +317,7 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         distributed.sync(f"tpusft-set-aside-{step}")
         self.damaged.append((step, why))
         self.print(f"checkpoint step {step} is damaged: {why}; moved to {dst}")
-        tunix_private.orbax_manager(self).reload()  # Orbax caches the list of steps
+        self.orbax.reload()  # Orbax caches the list of steps
 
 
 def adopt(trainer, root: str | None, options, **guard) -> GuardedCheckpoints:

@@ -1,7 +1,8 @@
 """What a run does with a non-finite loss or gradient (`nan_policy`).
 
 Every optimizer is wrapped in optimizer.skip_if_not_finite (optax.apply_if_finite's contract
-and state), so an update whose gradients hold NaN or inf is never applied: the parameters stay as they were and optax counts the step. Then:
+and state), so an update whose gradients hold NaN or inf is never applied: the parameters
+stay as they were and optax counts the step. Then:
   * nan_policy=stop (default): the run stops with one line naming the step and the value,
     and no checkpoint is written after it (GuardedCheckpoints asks `before_save`, which reads
     optax's counters on the device, so a save never holds a skipped step either);
