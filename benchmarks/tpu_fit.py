@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/tpu_fit.py [--models llama3.2-1b llama3.1-8b ...]
         [--methods full lora qlora dpo grpo] [--topologies v5e-8 v6e-8 v5p-8]
-        [--longest] [--json benchmarks/results/tpu_fit.json]
+        [--longest [--skip_batch]] [--json benchmarks/results/tpu_fit.json]
 
 For each model x method x topology: the step compiled at global batch 8 x 2048 (fsdp over
 every chip, remat full, the run's defaults otherwise) and its per-chip total, or the
 compiler's out-of-memory figure (GRPO: configs/grpo.yml's own batch and lengths, its
 largest program); with --longest (not GRPO), also the longest power-of-two sequence
-(2048 ... 131072) whose step compiles at one row per device. Every figure is the TPU
+(2048 ... 131072) whose step fits at one row per device, with splash attention and with
+XLA's. Rows are merged into --json case by case. Every figure is the TPU
 compiler's (libtpu, compile only), not a run on a TPU.
 """
 
@@ -35,7 +36,8 @@ METHODS = {  # config and overrides of each method
 }
 
 
-def compile_case(model: str, method: str, topology: str, rows: int, length: int) -> dict:
+def compile_case(model: str, method: str, topology: str, rows: int, length: int,
+                 attention: str = "auto") -> dict:
     from tpusft.aot import fit
     from tpusft.aot.topology import parse
     from tpusft.config import load_config
@@ -50,7 +52,7 @@ def compile_case(model: str, method: str, topology: str, rows: int, length: int)
         shape = [f"global_batch_size={rows}", f"max_target_length={length}",
                  "gradient_accumulation_steps=1", "remat_policy=full"]
     cfg = load_config([str(REPO / config), f"model_name={model}", f"compile_topology={topology}",
-                       *shape, *extra])
+                       f"attention={attention}", *shape, *extra])
     recipe = {"dpo": fit.preference_method(), "grpo": fit.grpo_method()}.get(
         method, fit.sft_method())
     result, _ = fit.compile_run(cfg, recipe, parse(topology))
@@ -66,20 +68,37 @@ def compile_case(model: str, method: str, topology: str, rows: int, length: int)
 def memory_cell(case: dict) -> str:
     """A table cell: the per-chip total, or the compiler's out-of-memory figures."""
     if case["fits"]:
-        return f"{case['total_gib']:.1f} GiB"
-    return f"does not fit (needs {case['needs_gib']:.1f} of {case['available_gib']:.2f})"
+        return f"{case['total_gib']:.2f} GiB"
+    return f"does not fit (needs {case['needs_gib']:.2f} of {case['available_gib']:.2f})"
 
 
-def longest(model: str, method: str, topology: str) -> int:
+def longest(model: str, method: str, topology: str, attention: str) -> int:
+    """The longest power-of-two sequence (2048 ... 131072) whose step fits at one row per
+    device; 0 when not even 2048 does."""
     from tpusft.aot.topology import parse
 
     devices = parse(topology).devices_per_slice
     best, length = 0, 2048
     while length <= 131072:
-        if not compile_case(model, method, topology, devices, length)["fits"]:
+        if not compile_case(model, method, topology, devices, length, attention)["fits"]:
             break
         best, length = length, length * 2
     return best
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Writes rows into the JSON file, replacing earlier rows of the same case."""
+    def case(row: dict) -> tuple:
+        return row["model"], row["method"], row["topology"]
+
+    kept = json.loads(path.read_text())["rows"] if path.exists() else []
+    new = {case(r) for r in rows}
+    path.write_text(json.dumps({
+        "what": "per-chip memory of tpusft's compiled steps (libtpu compile only, not a "
+                "run); global batch 8 x 2048, fsdp over every chip, remat full; longest: "
+                "the longest power-of-two sequence that fits at one row per device",
+        "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+        "rows": [r for r in kept if case(r) not in new] + rows}, indent=1) + "\n")
 
 
 def main() -> None:
@@ -88,30 +107,37 @@ def main() -> None:
                                                    "qwen3-8b", "gemma2-9b"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--topologies", nargs="+", default=["v5e-8", "v6e-8", "v5p-8"])
-    p.add_argument("--longest", action="store_true")
+    p.add_argument("--longest", action="store_true",
+                   help="also search the longest sequence, with splash and with XLA attention")
+    p.add_argument("--skip_batch", action="store_true",
+                   help="with --longest: keep the 8 x 2048 figures already in --json")
     p.add_argument("--json", default="")
     a = p.parse_args()
-    rows = []
-    print("| model | method | topology | 8 x 2048, per chip | longest at 1 row/device |")
-    print("|---|---|---|---|---|")
+    known = {}
+    if a.json and Path(a.json).exists():
+        known = {(r["model"], r["method"], r["topology"]): r
+                 for r in json.loads(Path(a.json).read_text())["rows"]}
+    print("| model | method | topology | 8 x 2048, per chip | longest, splash | longest, XLA |")
+    print("|---|---|---|---|---|---|")
     for model in a.models:
         for method in a.methods:
             for topology in a.topologies:
                 t0 = time.perf_counter()
-                case = compile_case(model, method, topology, 8, 2048)
-                case.update(model=model, method=method, topology=topology)
+                key = (model, method, topology)
+                if a.skip_batch and key in known:
+                    case = dict(known[key])
+                else:
+                    case = compile_case(model, method, topology, 8, 2048)
+                    case.update(model=model, method=method, topology=topology)
                 if a.longest and method != "grpo":
-                    case["longest"] = longest(model, method, topology)
+                    case["longest_splash"] = longest(model, method, topology, "splash")
+                    case["longest_xla"] = longest(model, method, topology, "xla")
                 case["wall_seconds"] = round(time.perf_counter() - t0, 1)
-                rows.append(case)
                 print(f"| {model} | {method} | {topology} | {memory_cell(case)} | "
-                      f"{case.get('longest', '-')} |", flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps({
-            "what": "per-chip memory of tpusft's compiled steps (libtpu compile only, not a "
-                    "run); global batch 8 x 2048, fsdp over every chip, remat full",
-            "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
-            "rows": rows}, indent=1) + "\n")
+                      f"{case.get('longest_splash', '-')} | {case.get('longest_xla', '-')} |",
+                      flush=True)
+                if a.json:  # after every case: a long sweep keeps what it has
+                    write_rows(Path(a.json), [case])
 
 
 if __name__ == "__main__":

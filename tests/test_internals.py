@@ -1,5 +1,5 @@
 """Library private names: each still exists as tpusft uses it, and none is used outside
-src/tpusft/internals/, so a Tunix or Orbax upgrade that renames one fails here."""
+src/tpusft/internals/, so a Tunix, Orbax or Qwix upgrade that renames one fails here."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tpusft.internals import orbax_private, tunix_private
+from tpusft.internals import orbax_private, qwix_private, tunix_private
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tpusft"
-MODULES = {"google-tunix": tunix_private, "orbax-checkpoint": orbax_private}
+MODULES = {"google-tunix": tunix_private, "orbax-checkpoint": orbax_private,
+           "qwix": qwix_private}
 
 
 @pytest.mark.parametrize("package", sorted(MODULES))
@@ -34,6 +35,9 @@ def test_the_check_notices_a_renamed_name(monkeypatch):
     monkeypatch.setattr(orbax_private, "NAMES", orbax_private.NAMES + (
         (orbax_private.ts_utils, "get_ts_context", ("no_such_parameter",)),))
     assert len(orbax_private.missing()) == 1
+    monkeypatch.setattr(qwix_private, "NAMES", qwix_private.NAMES + (
+        (qwix_private.numerics, "get_nf5_buckets", ()),))
+    assert len(qwix_private.missing()) == 1
 
 
 # tpusft's own private names that a library happens to use too (in its own classes).
@@ -44,10 +48,11 @@ OWN_NAMES = {"_as_text", "_buffer", "_context", "_flatten", "_last", "_lock", "_
 def _library_private_names() -> set[str]:
     import grain
     import orbax.checkpoint
+    import qwix
     import tunix
 
     names = set()
-    for package in (tunix, orbax.checkpoint, grain):
+    for package in (tunix, orbax.checkpoint, grain, qwix):
         for path in Path(package.__file__).parent.rglob("*.py"):
             names |= set(re.findall(r"(?:self\.|def )(_[a-z]\w*)", path.read_text(errors="ignore")))
     return names
@@ -65,6 +70,6 @@ def test_no_private_name_is_used_outside_internals():
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             used = set(re.findall(r"(?:\.|def )(_[a-z]\w*)\b", line)) & library
-            if used or re.search(r"orbax\.checkpoint\._src|SLF001", line):
+            if used or re.search(r"orbax\.checkpoint\._src|qwix\._src|SLF001", line):
                 found.append(f"{path.relative_to(SRC)}:{n}: {line.strip()}")
     assert found == [], "private library names outside src/tpusft/internals/:\n" + "\n".join(found)

@@ -98,7 +98,9 @@ def test_sharded_qlora_training(tmp_path, demo_assets, demo_tokenizer):
     model, trainer, losses, _ = _train(cfg, demo_tokenizer, jax.devices(), quantize)
     query = nnx.to_pure_dict(nnx.state(model, lora.QuantizedWeight))["decoder"]["layers"][
         "self_attention"]["query"]
-    assert str(query["kernel_q"].dtype) == "uint4"
+    # two nf4 codes a byte along the last axis (head_dim 16 -> 8)
+    assert str(query["kernel_q"].dtype) == "uint8"
+    assert query["kernel_q"].shape[-1] * 2 == query["kernel_scale"].shape[-1]
     assert _norm(query["kernel_q"].sharding.spec, 4) == ("fsdp", None, "tensor", None)
     jax.tree.map(np.testing.assert_array_equal, sizes["q"], jax.tree.map(
         np.asarray, nnx.to_pure_dict(nnx.state(model, lora.QuantizedWeight))))
@@ -108,6 +110,23 @@ def test_sharded_qlora_training(tmp_path, demo_assets, demo_tokenizer):
     assert losses[-1] < losses[0] - 0.05, losses
     # Layer kernels at 4 bits plus one f32 scale per 64 values; embedding and norms unchanged.
     assert sizes["after"] < 0.5 * sizes["before"], sizes
+
+
+def test_nf4_kernels_two_codes_a_byte_dequantize_as_qwix():
+    """Packed nf4 kernels (uint8, two codes a byte) give Qwix's own dequantization of its
+    uint4 codes, for an even and an odd last axis and a stacked-layer kernel."""
+    import qwix
+
+    for shape in ((128, 6), (128, 7), (128, 3, 4, 10)):
+        k = jax.random.normal(jax.random.key(len(shape)), shape)
+        q = qwix.quantize(k, "nf4", channelwise_axes=tuple(range(1, len(shape))),
+                          tiled_axes={0: lora.BLOCK}, scale_dtype=jnp.float32)
+        packed = lora.pack_nf4(q.qvalue)
+        assert packed.dtype == jnp.uint8
+        assert packed.shape[-1] == (shape[-1] if shape[-1] % 2 else shape[-1] // 2)
+        np.testing.assert_array_equal(
+            lora.dequantize(packed, q.scale, "nf4", jnp.float32),
+            qwix.dequantize(q).astype(jnp.float32))
 
 
 def test_target_modules():
@@ -220,8 +239,6 @@ def test_qlora_steps_are_lora_steps_on_the_dequantized_base(tmp_path, demo_asset
     """A QLoRA run's adapters take the steps a LoRA run takes on a base whose kernels are the
     dequantized nf4 ones (the trajectory tests hold LoRA's steps to PEFT's), query adapters of
     this Llama-shaped model (stored scaled by 1/sqrt(head_dim)) included."""
-    import qwix
-
     extra = ("ici_fsdp_parallelism=4", "ici_tensor_parallelism=2", "lora.enable_lora=true",
              "lora.rank=4", "steps=4", "learning_rate=1e-3", "warmup_steps_fraction=0",
              "adam_weight_decay=0.1", "gradient_clipping_threshold=0.5",
@@ -232,8 +249,8 @@ def test_qlora_steps_are_lora_steps_on_the_dequantized_base(tmp_path, demo_asset
         for i, (_, m) in enumerate(lora.adapters(model)):
             m.lora_b[...] = 0.01 * jax.random.normal(jax.random.key(i), m.lora_b.shape)
             if dequantize:
-                q = qwix.QArray(m.kernel_q[...], m.kernel_scale[...], None, lora.QTYPES["nf4"])
-                m.kernel = nnx.Param(qwix.dequantize(q).astype(jnp.float32))
+                m.kernel = nnx.Param(lora.dequantize(m.kernel_q[...], m.kernel_scale[...], "nf4",
+                                                     jnp.float32))
                 del m.kernel_q, m.kernel_scale
 
     runs = {}

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpusft.aot.topology import first_line as _first_line
+from tpusft.errors import RunFailed
 from tpusft.models.sharding import BATCH_AXES
 
 GIB = 2**30
@@ -177,13 +178,14 @@ def compile_train_step(trainer, model, optimizer, batch: dict, mesh) -> Compiled
 
 def compile_lowered(lowered, params: int, opt: int) -> Compiled:
     """Compiles a lowered program; out of memory is a result with the compiler's figures,
-    any other compiler error is raised."""
+    any other compiler error a RunFailed naming it (one line; --debug shows the trace)."""
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - jax raises JaxRuntimeError (no stable name)
         if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
+            raise RunFailed(f"the TPU compiler rejected the step, which says nothing of its "
+                            f"memory: {_first_line(e)[:300]}") from e
         needed, available = _oom_figures(str(e))
         return Compiled(time.perf_counter() - start, params, opt, error=_first_line(e),
                         needed=needed, available=available)

@@ -301,8 +301,17 @@ def rope_halves_order(p: dict, fam: Family) -> dict:
     if not fam.rope_interleaved:
         return p
 
+    def reorder(name: str, v: jax.Array, proj: dict) -> jax.Array:
+        if name == "lora_a":
+            return v
+        if name == "kernel_q" and v.shape[-1] != proj["kernel_scale"].shape[-1]:
+            # nf4 codes two a byte, pairs (2i, 2i + 1) in a byte's low and high nibbles:
+            # the halves order is every low nibble, then every high one (one code a byte)
+            return jnp.concatenate([v & 0xF, v >> 4], axis=-1)
+        return attn.pairs_to_halves(v)
+
     def halves(proj: dict) -> dict:
-        return {n: v if n == "lora_a" else attn.pairs_to_halves(v) for n, v in proj.items()}
+        return {n: reorder(n, v, proj) for n, v in proj.items()}
 
     sa = dict(p["self_attention"])
     for name in ("query", "key", "query_norm", "key_norm"):

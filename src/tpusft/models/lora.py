@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from tpusft.internals import qwix_private
+
 # MaxText name -> (HF / PEFT name, number of input dims of the kernel)
 PROJECTIONS = {"query": ("q_proj", 1), "key": ("k_proj", 1), "value": ("v_proj", 1),
                "out": ("o_proj", 2), "wi_0": ("gate_proj", 1), "wi_1": ("up_proj", 1),
@@ -31,6 +33,48 @@ BLOCK = 64  # quantization block along a kernel's first input dim (bitsandbytes'
 
 class QuantizedWeight(nnx.Variable):
     """A frozen base kernel in quantized form (QLoRA): no gradient, no optimizer state."""
+
+
+def pack_nf4(codes: jax.Array) -> jax.Array:
+    """nf4 codes (Qwix's uint4) as uint8, two neighbours along the last axis per byte (low
+    nibble first), so the model holds 4 bits a weight without uint4 arrays: the TPU compiler
+    (libtpu 0.0.42.1) rejects the backward layer scan of a model holding uint4 kernels with
+    a cycle error (Llama 3.2 1B at LoRA rank 16 or 32). An odd last axis stays one code a
+    byte."""
+    c = codes.astype(jnp.uint8)
+    if c.shape[-1] % 2:
+        return c
+    pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_nf4(packed: jax.Array, width: int) -> jax.Array:
+    """pack_nf4's codes back, as uint8, for a kernel whose last axis is width."""
+    if packed.shape[-1] == width:
+        return packed
+    pairs = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+    return pairs.reshape(*packed.shape[:-1], width)
+
+
+def nf4_values(codes: jax.Array, dtype) -> jax.Array:
+    """Qwix's NF4 value of every code, looked up elementwise (a select per table entry), which
+    the TPU compiler fuses into the matmul's operand; Qwix's own lookup gathers over the
+    flattened kernel (internals/qwix_private.py)."""
+    table = qwix_private.nf4_table()
+    out = jnp.full(codes.shape, table[0], dtype)
+    for i, v in enumerate(table[1:], 1):
+        out = jnp.where(codes == i, jnp.asarray(v, dtype), out)
+    return out
+
+
+def dequantize(qvalue: jax.Array, scale: jax.Array, qtype: str, dtype) -> jax.Array:
+    """A base kernel stored by quantize_base, back in dtype: Qwix's values times the scale of
+    each block (tests/test_lora.py holds it to qwix.dequantize)."""
+    if qtype != "nf4":
+        return qwix.dequantize(qwix.QArray(qvalue, scale, None, QTYPES[qtype])).astype(dtype)
+    values = nf4_values(unpack_nf4(qvalue, scale.shape[-1]), jnp.float32)
+    tiles = values.reshape(scale.shape[0], -1, *values.shape[1:])
+    return (tiles * scale[:, None]).reshape(values.shape).astype(dtype)
 
 
 # What the forward pass reads: parameters (adapters included) and quantized base kernels.
@@ -98,8 +142,7 @@ def project(x: jax.Array, p: dict, spec: str, n_in: int, lora: tuple[float, str]
     if "kernel" in p:
         kernel = p["kernel"]
     else:
-        kernel = qwix.dequantize(qwix.QArray(p["kernel_q"], p["kernel_scale"], None,
-                                             QTYPES[qtype])).astype(x.dtype)
+        kernel = dequantize(p["kernel_q"], p["kernel_scale"], qtype, x.dtype)
     y = matmul(x, kernel, n_in)
     if "lora_a" not in p:
         return y
@@ -174,7 +217,8 @@ def quantize_base(model: nnx.Module, qtype: str, scanned: bool) -> int:
         q = qwix.quantize(k, QTYPES[qtype], channelwise_axes=channels, tiled_axes=tiled,
                           scale_dtype=jnp.float32)
         sharding = getattr(k, "sharding", None)
-        qvalue = q.qvalue if sharding is None else jax.device_put(q.qvalue, sharding)
+        qvalue = pack_nf4(q.qvalue) if qtype == "nf4" else q.qvalue
+        qvalue = qvalue if sharding is None else jax.device_put(qvalue, sharding)
         m.kernel_q = QuantizedWeight(qvalue)
         m.kernel_scale = QuantizedWeight(q.scale)
         del m.kernel
