@@ -11,13 +11,13 @@ bfloat16 compute, remat full, AdamW, FSDP over every chip, scanned layers, and a
 MaxText picks it (splash on a TPU mesh). Models MaxText 0.2.5 ships no config for are its
 Llama/Qwen configs with the dimensions overridden. The figure is the same as tpusft's: the
 compiler's peak (`peak_memory_in_bytes` of `compiled.memory_analysis()`; the bound arguments +
-outputs - aliased + temporaries is kept as bound_gib), or its out-of-memory figure. Every figure is the TPU compiler's (libtpu), not a run.
+outputs - aliased + temporaries is kept as bound_gib), or its out-of-memory figure. Every
+figure is the TPU compiler's (libtpu), not a run. Rows are merged into --json case by case.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tpu_fit import memory_cell  # noqa: E402 - the same table cell as tpusft's
+from tpu_fit import memory_cell, write_rows  # noqa: E402 - the same cells and file as tpusft's
 
 # Dimensions for the models MaxText 0.2.5 has no config of: (its config to start from, overrides)
 OVERRIDES = {
@@ -44,6 +44,8 @@ DEVICES = {"v5e-8": 8, "v6e-8": 8, "v5p-8": 4}
 GIB = 2**30
 # MaxText's train_compile, run as `python -m` would run it, printing also the compiler's peak
 # (its own print of memory_analysis() leaves peak_memory_in_bytes out).
+WHAT = ("per-chip memory of MaxText 0.2.5's compiled train step (libtpu compile only, not a "
+        "run); global batch 8 x length, fsdp over every chip, remat full")
 PEAK = """
 import runpy, jax.stages
 measure = jax.stages.Compiled.memory_analysis
@@ -102,21 +104,16 @@ def main() -> None:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--json", default="")
     a = p.parse_args()
-    rows = []
     print("| model | topology | MaxText, 8 x 2048, per chip |")
     print("|---|---|---|")
     for model in a.models:
         for topology in a.topologies:
             r = case(a.maxtext_python, model, topology, 8, a.length)
             r.update(model=model, topology=topology, length=a.length)
-            rows.append(r)
             shown = memory_cell(r) if r["fits"] is not None else f"error: {r['error']}"
             print(f"| {model} | {topology} | {shown} |", flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps({
-            "what": "per-chip memory of MaxText 0.2.5's compiled train step (libtpu compile "
-                    "only, not a run); global batch 8 x length, fsdp over every chip, remat "
-                    "full", "machine": f"{os.cpu_count()} CPUs", "rows": rows}, indent=1) + "\n")
+            if a.json:  # after every case: a long sweep keeps what it has
+                write_rows(Path(a.json), [r], WHAT, ("model", "topology", "length"))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/tpu_fit.py [--models llama3.2-1b llama3.1-8b ...]
         [--methods full lora qlora dpo grpo] [--topologies v5e-8 v6e-8 v5p-8]
         [--longest [--skip_batch]] [--json benchmarks/results/tpu_fit.json]
+    .venv/bin/python benchmarks/tpu_fit.py --markdown   # the README's tables from the JSON
 
 For each model x method x topology: the step compiled at global batch 8 x 2048 (fsdp over
 every chip, remat full, the run's defaults otherwise) and its per-chip total, or the
 compiler's out-of-memory figure (GRPO: configs/grpo.yml's own batch and lengths, its
 largest program); with --longest (not GRPO), also the longest power-of-two sequence
-(2048 ... 131072) whose step fits at one row per device, with splash attention and with
-XLA's. Rows are merged into --json case by case. Every figure is the TPU
+(2048 ... 131072, by bisection) whose step fits at one row per device, with splash
+attention and with XLA's. Rows are merged into --json case by case. Every figure is the TPU
 compiler's (libtpu, compile only), not a run on a TPU.
 """
 
@@ -41,6 +42,7 @@ def compile_case(model: str, method: str, topology: str, rows: int, length: int,
     from tpusft.aot import fit
     from tpusft.aot.topology import parse
     from tpusft.config import load_config
+    from tpusft.methods import grpo, preference, sft
 
     config, extra = METHODS[method]
     if method == "grpo":
@@ -53,8 +55,8 @@ def compile_case(model: str, method: str, topology: str, rows: int, length: int,
                  "gradient_accumulation_steps=1", "remat_policy=full"]
     cfg = load_config([str(REPO / config), f"model_name={model}", f"compile_topology={topology}",
                        f"attention={attention}", *shape, *extra])
-    recipe = {"dpo": fit.preference_method(), "grpo": fit.grpo_method()}.get(
-        method, fit.sft_method())
+    recipe = {"dpo": preference.method(), "grpo": grpo.method()}.get(
+        method, sft.method())
     result, _ = fit.compile_run(cfg, recipe, parse(topology))
     out = {"fits": result.fits, "seconds": round(result.seconds, 1)}
     if result.fits:
@@ -72,33 +74,85 @@ def memory_cell(case: dict) -> str:
     return f"does not fit (needs {case['needs_gib']:.2f} of {case['available_gib']:.2f})"
 
 
+LENGTHS = [2048 * 2**i for i in range(7)]  # 2048 ... 131072
+
+
 def longest(model: str, method: str, topology: str, attention: str) -> int:
     """The longest power-of-two sequence (2048 ... 131072) whose step fits at one row per
-    device; 0 when not even 2048 does."""
+    device, by bisection (a longer sequence never needs less memory); 0 when not even 2048
+    does."""
     from tpusft.aot.topology import parse
 
     devices = parse(topology).devices_per_slice
-    best, length = 0, 2048
-    while length <= 131072:
-        if not compile_case(model, method, topology, devices, length, attention)["fits"]:
-            break
-        best, length = length, length * 2
-    return best
+    lengths = LENGTHS
+    lo, hi = -1, len(lengths)  # lengths[lo] fits (or lo = -1), lengths[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if compile_case(model, method, topology, devices, lengths[mid], attention)["fits"]:
+            lo = mid
+        else:
+            hi = mid
+    return lengths[lo] if lo >= 0 else 0
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """Writes rows into the JSON file, replacing earlier rows of the same case."""
+WHAT = ("per-chip memory of tpusft's compiled steps (libtpu compile only, not a run); global "
+        "batch 8 x 2048, fsdp over every chip, remat full; longest: the longest power-of-two "
+        "sequence that fits at one row per device")
+
+
+def write_rows(path: Path, rows: list[dict], what: str = WHAT,
+               keys: tuple[str, ...] = ("model", "method", "topology")) -> None:
+    """Writes rows into the JSON file, replacing earlier rows of the same case (keys)."""
     def case(row: dict) -> tuple:
-        return row["model"], row["method"], row["topology"]
+        return tuple(row[k] for k in keys)
 
     kept = json.loads(path.read_text())["rows"] if path.exists() else []
     new = {case(r) for r in rows}
     path.write_text(json.dumps({
-        "what": "per-chip memory of tpusft's compiled steps (libtpu compile only, not a "
-                "run); global batch 8 x 2048, fsdp over every chip, remat full; longest: "
-                "the longest power-of-two sequence that fits at one row per device",
-        "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+        "what": what, "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
         "rows": [r for r in kept if case(r) not in new] + rows}, indent=1) + "\n")
+
+
+LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA nf4", "dpo": "DPO (full)",
+          "grpo": "GRPO (full)"}
+
+
+def markdown(path: Path, maxtext: Path) -> str:
+    """The README's tables from the JSON files: per-chip GiB at 8 x 2048 (MaxText's full step
+    beside tpusft's), then the longest sequence at one row per device, splash | XLA."""
+    rows = json.loads(path.read_text())["rows"]
+    ours = {(r["model"], r["method"], r["topology"]): r for r in rows}
+    theirs = {}
+    if maxtext.exists():
+        theirs = {(r["model"], "full, MaxText", r["topology"]): r
+                  for r in json.loads(maxtext.read_text())["rows"]
+                  if r["length"] == 2048 and r["fits"] is not None}
+    cells = {**ours, **theirs}
+    topologies = ["v5e-8", "v6e-8", "v5p-8"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    out = ["| model | method | " + " | ".join(topologies) + " |",
+           "|---|---|" + "---|" * len(topologies)]
+    for model in models:
+        for method in ("full", "full, MaxText", *list(METHODS)[1:]):
+            if any((model, method, t) in cells for t in topologies):
+                out.append(f"| {model} | {LABELS.get(method, method)} | " + " | ".join(
+                    memory_cell(cells[model, method, t]) if (model, method, t) in cells
+                    else "" for t in topologies) + " |")
+    longest_rows = [r for r in rows if "longest_splash" in r]
+    if longest_rows:
+        def tokens(n: int) -> str:
+            return f"{n // 1024}k" if n else "none"
+
+        out += ["", "| model | method | " + " | ".join(f"{t}, splash / XLA" for t in topologies)
+                + " |", "|---|---|" + "---|" * len(topologies)]
+        for model in models:
+            for method in METHODS:
+                found = {t: ours.get((model, method, t), {}) for t in topologies}
+                if any("longest_splash" in r for r in found.values()):
+                    out.append(f"| {model} | {LABELS[method]} | " + " | ".join(
+                        f"{tokens(r['longest_splash'])} / {tokens(r['longest_xla'])}"
+                        if "longest_splash" in r else "" for r in found.values()) + " |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -112,7 +166,14 @@ def main() -> None:
     p.add_argument("--skip_batch", action="store_true",
                    help="with --longest: keep the 8 x 2048 figures already in --json")
     p.add_argument("--json", default="")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the README's tables from --json and maxtext_fit.json beside it, "
+                        "compiling nothing")
     a = p.parse_args()
+    if a.markdown:
+        path = Path(a.json or REPO / "benchmarks/results/tpu_fit.json")
+        print(markdown(path, path.parent / "maxtext_fit.json"))
+        return
     known = {}
     if a.json and Path(a.json).exists():
         known = {(r["model"], r["method"], r["topology"]): r

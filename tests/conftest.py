@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices so that sharding is real; tiny generated assets."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # libtpu (the test extra's jax[tpu], for compile-only TPU runs) would otherwise make JAX look
@@ -10,16 +11,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# One XLA compilation cache for the session, shared with the commands tests start: the
-# same tiny programs are compiled by many tests and processes.
-import atexit  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="tpusft-test-xla-cache-")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+# One XLA compilation cache, shared with the commands tests start and kept between sessions
+# (the same tiny programs are compiled by many tests and processes, and again by the next
+# session): $XDG_CACHE_HOME/tpusft/test-xla, at most 4 GiB (least recently used entries go
+# first). Entries are keyed by the program, the flags and the jax/jaxlib versions, so a
+# changed program is compiled anew. TPUSFT_TEST_XLA_CACHE=off starts every session cold.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get(
+        "TPUSFT_TEST_XLA_CACHE") != "off":
+    _cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tpusft"
+    _cache = _cache / "test-xla"
+    _cache.mkdir(parents=True, exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -27,7 +30,6 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 

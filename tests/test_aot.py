@@ -14,6 +14,8 @@ from conftest import REPO, run_in_process
 from tpusft import train_dpo, train_grpo, train_sft
 from tpusft.aot import compile_step, fit, topology
 from tpusft.errors import ConfigError
+from tpusft.methods import preference as preference_method
+from tpusft.methods import sft
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu (the test extra's jax[tpu]) is not installed")
@@ -80,7 +82,7 @@ def test_compile_path_lowers_the_program_tunix_runs(demo_assets):
         rows = cfg.global_batch_size
         shapes = loss.sft_batch_shapes(rows, cfg.max_target_length)
         trainer, model, optimizer, _ = compile_step.abstract_trainer(
-            cfg, mesh, fit.sft_method().make_trainer)
+            cfg, mesh, sft.method().make_trainer)
         ours = compile_step.tunix_train_step_jit(trainer).lower(
             model, optimizer, compile_step.abstract_batch(shapes, mesh))
 
@@ -105,7 +107,7 @@ def test_dpo_compile_path_lowers_the_programs_tunix_runs():
     from tpusft.training.optimizer import make_optimizer
     from tpusft.training.setup import build_model, reference_model
 
-    method = fit.preference_method()
+    method = preference_method.method()
     for extra in ([], ["lora.enable_lora=true", "lora.rank=4"]):
         # The real trainer starts from random weights: the demo's SFT checkpoint need not
         # exist for the programs to be compared.
@@ -370,7 +372,7 @@ def test_the_step_keeps_no_whole_output_layer_gradient_and_no_branch():
 
     cfg = load_config([DEMO, "model_name=qwen3-0.6b", "compile_topology=v5e-8",
                        "max_target_length=1024", "global_batch_size=8", "remat_policy=full"])
-    result, _ = fit.compile_run(cfg, fit.sft_method(), topology.parse("v5e-8"))
+    result, _ = fit.compile_run(cfg, sft.method(), topology.parse("v5e-8"))
     assert result.fits, result.error
     text = result.executable.as_text()
     whole = [line for line in text.splitlines() if " all-reduce(" in line

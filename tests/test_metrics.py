@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from tpusft.methods import grpo, sft
 from tpusft.training.metrics import last_per_step, plot_panels, read_jsonl
 from tpusft.training.tensorboard import project_tag
 
@@ -52,15 +53,14 @@ def test_grpo_plot_shows_reward_accuracy_kl_and_length_with_the_final_point():
     records += [{"kind": "eval", "step": 2, "accuracy": 0.5},
                 {"kind": "eval", "step": 4, "accuracy": 0.75}]
     panels = {title: {label: (steps, values) for label, steps, values, _ in lines}
-              for title, _, lines in plot_panels(records, "grpo")}
+              for title, _, lines in plot_panels(records, grpo.PANELS)}
     assert list(panels) == ["reward", "held-out accuracy", "KL to the reference",
                             "completion length"]
     assert panels["held-out accuracy"]["held-out (greedy)"] == ([0, 2, 4], [0.25, 0.5, 0.75])
     assert panels["reward"]["reward (rollouts)"][1] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert panels["completion length"]["mean length"][0] == [1, 2, 3, 4]
     assert not any("loss" in label for lines in panels.values() for label in lines)
-    sft = plot_panels(records, "sft")
-    assert [t for t, _, _ in sft] == ["loss"]
+    assert [t for t, _, _ in plot_panels(records, sft.PANELS)] == ["loss"]
 
 
 def test_known_library_notices_are_filtered():

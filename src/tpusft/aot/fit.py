@@ -6,93 +6,14 @@ These are the TPU compiler's figures for the program, not measurements on a TPU.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from tpusft.aot import compile_step
 from tpusft.aot.compile_step import GIB, Compiled
 from tpusft.aot.topology import Topology, parse
+from tpusft.methods import Method
 from tpusft.models.sharding import batch_shards
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """How a recipe's step is built and fed, as its run does: `model_args(cfg)`,
-    `make_trainer(model, optimizer, cfg)` (Tunix's config stripped of outputs), and
-    `batch_shapes(cfg, rows)` of one micro-batch as the step receives it."""
-
-    name: str
-    model_args: Callable
-    make_trainer: Callable | None
-    batch_shapes: Callable[[Any, int], dict] | None
-    flops_factor: Callable[[Any], float] = lambda cfg: 1.0
-    dense: str = ""  # rows that come with a mask, which XLA attends (report.PAIRS ...)
-    # A step of several programs (GRPO): `programs(cfg, mesh)` compiles them all.
-    programs: Callable | None = None
-    rows_per_example: Callable[[Any], int] = lambda cfg: 1
-    length: Callable[[Any], int] = lambda cfg: cfg.max_target_length
-
-
-def _dropout(cfg: Any) -> bool:
-    return bool(cfg.lora.enable_lora and cfg.lora.dropout)
-
-
-def sft_method() -> Method:
-    from tpusft.models.decoder import ModelArgs
-    from tpusft.training import loss
-    from tpusft.training.trainer import sft_trainer
-
-    return Method(
-        "SFT", ModelArgs.from_config,
-        lambda model, optimizer, cfg: sft_trainer(model, optimizer, cfg, compile_step.quiet),
-        lambda cfg, rows: loss.sft_batch_shapes(rows, cfg.max_target_length, _dropout(cfg)))
-
-
-def preference_method() -> Method:
-    """DPO, ORPO, SimPO: the policy's step, and for DPO the reference's log-prob program."""
-    from tpusft.models.decoder import ModelArgs
-    from tpusft.training import preference, report
-    from tpusft.training.preference_loss import PreferenceLoss, pair_batch_shapes
-    from tpusft.training.setup import reference_model
-
-    def args(cfg):
-        return preference.policy_args(ModelArgs.from_config(cfg),
-                                      PreferenceLoss.from_config(cfg), print_fn=lambda *_: None)
-
-    def make_trainer(model, optimizer, cfg):
-        needs_reference = PreferenceLoss.from_config(cfg).needs_reference
-        ref = reference_model(model) if needs_reference else None
-        return preference.preference_trainer(model, ref, optimizer, cfg, compile_step.quiet)
-
-    def shapes(cfg, rows):
-        return pair_batch_shapes(rows, cfg.max_target_length, _dropout(cfg),
-                                 PreferenceLoss.from_config(cfg).needs_reference)
-
-    return Method("preference", args, make_trainer, shapes,
-                  lambda cfg: 4 / 3 if PreferenceLoss.from_config(cfg).needs_reference else 1,
-                  dense=report.PAIRS)
-
-
-def grpo_method() -> Method:
-    """GRPO and its variants: the rollout's prefill and decode, the reference's (and with
-    num_iterations > 1 the old policy's) log-probs, and the update (aot/grpo_programs.py)."""
-    from tpusft.aot import grpo_programs
-    from tpusft.models.decoder import ModelArgs
-    from tpusft.rl import grpo
-    from tpusft.training import report
-
-    def flops_factor(cfg):  # the update, plus forward passes: rollout, reference, old policy
-        return 1 + (1 + grpo.needs_reference(cfg) + (cfg.grpo.num_iterations > 1)) / 3
-
-    def programs(cfg, mesh):
-        done = grpo_programs.compile_programs(cfg, mesh)
-        return dataclasses.replace(done.worst, parts=done.results, kv_cache=done.kv_cache)
-
-    return Method("GRPO", ModelArgs.from_config, None, None, flops_factor,
-                  dense=report.GRPO_ROWS, programs=programs,
-                  rows_per_example=lambda cfg: cfg.grpo.num_generations,
-                  length=lambda cfg: cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length)
 
 
 def describe(cfg: Any) -> str:
@@ -207,22 +128,13 @@ def run(argv: Sequence[str], cfg: Any, method: Method, print_fn=print) -> int:
     per_device = rows // batch_shards(mesh)
     kind = mesh.devices.flat[0].device_kind
     slices = f" x {topology.num_slices} slices" if topology.num_slices > 1 else ""
-    name = {"SFT": "SFT", "GRPO": f"GRPO ({cfg.grpo.loss_algo})"}.get(
-        method.name, f"preference training ({cfg.dpo.loss_type})")
-    print_fn(f"tpusft {name} compile-only | {cfg.model_name} "
+    print_fn(f"tpusft {method.title(cfg)} compile-only | {cfg.model_name} "
              f"({args.num_params() / 1e6:,.1f}M parameters), {describe(cfg)}, remat "
              f"{args.remat_policy}, attention {report.attention(cfg, args, mesh, method.dense)}")
     micro = f", {accumulation} micro-batches" if accumulation > 1 else ""
-    if method.programs is not None:
-        g = cfg.grpo
-        batch = (f"{cfg.global_batch_size} prompts x {g.num_generations} completions = "
-                 f"{rows} rows of {g.max_prompt_length} + {g.max_completion_length} tokens "
-                 f"({per_device} per device)")
-    else:
-        batch = (f"batch {cfg.global_batch_size} x {cfg.max_target_length} tokens "
-                 f"({per_device} per device{micro})")
     print_fn(f"compiled for {topology.name}{slices} ({len(mesh.devices.flat)} x {kind}, "
-             f"{gib(hbm)} HBM each), mesh {dict(mesh.shape)}; {batch}")
+             f"{gib(hbm)} HBM each), mesh {dict(mesh.shape)}; "
+             f"{method.batch_line(cfg, rows, per_device, micro)}")
     flops = training_flops_per_token(args, method.length(cfg)) * (
         cfg.global_batch_size * method.rows_per_example(cfg) * method.length(cfg)
     ) * method.flops_factor(cfg)

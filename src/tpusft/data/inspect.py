@@ -44,87 +44,130 @@ def _shown(tokenizer, ex: dict, color: bool) -> tuple[str, int, int]:
     return mark_trained(tokenizer, ids, trained, color), len(ids), int(trained.sum())
 
 
-def _method(srcs, cfg) -> str:
-    """'pairs' when the data are preference rows, 'prompts' for prompt-only rows, else 'sft'
-    (detected from the first source's columns, as the trainers do)."""
+def _data_kind(srcs, cfg) -> str:
+    """The data-format kind of the first source ("sft", "preference", "prompt"), detected from
+    its columns as the trainers do."""
     from tpusft.data import formats, pipeline
 
     src = srcs[0]
     opts = pipeline.DataOptions(max_length=cfg.max_target_length, shard_index=0, shard_count=1)
     _, columns, _, where = pipeline.read_source(src, opts, "all")
-    kind = formats.FORMATS[formats.detect_format(columns, src.data_format, src.column_map,
+    return formats.FORMATS[formats.detect_format(columns, src.data_format, src.column_map,
                                                  where)].kind
-    return {"preference": "pairs", "prompt": "prompts"}.get(kind, "sft")
 
 
 def main(argv: Sequence[str]) -> int:
+    from tpusft import methods
     from tpusft.config import load_config
-    from tpusft.data import encoders, packing, pairs, pipeline, sources
+    from tpusft.data import sources
     from tpusft.data.chat import load_tokenizer
 
     cfg = load_config(argv)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     srcs, part = sources.sources(cfg, train=True)
-    opts = sources.options(cfg, train=True)
-    color = sys.stdout.isatty()
-    method = _method(srcs, cfg)
-    packed = cfg.packing_strategy if cfg.packing and method == "sft" else "off"
+    method = methods.for_data(_data_kind(srcs, cfg))
+    return method.inspect(cfg, tokenizer, srcs, sources.options(cfg, train=True), part,
+                          sys.stdout.isatty())
+
+
+def _header(cfg, srcs, packed: str, color: bool) -> None:
     print(f"data: {', '.join(f'{s.name} ({s.hf_path}, weight {s.weight:g})' for s in srcs)}; "
           f"max_target_length {cfg.max_target_length}, truncation {cfg.truncation}, "
           f"packing {packed}")
     if not color:
         print("trained tokens are shown [[like this]]")
 
-    # Examples one by one, in data order, from each source.
-    stats = pipeline.DataStats(lengths=[])
-    if method == "prompts":
-        encoder, encoder_opts = encoders.PromptEncoder, encoders.PromptOptions.from_config(cfg)
-    else:
-        encoder = encoders.PairEncoder if method == "pairs" else encoders.SftEncoder
-        encoder_opts = opts
+
+def _examples(cfg, tokenizer, srcs, opts, part, encoder, encoder_opts, stats):
+    """(source, index, example) of the first examples of each source, in data order; the
+    first `inspect_examples` of each are to be shown, the rest only measured."""
+    from tpusft.data import encoders, pipeline
+
     make = encoders.factory(encoder, tokenizer, encoder_opts, stats)
     for src in srcs:
         examples, mapped = pipeline.source_examples(src, opts, make, train=False, part=part)
         examples = examples.to_iter_dataset() if mapped else examples
         for n, ex in enumerate(itertools.islice(examples, LENGTH_SAMPLE // len(srcs))):
-            if n >= cfg.inspect_examples:
-                continue
-            if method == "prompts":
-                print(f"\n--- {src.name} prompt {n + 1} (reference answer {ex['answer']!r}) ---")
-                print(ex["prompts"])
-            elif method == "pairs":
-                for side in pairs.SIDES:
-                    text, total, trained = _shown(tokenizer, ex[side], color)
-                    print(f"\n--- {src.name} pair {n + 1}, {side}: {total} tokens, "
-                          f"{trained} trained ---")
-                    print(text)
-            else:
-                text, total, trained = _shown(tokenizer, ex, color)
-                print(f"\n--- {src.name} example {n + 1}: {total} tokens, {trained} trained ---")
-                print(text)
+            yield src, n, ex
+
+
+def _first_batches(cfg, tokenizer, srcs, opts, part, build) -> list:
+    train_ds, _ = build(srcs, opts, tokenizer, cfg.global_batch_size, train=True, part=part)
+    return list(itertools.islice(train_ds, PACKING_BATCHES))
+
+
+def _tail(cfg, stats) -> None:
     print()
-    if stats.lengths and method != "prompts":
+    if stats.lengths:
         print(f"token lengths of {_percentiles(stats.lengths, cfg.max_target_length)}")
     print(f"rows: {stats.summary()}")
-    if method == "prompts":
-        return 0
 
-    # Token slots used over the first batches of the training pipeline itself.
-    build = pairs.build_dataset if method == "pairs" else packing.build_dataset
-    train_ds, _ = build(srcs, opts, tokenizer, cfg.global_batch_size, train=True, part=part)
-    batches = list(itertools.islice(train_ds, PACKING_BATCHES))
+
+def sft_rows(cfg, tokenizer, srcs, opts, part, color: bool) -> int:
+    """SFT / CPT rows: examples with their trained tokens marked, lengths, and packing over the
+    training pipeline's first batches."""
+    from tpusft.data import encoders, packing, pipeline
+
+    _header(cfg, srcs, cfg.packing_strategy if cfg.packing else "off", color)
+    stats = pipeline.DataStats(lengths=[])
+    for src, n, ex in _examples(cfg, tokenizer, srcs, opts, part, encoders.SftEncoder, opts,
+                                stats):
+        if n < cfg.inspect_examples:
+            text, total, trained = _shown(tokenizer, ex, color)
+            print(f"\n--- {src.name} example {n + 1}: {total} tokens, {trained} trained ---")
+            print(text)
+    _tail(cfg, stats)
+    batches = _first_batches(cfg, tokenizer, srcs, opts, part, packing.build_dataset)
     if not batches:
         print("the training data yields no batch")
         return 2
     efficiency = float(np.mean([packing.packing_efficiency(b) for b in batches]))
-    if method == "pairs":
-        print(f"padding: {100 * efficiency:.1f}% of token slots hold tokens over the first "
-              f"{len(batches)} batches of {cfg.global_batch_size} pairs x 2 x "
-              f"{cfg.max_target_length}")
-        return 0
     examples = int(sum(np.sum(b["positions"] == 0, where=b["segment_ids"] > 0)
                        for b in batches))
     print(f"packing: {100 * efficiency:.1f}% of token slots hold tokens over the first "
           f"{len(batches)} batches of {cfg.global_batch_size} x {cfg.max_target_length} "
           f"({examples / (len(batches) * cfg.global_batch_size):.2f} examples per sequence)")
+    return 0
+
+
+def preference_rows(cfg, tokenizer, srcs, opts, part, color: bool) -> int:
+    """Preference pairs: both sides with their trained tokens marked, lengths, and the share of
+    token slots used over the first batches."""
+    from tpusft.data import encoders, packing, pairs, pipeline
+
+    _header(cfg, srcs, "off", color)
+    stats = pipeline.DataStats(lengths=[])
+    for src, n, ex in _examples(cfg, tokenizer, srcs, opts, part, encoders.PairEncoder, opts,
+                                stats):
+        if n < cfg.inspect_examples:
+            for side in pairs.SIDES:
+                text, total, trained = _shown(tokenizer, ex[side], color)
+                print(f"\n--- {src.name} pair {n + 1}, {side}: {total} tokens, "
+                      f"{trained} trained ---")
+                print(text)
+    _tail(cfg, stats)
+    batches = _first_batches(cfg, tokenizer, srcs, opts, part, pairs.build_dataset)
+    if not batches:
+        print("the training data yields no batch")
+        return 2
+    efficiency = float(np.mean([packing.packing_efficiency(b) for b in batches]))
+    print(f"padding: {100 * efficiency:.1f}% of token slots hold tokens over the first "
+          f"{len(batches)} batches of {cfg.global_batch_size} pairs x 2 x "
+          f"{cfg.max_target_length}")
+    return 0
+
+
+def prompt_rows(cfg, tokenizer, srcs, opts, part, color: bool) -> int:
+    """GRPO prompts: each rendered prompt with its reference answer, and the row counts."""
+    from tpusft.data import encoders, pipeline
+
+    _header(cfg, srcs, "off", color)
+    stats = pipeline.DataStats(lengths=[])
+    for src, n, ex in _examples(cfg, tokenizer, srcs, opts, part, encoders.PromptEncoder,
+                                encoders.PromptOptions.from_config(cfg), stats):
+        if n < cfg.inspect_examples:
+            print(f"\n--- {src.name} prompt {n + 1} (reference answer {ex['answer']!r}) ---")
+            print(ex["prompts"])
+    print()
+    print(f"rows: {stats.summary()}")
     return 0

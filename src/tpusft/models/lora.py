@@ -200,6 +200,28 @@ def weight_bytes(model: nnx.Module) -> int:
     return int(total)
 
 
+def _placed_like(value: jax.Array, kernel: nnx.Variable) -> QuantizedWeight:
+    """`value` (a kernel's codes or scales) as a QuantizedWeight sharded as `kernel` is, on
+    every axis whose size the kernel's mesh axes divide (replicated on the others), with the
+    sharding recorded as the kernel's is, so a shapes-only build places it too."""
+    meta = kernel.get_metadata()
+    spec, mesh = meta.get("out_sharding"), meta.get("mesh")
+    if spec is None or mesh is None:  # a model built without a mesh
+        return QuantizedWeight(value)
+    return QuantizedWeight(value, out_sharding=_fitted(spec, value.shape, mesh), mesh=mesh)
+
+
+def _fitted(spec, shape: tuple[int, ...], mesh) -> tuple:
+    """spec with the mesh axes dropped wherever they do not divide the dimension."""
+    def ways(axes) -> int:
+        names = axes if isinstance(axes, tuple) else (axes,)
+        return math.prod(mesh.shape[a] for a in names)
+
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return tuple(a if a is None or shape[i] % ways(a) == 0 else None
+                 for i, a in enumerate(spec))
+
+
 def quantize_base(model: nnx.Module, qtype: str, scanned: bool) -> int:
     """Replaces every decoder-layer kernel by its Qwix quantization (blocks of BLOCK along the
     first input dim, a scale per block and output channel), in place; returns the number of
@@ -216,11 +238,9 @@ def quantize_base(model: nnx.Module, qtype: str, scanned: bool) -> int:
             channels = tuple(i for i in range(1, k.ndim))
         q = qwix.quantize(k, QTYPES[qtype], channelwise_axes=channels, tiled_axes=tiled,
                           scale_dtype=jnp.float32)
-        sharding = getattr(k, "sharding", None)
         qvalue = pack_nf4(q.qvalue) if qtype == "nf4" else q.qvalue
-        qvalue = qvalue if sharding is None else jax.device_put(qvalue, sharding)
-        m.kernel_q = QuantizedWeight(qvalue)
-        m.kernel_scale = QuantizedWeight(q.scale)
+        m.kernel_q = _placed_like(qvalue, m.kernel)
+        m.kernel_scale = _placed_like(q.scale, m.kernel)
         del m.kernel
         count += 1
     return count

@@ -68,6 +68,15 @@ def needs_reference(cfg: Any) -> bool:
     return cfg.grpo.loss_algo == "dapo" or cfg.grpo.beta != 0.0
 
 
+def describe_step(cfg: Any, rewards) -> str:
+    """What one step takes: prompts, completions, lengths, temperature, steps and rewards."""
+    g = cfg.grpo
+    return (f"{cfg.global_batch_size} prompts x {g.num_generations} completions per step, "
+            f"prompt <= {g.max_prompt_length}, completion <= {g.max_completion_length} "
+            f"tokens, temperature {g.temperature:g}; {cfg.steps} steps; rewards: "
+            + ", ".join(f"{r.name} x{r.weight:g}" for r in rewards))
+
+
 def rollout_engine(cfg: Any) -> str:
     """Tunix's rollout engine name. The vanilla sampler drives tpusft's decoder and KV cache
     on CPU, GPU and TPU; another engine (vLLM on TPU) is selected here."""
@@ -203,6 +212,17 @@ class Timings:
 def build_learner(cluster: TimedCluster, cfg: Any, rewards: list[rewards_lib.Reward]):
     learner_cls, algo = algorithm_config(cfg)
     return learner_cls(cluster, algo, rewards)
+
+
+def held_out_evaluator(model, tokenizer, problems: list[tuple[str, str]], cfg: Any):
+    """Progress's evaluation: () -> (greedy accuracy, prompts) on the held-out problems, or
+    None when there are none."""
+    def evaluate():
+        if not problems:
+            return None
+        acc, rows = held_out_accuracy(model, tokenizer, problems, cfg.grpo.max_completion_length)
+        return acc, len(rows)
+    return evaluate
 
 
 def held_out_accuracy(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int,

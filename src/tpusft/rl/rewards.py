@@ -27,6 +27,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,15 @@ def build(names: Sequence[str], weights: Sequence[float], *, tokenizer, format_p
             name = name.partition(":")[2]
         out.append(Reward(name, fn, float(weights[i]) if weights else 1.0))
     return out
+
+
+def from_config(cfg: Any, tokenizer) -> list[Reward]:
+    """The rewards the config's grpo section names."""
+    g = cfg.grpo
+    return build(g.reward_functions, g.reward_weights, tokenizer=tokenizer,
+                 format_pattern=g.format_pattern,
+                 length_penalty_start=g.length_penalty_start or g.max_completion_length // 2,
+                 max_completion_length=g.max_completion_length)
 
 
 def check(rewards: Sequence[Reward], batch: dict) -> None:

@@ -122,26 +122,12 @@ def last_per_step(records: list[dict], kind: str, key: str) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-# Per method: the panels of a run's plot, each (title, y label, [(record kind, key, label)]).
-# GRPO's policy loss is noise around zero by construction; what it optimises is the reward.
-PANELS = {
-    "sft": [("loss", "loss (nats/token)", [("train", "loss", "train loss"),
-                                            ("eval", "loss", "eval loss")])],
-    "dpo": [("loss", "preference loss", [("train", "loss", "train loss"),
-                                         ("eval", "loss", "eval loss")])],
-    "grpo": [("reward", "mean reward", [("train", "reward", "reward (rollouts)")]),
-             ("held-out accuracy", "exact match", [("eval", "accuracy", "held-out (greedy)"),
-                                                   ("train", "accuracy", "rollouts")]),
-             ("KL to the reference", "KL", [("train", "kl", "kl")]),
-             ("completion length", "tokens", [("train", "completion_length", "mean length")])],
-}
-
-
-def plot_panels(records: list[dict], method: str) -> list[tuple[str, str, list]]:
-    """(title, y label, [(label, steps, values, is_eval)]) of each panel with data, from
-    metrics.jsonl records (the last record of each step)."""
+def plot_panels(records: list[dict], panels) -> list[tuple[str, str, list]]:
+    """(title, y label, [(label, steps, values, is_eval)]) of each of a method's panels
+    (methods.Method.panels) with data, from metrics.jsonl records (the last record of each
+    step)."""
     out = []
-    for title, ylabel, series in PANELS[method]:
+    for title, ylabel, series in panels:
         lines = []
         for kind, key, label in series:
             points = last_per_step(records, kind, key)
@@ -152,15 +138,15 @@ def plot_panels(records: list[dict], method: str) -> list[tuple[str, str, list]]
     return out
 
 
-def write_run_plot(jsonl_path: str, png_path: str, title: str, method: str = "sft") -> bool:
+def write_run_plot(jsonl_path: str, png_path: str, title: str, panels) -> bool:
     """The run's plot (loss_curve.png): one panel per figure the method optimises or
-    watches; False when there is nothing to plot yet."""
+    watches (its `panels`); False when there is nothing to plot yet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = plot_panels(read_jsonl(jsonl_path), method)
+    panels = plot_panels(read_jsonl(jsonl_path), panels)
     if not panels:
         return False
     cols = 1 if len(panels) == 1 else 2

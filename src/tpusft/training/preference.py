@@ -129,3 +129,22 @@ def build_trainer(model: nnx.Module, ref_model: nnx.Module | None,
     trainer_lib.make_resilient(trainer, cfg, feeder)
     trainer.attach(feeder)
     return trainer
+
+
+def describe(loss) -> str:
+    """The loss and its constants: 'dpo: beta 0.1, label smoothing 0.1' ..."""
+    constants = {"dpo": f"beta {loss.beta:g}",
+                 "simpo": f"beta {loss.beta:g}, gamma {loss.simpo_gamma:g}",
+                 "orpo": f"lambda {loss.orpo_lambda:g}"}[loss.loss_type]
+    smoothing = f", label smoothing {loss.label_smoothing:g}" if loss.label_smoothing else ""
+    return f"{loss.loss_type}: {constants}{smoothing}"
+
+
+def say_reward_accuracy(eval_records: list[dict]) -> None:
+    """Held-out reward accuracy and margin at the first and the last evaluation."""
+    evals = [r for r in eval_records if "reward_accuracy" in r]
+    if len(evals) > 1:
+        print(f"held-out reward accuracy: {100 * evals[0]['reward_accuracy']:.1f}% at step "
+              f"{evals[0]['step']} -> {100 * evals[-1]['reward_accuracy']:.1f}% at step "
+              f"{evals[-1]['step']} (margin {evals[0]['reward_margin']:.3f} -> "
+              f"{evals[-1]['reward_margin']:.3f})")

@@ -76,9 +76,10 @@ def allocator() -> str:
     return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
 
 
-def finish(cfg: Any, stats, title: str, checkpoints: str = "", print_fn=print,
-           method: str = "sft") -> None:
-    """The data summary, the run's plot (`method`'s panels) and where the outputs are."""
+def finish(cfg: Any, stats, title: str, method, checkpoints: str = "",
+           print_fn=print) -> None:
+    """The data summary, the run's plot (the `method` record's panels) and where the outputs
+    are."""
     from tpusft import distributed
     from tpusft.training.metrics import write_run_plot
 
@@ -87,7 +88,8 @@ def finish(cfg: Any, stats, title: str, checkpoints: str = "", print_fn=print,
     out = epath.Path(cfg.run_directory)
     print_fn(f"data: {stats.summary()}")
     png = str(out / "loss_curve.png")
-    if write_run_plot(str(out / "metrics.jsonl"), png, f"{title}: {cfg.run_name}", method):
-        print_fn(f"{'plot' if method == 'grpo' else 'loss curve'}: {png}")
+    if write_run_plot(str(out / "metrics.jsonl"), png, f"{title}: {cfg.run_name}",
+                      method.panels):
+        print_fn(f"{method.plot_name}: {png}")
     print_fn(f"checkpoints: {checkpoints or cfg.checkpoint_directory}\n"
              f"tensorboard: {cfg.tensorboard_directory}")

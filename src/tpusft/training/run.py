@@ -1,0 +1,110 @@
+"""What every recipe does around its own training, once: the command's entry (config,
+--print_config, compile-only runs, processes), the run context (output directory, resolved
+config, tokenizer, mesh, checks), the demo's before/after score and the run's end."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tpusft.methods import Method
+
+
+def entry(argv: Sequence[str], method: Method, train: Callable[[Run], int]) -> int:
+    """A recipe's main: its config, printed (print_config) or compiled for a TPU topology
+    (compile_topology: will it fit?, no run), or `train(run)` in every process of the run,
+    with the run context `start` builds."""
+    from tpusft.config import load_config, resolved_yaml
+
+    cfg = load_config(argv)
+    if cfg.print_config:
+        sys.stdout.write(resolved_yaml(cfg))
+        return 0
+    if cfg.compile_topology:
+        from tpusft.aot import fit
+
+        return fit.run(argv, cfg, method)
+    from tpusft import distributed
+
+    distributed.initialize(cfg)  # several processes, when the config or environment says so
+    return train(start(cfg, method))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run's context, built once by `start`."""
+
+    cfg: Any
+    method: Method
+    out: Any        # the run directory (epath.Path)
+    tokenizer: Any
+    mesh: Any
+
+    def metrics_writer(self):
+        from tpusft.training.setup import metrics_writer
+
+        return metrics_writer(self.out)
+
+    def title(self) -> str:
+        """The run's first line: 'tpusft <method> | run <directory>'."""
+        return f"tpusft {self.method.title(self.cfg)} | run {self.cfg.run_directory}"
+
+    def say_resumed(self, start: int) -> None:
+        """Where a resumed run starts (nothing for a new one)."""
+        if start:
+            print(f"resuming from step {start} (checkpoint in {self.cfg.checkpoint_directory})")
+
+    def finish(self, stats, title: str, checkpoints: str = "") -> None:
+        """The data summary, the run's plot and where its outputs are."""
+        from tpusft.training import report
+
+        report.finish(self.cfg, stats, title, self.method, checkpoints)
+
+
+def start(cfg: Any, method: Method) -> Run:
+    """The run directory (prepare_run_directory), the resolved config written into it, the
+    tokenizer and the mesh, with the checks that fail before anything is compiled
+    (vocabulary, batch over the mesh)."""
+    from tpusft.data.chat import load_tokenizer
+    from tpusft.models.sharding import mesh_of
+    from tpusft.training.setup import (
+        check_batch,
+        check_vocab,
+        prepare_run_directory,
+        write_resolved_config,
+    )
+
+    warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
+    out = prepare_run_directory(cfg)
+    write_resolved_config(cfg, out)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    check_vocab(cfg, tokenizer)
+    mesh = mesh_of(cfg)
+    check_batch(cfg, mesh)
+    return Run(cfg, method, out, tokenizer, mesh)
+
+
+class Demo:
+    """The embedded demo's score (exact match on held-out problems) before and after
+    training; nothing unless the config names a demo task."""
+
+    def __init__(self, run: Run, model, start: int):
+        from tpusft.demo import evaluate
+
+        self.run, self.model, self.before = run, model, None
+        if run.cfg.demo_task and start == 0:
+            self.before = evaluate.report(model, run.tokenizer, run.cfg, "before training")
+
+    def after(self) -> None:
+        from tpusft.demo import evaluate
+
+        if not self.run.cfg.demo_task:
+            return
+        after = evaluate.report(self.model, self.run.tokenizer, self.run.cfg, "after training",
+                                show=8)
+        if self.before is not None:
+            print(f"exact match: {100 * self.before:.1f}% before training -> "
+                  f"{100 * after:.1f}% after")
