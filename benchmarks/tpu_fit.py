@@ -143,11 +143,12 @@ def markdown(path: Path, maxtext: Path) -> str:
         def tokens(n: int) -> str:
             return f"{n // 1024}k" if n else "none"
 
-        out += ["", "| model | method | " + " | ".join(f"{t}, splash / XLA" for t in topologies)
-                + " |", "|---|---|" + "---|" * len(topologies)]
+        searched = [t for t in topologies if any(r["topology"] == t for r in longest_rows)]
+        out += ["", "| model | method | " + " | ".join(f"{t}, splash / XLA" for t in searched)
+                + " |", "|---|---|" + "---|" * len(searched)]
         for model in models:
             for method in METHODS:
-                found = {t: ours.get((model, method, t), {}) for t in topologies}
+                found = {t: ours.get((model, method, t), {}) for t in searched}
                 if any("longest_splash" in r for r in found.values()):
                     out.append(f"| {model} | {LABELS[method]} | " + " | ".join(
                         f"{tokens(r['longest_splash'])} / {tokens(r['longest_xla'])}"
