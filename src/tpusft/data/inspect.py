@@ -91,9 +91,17 @@ def _examples(cfg, tokenizer, srcs, opts, part, encoder, encoder_opts, stats):
             yield src, n, ex
 
 
-def _first_batches(cfg, tokenizer, srcs, opts, part, build) -> list:
+def _first_batches(cfg, tokenizer, srcs, opts, part, build) -> tuple[list, float]:
+    """The training pipeline's first batches and the share of their token slots that hold
+    tokens; no batches (said in one line) when the data yields none."""
+    from tpusft.data import packing
+
     train_ds, _ = build(srcs, opts, tokenizer, cfg.global_batch_size, train=True, part=part)
-    return list(itertools.islice(train_ds, PACKING_BATCHES))
+    batches = list(itertools.islice(train_ds, PACKING_BATCHES))
+    if not batches:
+        print("the training data yields no batch")
+        return [], 0.0
+    return batches, float(np.mean([packing.packing_efficiency(b) for b in batches]))
 
 
 def _tail(cfg, stats) -> None:
@@ -117,11 +125,10 @@ def sft_rows(cfg, tokenizer, srcs, opts, part, color: bool) -> int:
             print(f"\n--- {src.name} example {n + 1}: {total} tokens, {trained} trained ---")
             print(text)
     _tail(cfg, stats)
-    batches = _first_batches(cfg, tokenizer, srcs, opts, part, packing.build_dataset)
+    batches, efficiency = _first_batches(cfg, tokenizer, srcs, opts, part,
+                                         packing.build_dataset)
     if not batches:
-        print("the training data yields no batch")
         return 2
-    efficiency = float(np.mean([packing.packing_efficiency(b) for b in batches]))
     examples = int(sum(np.sum(b["positions"] == 0, where=b["segment_ids"] > 0)
                        for b in batches))
     print(f"packing: {100 * efficiency:.1f}% of token slots hold tokens over the first "
@@ -133,7 +140,7 @@ def sft_rows(cfg, tokenizer, srcs, opts, part, color: bool) -> int:
 def preference_rows(cfg, tokenizer, srcs, opts, part, color: bool) -> int:
     """Preference pairs: both sides with their trained tokens marked, lengths, and the share of
     token slots used over the first batches."""
-    from tpusft.data import encoders, packing, pairs, pipeline
+    from tpusft.data import encoders, pairs, pipeline
 
     _header(cfg, srcs, "off", color)
     stats = pipeline.DataStats(lengths=[])
@@ -146,11 +153,9 @@ def preference_rows(cfg, tokenizer, srcs, opts, part, color: bool) -> int:
                       f"{trained} trained ---")
                 print(text)
     _tail(cfg, stats)
-    batches = _first_batches(cfg, tokenizer, srcs, opts, part, pairs.build_dataset)
+    batches, efficiency = _first_batches(cfg, tokenizer, srcs, opts, part, pairs.build_dataset)
     if not batches:
-        print("the training data yields no batch")
         return 2
-    efficiency = float(np.mean([packing.packing_efficiency(b) for b in batches]))
     print(f"padding: {100 * efficiency:.1f}% of token slots hold tokens over the first "
           f"{len(batches)} batches of {cfg.global_batch_size} pairs x 2 x "
           f"{cfg.max_target_length}")

@@ -12,11 +12,12 @@ exists as used.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 import jax
 from qwix._src.core import numerics
+
+from tpusft.internals import missing_names
 
 VERSION = "0.1.8"
 
@@ -27,17 +28,8 @@ NAMES: tuple[tuple[Any, str, tuple[str, ...]], ...] = (
 
 
 def missing() -> list[str]:
-    """The entries of NAMES this Qwix lacks or has with other parameters, one line each."""
-    out = []
-    for owner, name, used in NAMES:
-        member = getattr(owner, name, None)
-        if member is None:
-            out.append(f"{owner.__name__}.{name}: gone")
-            continue
-        params = tuple(inspect.signature(member).parameters)
-        if params[:len(used)] != used:
-            out.append(f"{owner.__name__}.{name}: parameters {params}, expected {used}")
-    return out
+    """The entries of NAMES this library lacks or has with other parameters, one line each."""
+    return missing_names(NAMES)
 
 
 @functools.cache

@@ -11,7 +11,6 @@ used, so an upgrade that renames one fails in that test instead of in a run.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable
 
 from flax import nnx
@@ -21,6 +20,8 @@ from tunix.sft import checkpoint_manager as tunix_checkpoints
 from tunix.sft import peft_trainer
 from tunix.sft import profiler as tunix_profiler
 from tunix.sft.dpo import dpo_trainer
+
+from tpusft.internals import missing_names
 
 VERSION = "0.1.7"
 
@@ -47,23 +48,8 @@ NAMES: tuple[tuple[type, str, Any], ...] = (
 
 
 def missing() -> list[str]:
-    """The entries of NAMES this Tunix lacks or has with other parameters, as one line each."""
-    out = []
-    for owner, name, kind in NAMES:
-        where = f"{owner.__module__}.{owner.__qualname__}.{name}"
-        if kind == "attribute":
-            source = inspect.getsource(owner)
-            if f"self.{name} =" not in source and f"self.{name}:" not in source:
-                out.append(f"{where}: no longer set by {owner.__qualname__}")
-            continue
-        member = inspect.getattr_static(owner, name, None)
-        if member is None:
-            out.append(f"{where}: no such method")
-            continue
-        params = tuple(inspect.signature(member).parameters)
-        if params[:len(kind)] != kind:
-            out.append(f"{where}: parameters {params}, expected {kind}")
-    return out
+    """The entries of NAMES this library lacks or has with other parameters, one line each."""
+    return missing_names(NAMES)
 
 
 # ------------------------------------------------------------------ trainers
