@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, run_in_process
 
+# Its module-scoped fixtures are built once: every test of this file in one xdist worker.
+pytestmark = pytest.mark.xdist_group("bad-inputs-world")
+
 DEMO = "configs/demo/sft.yml"
 SMALL = ["global_batch_size=8", "max_target_length=64", "eval_steps=1", "log_period=1"]
 

@@ -23,6 +23,9 @@ from tpusft.conversion.native import restore_params
 from tpusft.models import sampling
 from tpusft.models.decoder import create_model
 
+# Its module-scoped fixtures are built once: every test of this file in one xdist worker.
+pytestmark = pytest.mark.xdist_group("converted")
+
 FAMILIES = list(TINY)
 T = 24  # longer than the sliding windows (8) of the tiny Mistral and Gemma models
 

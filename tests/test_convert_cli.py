@@ -13,6 +13,9 @@ from conftest import REPO, run_cli, run_in_process
 from etils import epath
 from hf_oracle import build_hf_model, hf_logits, restored_model
 
+# Its module-scoped fixtures are built once: every test of this file in one xdist worker.
+pytestmark = pytest.mark.xdist_group("convert-cli")
+
 DEMO = "configs/demo/sft.yml"
 
 

@@ -27,6 +27,9 @@ from tpusft.training.preference_loss import PreferenceLoss, log1mexp, make_loss_
 from tpusft.training.progress import Progress
 from tpusft.training.setup import reference_model
 
+# Its module-scoped fixture is built once: every test of this file in one xdist worker.
+pytestmark = pytest.mark.xdist_group("dpo-setup")
+
 ARGS = ModelArgs(family="llama3", vocab_size=64, emb_dim=32, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-5, rope_theta=1e4)
 RTOL = 1e-5

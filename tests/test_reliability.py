@@ -83,6 +83,10 @@ def _assert_same_steps(got_run: Path, ref_run: Path, steps: int) -> None:
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
 
 
+# The tests that compare with the reference run share one xdist worker, so it runs once.
+SHARES_REFERENCE = pytest.mark.xdist_group("sft-reference")
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("reference")
@@ -94,6 +98,7 @@ def reference_run(tmp_path_factory):
 
 # --------------------------------------------------------------------------- preemption
 @pytest.mark.slow
+@SHARES_REFERENCE
 def test_sigterm_saves_the_step_and_the_restart_continues_exactly(tmp_path, reference_run):
     args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "run_name=cut"]
     step = _sigterm_once("tpusft.train_sft", args, "step      4/")
@@ -236,6 +241,7 @@ def test_maintenance_event_is_a_preemption(tmp_path):
 
 # ------------------------------------------------------------------ kills at any moment
 @pytest.mark.slow
+@SHARES_REFERENCE
 def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path, reference_run):
     """SIGKILL at seeded random moments (one inside a checkpoint write), restart each time:
     the finished run's steps, batches and losses are the uninterrupted run's, each once."""
@@ -313,6 +319,7 @@ def _damage(step_dir: Path, how: str) -> None:
 
 
 @pytest.mark.slow
+@SHARES_REFERENCE
 def test_damaged_checkpoints_are_named_and_the_run_falls_back(tmp_path, reference_run):
     """Bit flips, truncated and deleted files and a missing data state are each found at
     restore; the run resumes from the newest intact step and ends as the reference did."""

@@ -21,7 +21,7 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.methods import preference
     from tpusft.training import run
 
-    return run.entry(argv, preference.method(), train)
+    return run.entry(argv, preference.method, train)
 
 
 def train(r) -> int:

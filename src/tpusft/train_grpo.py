@@ -20,7 +20,7 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.methods import grpo
     from tpusft.training import run
 
-    return run.entry(argv, grpo.method(), train)
+    return run.entry(argv, grpo.method, train)
 
 
 def train(r) -> int:

@@ -19,7 +19,7 @@ def main(argv: Sequence[str]) -> int:
     from tpusft.methods import sft
     from tpusft.training import run
 
-    return run.entry(argv, sft.method(), train)
+    return run.entry(argv, sft.method, train)
 
 
 def train(r) -> int:

@@ -13,16 +13,20 @@ from typing import Any
 from tpusft.methods import Method
 
 
-def entry(argv: Sequence[str], method: Method, train: Callable[[Run], int]) -> int:
+def entry(argv: Sequence[str], method_record: Callable[[], Method],
+          train: Callable[[Run], int]) -> int:
     """A recipe's main: its config, printed (print_config) or compiled for a TPU topology
     (compile_topology: will it fit?, no run), or `train(run)` in every process of the run,
-    with the run context `start` builds."""
+    with the run context `start` builds. The method's record (and the libraries it imports)
+    is built after the config is read, so a config error or print_config costs no JAX or
+    Tunix import."""
     from tpusft.config import load_config, resolved_yaml
 
     cfg = load_config(argv)
     if cfg.print_config:
         sys.stdout.write(resolved_yaml(cfg))
         return 0
+    method = method_record()
     if cfg.compile_topology:
         from tpusft.aot import fit
 
