@@ -13,16 +13,27 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # One XLA compilation cache, shared with the commands tests start and kept between sessions
 # (the same tiny programs are compiled by many tests and processes, and again by the next
-# session): $XDG_CACHE_HOME/tpusft/test-xla, at most 4 GiB (least recently used entries go
-# first). Entries are keyed by the program, the flags and the jax/jaxlib versions, so a
-# changed program is compiled anew. TPUSFT_TEST_XLA_CACHE=off starts every session cold.
+# session): $XDG_CACHE_HOME/tpusft/test-xla. Every program is cached, however quick to
+# compile. Entries are keyed by the program, the flags and the jax/jaxlib versions, so a
+# changed program is compiled anew. JAX's own size limit is left off (its eviction races
+# with the other processes writing the cache); instead the session's first process trims
+# the oldest entries beyond 4 GiB. TPUSFT_TEST_XLA_CACHE=off starts every session cold.
+CACHE_LIMIT = 4 * 2**30
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get(
         "TPUSFT_TEST_XLA_CACHE") != "off":
     _cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tpusft"
     _cache = _cache / "test-xla"
     _cache.mkdir(parents=True, exist_ok=True)
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # before any worker starts
+        _entries = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in _cache.iterdir()
+                          if p.is_file())
+        _total = sum(size for _, size, _ in _entries)
+        for _, size, path in _entries:
+            if _total <= CACHE_LIMIT:
+                break
+            path.unlink(missing_ok=True)
+            _total -= size
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

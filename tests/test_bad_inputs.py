@@ -3,6 +3,8 @@ names what is wrong, exit code 2, no traceback, and writes nothing outside its o
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +27,23 @@ def world(tmp_path_factory, demo_assets):
     export = root / "hf"
     conv = _convert(["native_to_hf", str(root / "done" / "checkpoints"), str(export)])
     assert conv.returncode == 0, conv.stderr[-3000:]
+    import shutil
+    import struct
+
+    for name in ("truncated", "bad-header", "absurd-header", "no-config"):
+        shutil.copytree(export, root / name)
+    weights = "model.safetensors"
+    data = (root / "truncated" / weights).read_bytes()
+    (root / "truncated" / weights).write_bytes(data[:len(data) // 2])
+    (root / "bad-header" / weights).write_bytes(data[:8] + b"garbage!!!!!" + data[20:])
+    (root / "absurd-header" / weights).write_bytes(struct.pack("<Q", 2**62) + data[8:])
+    (root / "no-config" / "config.json").unlink()
     (root / "nonempty").mkdir()
     (root / "nonempty" / "keep.txt").write_text("mine")
     (root / "latin1.yml").write_bytes("steps: 3 # r\xe9sum\xe9\n".encode("latin-1"))
     (root / "list.yml").write_text("- a\n- b\n")
     (root / "bad.yml").write_text("steps: [\n")
+    (root / "dup.yml").write_text(f"base_config: {REPO}/{DEMO}\nsteps: 3\nseed: 1\nsteps: 5\n")
     (root / "a_file").write_text("not a directory")
     (root / "empty.jsonl").write_text("")
     (root / "cols.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
@@ -77,6 +91,8 @@ CASES = [
     ("config-is-dir", "sft", lambda w: [str(w["root"] / "somedir")], "is a directory"),
     ("config-not-utf8", "sft", lambda w: [str(w["root"] / "latin1.yml")], "is not UTF-8"),
     ("config-bad-yaml", "sft", lambda w: [str(w["root"] / "bad.yml")], "invalid YAML"),
+    ("config-duplicate-key", "sft", lambda w: [str(w["root"] / "dup.yml")],
+     "line 4, column 1: key 'steps' appears twice (lines 2 and 4); keep one"),
     ("config-not-mapping", "sft", lambda w: [str(w["root"] / "list.yml")],
      "must hold a mapping"),
     ("no-config", "sft", lambda w: ["steps=3"], "usage: CONFIG.yml"),
@@ -172,6 +188,17 @@ CASES = [
      "no file matches"),
     ("to-native-missing", "hf_to_native", lambda w: [f"{w['root']}/no-model",
                                                      f"{w['root']}/out1"], "no-model"),
+    ("to-native-truncated", "hf_to_native", lambda w: [str(w["root"] / "truncated"),
+                                                       f"{w['root']}/o5"],
+     "is not a readable safetensors file (Error while deserializing header: incomplete"),
+    ("to-native-bad-header", "hf_to_native", lambda w: [str(w["root"] / "bad-header"),
+                                                        f"{w['root']}/o6"],
+     "invalid JSON in header"),
+    ("to-native-absurd-header", "hf_to_native", lambda w: [str(w["root"] / "absurd-header"),
+                                                           f"{w['root']}/o7"],
+     "header too large"),
+    ("to-native-no-config", "hf_to_native", lambda w: [str(w["root"] / "no-config"),
+                                                       f"{w['root']}/o8"], "has no config.json"),
     ("to-native-nonempty", "hf_to_native", lambda w: [str(w["export"]),
                                                       f"{w['root']}/nonempty"], "not empty"),
     ("to-native-bad-flag", "hf_to_native", lambda w: [str(w["export"]), f"{w['root']}/o2",
@@ -220,3 +247,135 @@ def test_a_real_process_prints_the_same_line(world):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: run_name=")
     assert not (Path(REPO).parent / "outside").exists()
+
+
+HELPED = ["tpusft.train_sft", "tpusft.train_dpo", "tpusft.train_grpo", "tpusft.generate",
+          "tpusft.data", "tpusft.config", "tpusft.demo.export_score"]
+
+
+@pytest.mark.parametrize("command", HELPED)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_and_exits_0(command, flag):
+    """-h/--help, alone or after a config: usage, where every key is documented, the main
+    keys with their meaning and the exit codes; nothing is read or run."""
+    from tpusft import usage
+
+    for args in ([flag], ["configs/demo/sft.yml", "steps=3", flag]):
+        proc = run_cli(command, *args)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+        assert proc.stdout.startswith(f"usage: python -m {command} "), proc.stdout[:300]
+        if command in usage.COMMANDS:
+            assert "configs/base.yml" in proc.stdout and "exit codes: 0" in proc.stdout
+            for key in usage.COMMANDS[command][2]:
+                assert f"\n  {key} " in proc.stdout, key
+
+
+@pytest.mark.parametrize("tool", ["hf_to_native", "native_to_hf", "native_to_gguf"])
+def test_converters_print_usage(tool):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, f"tools/convert_checkpoint/{tool}.py", "--help"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-2000:]
+
+
+def _unusable(tmp_path: Path, assets: Path, kind: str) -> list[str]:
+    """Data (and a tokenizer) of which no row can be trained on, in one way each."""
+    import shutil
+
+    def chat(messages):
+        return {"messages": messages}
+
+    tokenizer = assets / "tokenizer"
+    files = {"train": tmp_path / "train.jsonl"}
+    extra = []
+    if kind == "parquet-types":  # conversations that are lists of numbers
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files["train"] = tmp_path / "train.parquet"
+        pq.write_table(pa.table({"messages": [[i, i + 1] for i in range(30)]}), files["train"])
+        return [f"hf_data_files={files['train']}", "hf_path=parquet", "data_format=messages",
+                f"tokenizer_path={tokenizer}"]
+    if kind == "system-only":
+        rows = [chat([{"role": "system", "content": f"be brief {i}"}]) for i in range(30)]
+    elif kind == "empty-assistant":
+        rows = [chat([{"role": "user", "content": f"{i}+1="},
+                      {"role": "assistant", "content": ""}]) for i in range(30)]
+    elif kind == "too-long":
+        rows = [chat([{"role": "user", "content": "1+1= " * 200},
+                      {"role": "assistant", "content": "2"}]) for _ in range(30)]
+        extra = ["max_target_length=16", "truncation=drop"]
+    elif kind == "template-raises":
+        rows = [chat([{"role": "user", "content": f"{i}+1="},
+                      {"role": "assistant", "content": str(i + 1)}]) for i in range(30)]
+        tokenizer = tmp_path / "tokenizer"
+        shutil.copytree(assets / "tokenizer", tokenizer)
+        (tokenizer / "chat_template.jinja").write_text("{{ raise_exception('no roles') }}")
+    files["train"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [f"hf_data_files={files['train']}", "hf_path=json", f"tokenizer_path={tokenizer}",
+            *extra]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["parquet-types", "system-only", "empty-assistant",
+                                  "too-long", "template-raises"])
+@pytest.mark.parametrize("command", ["data", "sft"])
+def test_data_with_no_usable_row_ends_with_the_skip_reasons(tmp_path, demo_assets, kind,
+                                                            command):
+    """Every row rejected: one line naming the reasons and counts, exit 2, in seconds (the
+    repeated training data looked for a usable row for ever)."""
+    args = _unusable(tmp_path, demo_assets, kind)
+    started = time.time()
+    proc = run_in_process(_main(command), DEMO, "demo_task=", f"base_output_directory={tmp_path}",
+                          *args)
+    assert proc.returncode == 2, (proc.stderr[-2000:], proc.stdout[-1000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"(none of its 30 rows is usable|all 30 rows were skipped): 30 x ", last), \
+        last
+    assert time.time() - started < 120
+
+
+def test_an_eval_file_with_no_usable_row_names_its_reasons(tmp_path, demo_assets):
+    args = _unusable(tmp_path, demo_assets, "system-only")
+    (tmp_path / "train.jsonl").rename(tmp_path / "eval.jsonl")
+    proc = run_in_process(_main("sft"), DEMO, "demo_task=", f"base_output_directory={tmp_path}",
+                          "hf_path=json", f"hf_data_files={_demo_data({'assets': demo_assets})}",
+                          f"hf_eval_files={tmp_path / 'eval.jsonl'}", args[2])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "eval data yields no batch; all 30 rows were skipped: 30 x " in last, last
+
+
+def test_a_key_given_twice_on_the_command_line_is_said():
+    """The last one is used, as in most CLIs, and one line says so."""
+    from tpusft.config.__main__ import main
+
+    proc = run_in_process(main, DEMO, "steps=3", "seed=2", "steps=4")
+    assert proc.returncode == 0 and "\nsteps: 4\n" in proc.stdout, proc.stderr
+    assert proc.stderr == ("note: steps is given 2 times on the command line (steps=3, "
+                           "steps=4); the last one is used\n"), proc.stderr
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def fn(prompts, completions:\n    return []\n",
+     r"bad_import_reward\.py, line 1: syntax error \("),
+    ("raise RuntimeError('needs a GPU')\n",
+     r"importing 'bad_import_reward' raised RuntimeError: needs a GPU \(.*bad_import_reward"
+     r"\.py, line 1\)"),
+])
+def test_a_reward_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, source,
+                                                          message):
+    import sys
+
+    from tpusft.train_grpo import main
+
+    (tmp_path / "bad_import_reward.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bad_import_reward", raising=False)
+    proc = run_in_process(main, "configs/demo/grpo.yml", f"base_output_directory={tmp_path}",
+                          "grpo.reward_functions=[bad_import_reward:fn]")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: grpo.reward_functions: ") and re.search(message, last), last

@@ -666,3 +666,133 @@ def test_a_step_reported_before_its_checkpoint_is_timed_with_the_next(tmp_path, 
     for step in (2, 4, 6):
         assert records[step]["step_time_s"] == pytest.approx(1.0), (step, records[step])
         assert records[step]["tokens_per_s"] == pytest.approx(100.0), (step, records[step])
+
+
+def test_the_last_step_s_line_gives_the_run_s_average_rate(tmp_path, monkeypatch):
+    """Tunix reports the last step right after the one before it; its line and record give
+    the run's average since the first step (100 tokens/s at 1 s a step), not the rate of the
+    few milliseconds between the two reports."""
+    from types import SimpleNamespace
+
+    from tpusft.training import progress as progress_lib
+    from tpusft.training.metrics import JsonlWriter
+
+    clock = [0.0]
+    monkeypatch.setattr(progress_lib.time, "perf_counter", lambda: clock[0])
+    feeder = SimpleNamespace(step_tokens=[100] * 5, step_slots=[128] * 5, step_crc=[0] * 5,
+                             stats=None, bad_rows=0)
+    ctx = SimpleNamespace(train_steps=0, optimizer=SimpleNamespace(opt_state=None),
+                          metrics_logger=SimpleNamespace(log=lambda *a, **k: None,
+                                                         metric_exists=lambda *a: False))
+    said = []
+    progress = progress_lib.Progress(feeder, total_steps=5, log_period=1, flops_per_token=1.0,
+                                     peak_flops_total=1000.0,
+                                     jsonl=JsonlWriter(str(tmp_path / "metrics.jsonl")),
+                                     print_fn=lambda *a, **k: said.append(a[0]))
+    progress.on_train_start(ctx)
+    for step, at in ((1, 5.0), (2, 6.0), (3, 7.0), (4, 8.0), (5, 8.002)):
+        clock[0] = at
+        progress.on_train_step_end(ctx, step, 1.0)
+    progress.on_train_end(ctx)
+    records = {r["step"]: r for r in read_jsonl(str(tmp_path / "metrics.jsonl"))}
+    assert records[5]["tokens_per_s"] == pytest.approx(400 / 3.002)
+    assert records[5]["mfu"] == pytest.approx(400 / 3.002 / 1000.0)
+    assert "run average 133 tokens/s" in said[-1] and "MFU 13.3%" in said[-1], said[-1]
+
+
+# ------------------------------------------------------------------------- run lock
+def test_a_second_run_in_the_same_directory_is_refused_and_a_dead_one_s_lock_taken_over(
+        tmp_path):
+    """Two runs with one run_name: the second is refused in one line naming the holder's
+    host and pid, and the first's metrics hold each step once; once the first is killed,
+    its lock is taken over with a note."""
+    import socket
+
+    from conftest import run_in_process
+
+    from tpusft.train_sft import main
+    from tpusft.training.run_lock import RunLock
+
+    args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "steps=2000", "run_name=one"]
+    proc, lines = _start(args)
+    try:
+        assert _wait_for(lambda: any(x.startswith("step ") for x in lines), proc)
+        second = run_in_process(main, *args)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: run directory {tmp_path / 'one'} is in use by another run "
+                           f"(host {socket.gethostname()}, pid {proc.pid}, started "), last
+    steps = [r["step"] for r in _train_records(tmp_path / "one")]
+    assert len(steps) == len(set(steps)), steps
+    said = []
+    lock = RunLock(str(tmp_path / "one")).acquire(print_fn=said.append)
+    lock.release()
+    assert said == [f"note: taking over {tmp_path / 'one' / '.tpusft-lock'} from a run that "
+                    f"is gone (host {socket.gethostname()}, pid {proc.pid}: that process is "
+                    f"not running)"], said
+    assert not (tmp_path / "one" / ".tpusft-lock").exists()
+
+
+def test_a_lock_of_another_host_is_held_until_its_heartbeat_stops(tmp_path):
+    from tpusft.training import run_lock
+
+    path = tmp_path / ".tpusft-lock"
+    holder = {"host": "tpu-vm-7", "pid": 4242, "started": time.time() - 600,
+              "heartbeat": time.time() - 5}
+    path.write_text(json.dumps(holder))
+    with pytest.raises(run_lock.ConfigError, match="in use by another run .host tpu-vm-7, "
+                                                   "pid 4242"):
+        run_lock.RunLock(str(tmp_path)).acquire()
+    path.write_text(json.dumps(dict(holder, heartbeat=time.time() - run_lock.STALE_S - 5)))
+    said = []
+    lock = run_lock.RunLock(str(tmp_path)).acquire(print_fn=said.append)
+    assert "no heartbeat for" in said[0] and json.loads(path.read_text())["pid"] == os.getpid()
+    with pytest.raises(run_lock.ConfigError, match=f"pid {os.getpid()}"):  # now ours: held
+        run_lock.RunLock(str(tmp_path)).acquire()
+    lock.release()
+    assert not path.exists()
+
+
+# ------------------------------------------------------- readers of damaged checkpoints
+@pytest.mark.slow
+def test_every_reader_of_a_damaged_checkpoint_refuses_it_or_falls_back(tmp_path):
+    """A bit flipped in a step's arrays: the converters, generate and load_parameters_path
+    verify the fingerprints the run saved; the step named directly is refused in one line
+    naming the array (exit 2), the run's checkpoints/ directory falls back to the newest
+    intact step and says so."""
+    from conftest import run_in_process
+
+    from tpusft.conversion.cli import native_to_hf_main
+    from tpusft.generate import main as generate_main
+    from tpusft.train_sft import main as sft_main
+
+    done = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={tmp_path}", *RUN,
+                   "steps=2", "checkpoint_period=1", "run_name=r")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpts = tmp_path / "r" / "checkpoints"
+    _damage(ckpts / "2", "flip")
+    named = re.compile(r"the contents of model_params\[.+\] differ from what was saved "
+                       r"\(checksum\)")
+    generate = [DEMO, f"base_output_directory={tmp_path}", "generate.prompt=1+1=",
+                "generate.max_decode_length=2"]
+    for main, args in ((native_to_hf_main, [str(ckpts / "2"), str(tmp_path / "hf-2")]),
+                       (generate_main, [*generate, f"load_parameters_path={ckpts / '2'}"]),
+                       (sft_main, [DEMO, f"base_output_directory={tmp_path}", *RUN, "steps=1",
+                                   "run_name=from-2", f"load_parameters_path={ckpts / '2'}"])):
+        proc = run_in_process(main, *args)
+        assert proc.returncode == 2, (main, proc.stdout[-1500:], proc.stderr[-1500:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: checkpoint {ckpts / '2'} is damaged: ") and \
+            named.search(last), last
+    assert not (tmp_path / "hf-2").exists()
+    for main, args in ((native_to_hf_main, [str(ckpts), str(tmp_path / "hf")]),
+                       (generate_main, [*generate, f"load_parameters_path={ckpts}"])):
+        proc = run_in_process(main, *args)
+        assert proc.returncode == 0, (main, proc.stderr[-2000:])
+        note = next(x for x in proc.stdout.splitlines() if x.startswith("using checkpoint"))
+        assert note.startswith(f"using checkpoint step 1 of {ckpts}: the newer step 2 is "
+                               f"damaged (the contents of model_params["), note
+    assert (tmp_path / "hf" / "config.json").exists()

@@ -32,9 +32,17 @@ class Diverged(RunFailed):
     """A non-finite loss, gradient norm or parameter (nan_policy)."""
 
 
-def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
-    """Runs `main(argv)`; a UserError prints `error: ...` and exits 2 unless --debug is given."""
+def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None,
+            usage: str | Callable[[], str] | None = None) -> None:
+    """Runs `main(argv)`; a UserError prints `error: ...` and exits 2 unless --debug is given.
+    With -h or --help the command's usage (`usage`: a usage.COMMANDS name or the text) is
+    printed instead, exit 0."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if usage is not None and any(a in ("-h", "--help") for a in args):
+        from tpusft import usage as usage_lib
+
+        print(usage() if callable(usage) else usage_lib.text(usage), end="")
+        sys.exit(0)
     # transformers' advice on import ("PyTorch was not found ...") is about its models, which
     # no tpusft command uses: its tokenizers and configs need no PyTorch.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -83,7 +83,7 @@ def cli() -> None:
     from tpusft.launch import reexec_with_tcmalloc
 
     reexec_with_tcmalloc("tpusft.generate")
-    run_cli(main)
+    run_cli(main, usage="tpusft.generate")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def cli() -> None:
 
     reexec_with_tcmalloc("tpusft.train_dpo")
     supervise_multiprocess("tpusft.train_dpo")
-    run_cli(main)
+    run_cli(main, usage="tpusft.train_dpo")
 
 
 if __name__ == "__main__":

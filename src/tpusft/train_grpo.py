@@ -91,7 +91,7 @@ def cli() -> None:
 
     reexec_with_tcmalloc("tpusft.train_grpo")
     supervise_multiprocess("tpusft.train_grpo")
-    run_cli(main)
+    run_cli(main, usage="tpusft.train_grpo")
 
 
 if __name__ == "__main__":

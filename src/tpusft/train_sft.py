@@ -77,7 +77,7 @@ def cli() -> None:
 
     reexec_with_tcmalloc("tpusft.train_sft")
     supervise_multiprocess("tpusft.train_sft")
-    run_cli(main)
+    run_cli(main, usage="tpusft.train_sft")
 
 
 if __name__ == "__main__":

@@ -21,4 +21,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, usage="tpusft.config")

@@ -12,6 +12,7 @@ import datetime
 import difflib
 import math
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -32,6 +33,23 @@ def configs_root() -> Path:
     return Path(__file__).resolve().parents[3] / "configs"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); "
+                    f"keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give a YAML file such as "
@@ -47,7 +65,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -323,7 +341,13 @@ def load_config(argv: Sequence[str], needs_data: bool = True,
         raise ConfigError("usage: CONFIG.yml [key=value ...]; the first argument is a YAML file "
                           "such as configs/sft.yml")
     chain = _yaml_chain(Path(argv[0]))
-    overrides = dict(parse_override(a) for a in argv[1:])
+    parsed = [parse_override(a) for a in argv[1:]]
+    overrides = dict(parsed)
+    for name in overrides:
+        given = [a for a in argv[1:] if a.split("=", 1)[0].strip() == name]
+        if len(given) > 1:
+            print(f"note: {name} is given {len(given)} times on the command line "
+                  f"({', '.join(given)}); the last one is used", file=sys.stderr)
 
     values: dict[str, Any] = {}
     root_path, root_values = chain[0]

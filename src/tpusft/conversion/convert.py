@@ -28,7 +28,7 @@ import yaml
 from etils import epath
 
 from tpusft.conversion import hf_config, hf_layout, peft_adapter
-from tpusft.conversion.native import resolve
+from tpusft.conversion.native import first_intact
 from tpusft.conversion.streaming import (
     NativeReader,
     SafetensorsReader,
@@ -335,11 +335,36 @@ def _lora_export(native_path: str, lora_reader: NativeReader, base: str | None,
     targets = lora.target_modules(settings.get("target_modules", "all-linear"))
     fields = {"lora_rank": int(settings["rank"]), "lora_alpha": float(settings["alpha"]),
               "lora_targets": targets, "lora_dropout": float(settings.get("dropout") or 0.0)}
-    items, kind = resolve(base)
+    items, kind = first_intact(base, _intact_on_disk)
     reader = NativeReader(items, ("params", "params") if kind == "maxtext" else ())
     if any(e[-1] == "lora_a" for e in reader.entries):
         raise CheckpointError(f"--base {base} is itself a LoRA checkpoint; give the base model")
     return reader, fields, base
+
+
+def _intact_on_disk(items, kind: str) -> str | None:
+    """What is damaged in a training run's checkpoint step, read array by array against the
+    fingerprints the run saved (None: intact, or a checkpoint that records none)."""
+    from tpusft.conversion import integrity
+
+    saved = integrity.saved_model_fingerprints(items.parent) if kind == "training" else {}
+    if not saved:
+        return None
+    try:
+        reader = NativeReader(items, ())
+        for rel in reader.entries:
+            name = integrity.leaf_name(rel)
+            if name in saved:
+                problem = integrity.first_changed(saved, {name: integrity.fingerprint(
+                    reader.read(rel))})
+                if problem:
+                    return problem
+        reader.close()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or missing files: tensorstore's errors
+        return f"its arrays cannot be read ({' '.join(str(e).split())[:160]})"
+    return None
 
 
 def _read_adapters(reader: NativeReader) -> dict:
@@ -452,7 +477,7 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
     check_new_output(output)
     out = Path(output)
 
-    items, kind = resolve(native_path)
+    items, kind = first_intact(native_path, _intact_on_disk)
     prefix = ("params", "params") if kind == "maxtext" else ()
     reader = NativeReader(items, prefix)
     adapter_reader, lora_fields = None, {}

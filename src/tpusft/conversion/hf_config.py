@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from tpusft.config.schema import MODEL_KEYS, Config
@@ -64,7 +65,10 @@ def load_hf_config(path: str) -> Any:
         with open(f"{path}/config.json") as f:
             raw = json.load(f)
     except FileNotFoundError:
-        raw = None
+        if "/" not in path or path.startswith((".", "/")) or os.path.isdir(path):
+            raise CheckpointError(f"{path} has no config.json; give a Hugging Face model "
+                                  f"directory (config.json beside its *.safetensors)") from None
+        raw = None  # a hub id (online)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
     if raw is not None and raw.get("model_type") not in _BY_MODEL_TYPE:
@@ -74,7 +78,7 @@ def load_hf_config(path: str) -> Any:
                               f"{_supported()}")
     try:
         config = transformers.AutoConfig.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read a Hugging Face config from {path!r}: "
                               f"{str(e).splitlines()[0]}") from None
     if config.model_type not in _BY_MODEL_TYPE:

@@ -92,3 +92,37 @@ def compare(stored: dict[str, int], restored: dict[str, int]) -> str | None:
     if missing:
         return f"{missing[0]} was saved but not restored"
     return None
+
+
+def fingerprint(array) -> int:
+    """One array's fingerprint (as `summarize` gives it), for arrays read one at a time."""
+    return int(jax.device_get(jax.jit(_fingerprint)(jnp.asarray(array))))
+
+
+def saved_model_fingerprints(step_dir) -> dict[str, int]:
+    """The fingerprints a training run wrote for a checkpoint step's model parameters
+    ({} for a checkpoint written by a converter or MaxText, which records none)."""
+    import json
+
+    meta = step_dir / "_CHECKPOINT_METADATA"
+    try:
+        record = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return {}
+    prints = (record.get("custom_metadata") or {}).get(FINGERPRINTS_KEY) or {}
+    return {k: v for k, v in prints.items() if k.startswith("model_params")}
+
+
+def leaf_name(rel: tuple[str, ...]) -> str:
+    """The fingerprint name of a model parameter at path `rel` (decoder, layers, ...)."""
+    return "model_params" + "".join(f"[{k!r}]" for k in rel)
+
+
+def first_changed(saved: dict[str, int], now: dict[str, int]) -> str | None:
+    """What differs between the saved fingerprints and those of the arrays read (only the
+    arrays read are compared), in one line; None when nothing does."""
+    changed = sorted(k for k in now if k in saved and saved[k] != now[k])
+    if not changed:
+        return None
+    more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+    return f"the contents of {changed[0]}{more} differ from what was saved (checksum)"

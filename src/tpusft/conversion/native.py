@@ -10,6 +10,7 @@ Accepted forms of `load_parameters_path`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -54,6 +55,36 @@ def resolve(path: str) -> tuple[epath.Path, str]:
                           f"model_params/ or numbered step directories inside)")
 
 
+def first_intact(path: str, check: Callable[[epath.Path, str], str | None],
+                 print_fn=print) -> tuple[epath.Path, str]:
+    """`resolve(path)` whose arrays `check(items, kind)` finds intact (it returns what is
+    wrong, or None). A run's checkpoints/ directory falls back to its newest intact step and
+    says so; a checkpoint named directly is refused, naming what is damaged."""
+    first = resolve(path)
+    root = epath.Path(path)
+    root = root / "actor" if (root / "actor").is_dir() else root
+    steps = []
+    if first[1] == "training" and str(first[0].parent.parent) == str(root):  # checkpoints/
+        steps = sorted((q for q in root.iterdir() if _is_step_dir(q)
+                        and (q / "model_params").is_dir()), key=lambda q: -int(q.name))
+    options = [(q / "model_params", "training") for q in steps] or [first]
+    problems = []
+    for items, kind in options:
+        problem = check(items, kind)
+        if problem is None:
+            if problems:
+                print_fn(f"using checkpoint step {items.parent.name} of {path}: the newer "
+                         f"{'; '.join(problems)}")
+            return items, kind
+        if len(options) == 1:
+            where = items.parent if kind == "training" else items
+            raise CheckpointError(f"checkpoint {where} is damaged: {problem}; use an intact "
+                                  f"checkpoint (a run's checkpoints/ directory falls back to "
+                                  f"its newest intact step)")
+        problems.append(f"step {items.parent.name} is damaged ({problem})")
+    raise CheckpointError(f"no intact checkpoint step in {path}: {'; '.join(problems)}")
+
+
 def _flatten_shapes(tree: Any) -> dict[str, tuple]:
     flat = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -65,8 +96,23 @@ def _flatten_shapes(tree: Any) -> dict[str, tuple]:
 
 def restore_params(model: nnx.Module, path: str, lora_only: bool = False) -> str:
     """Loads parameters into `model` (keeping its shardings); returns the directory read.
-    The base weights, or with `lora_only` the LoRA adapters (a native adapter checkpoint)."""
-    items, kind = resolve(path)
+    The base weights, or with `lora_only` the LoRA adapters (a native adapter checkpoint).
+    A training run's checkpoint is checked against the fingerprints the run saved with it
+    (first_intact: a damaged step is refused, or skipped in a checkpoints/ directory)."""
+
+    def check(items, kind):
+        return _restore(model, path, items, kind, lora_only)
+
+    items, _ = first_intact(path, check)
+    return str(items)
+
+
+def _restore(model: nnx.Module, path: str, items: epath.Path, kind: str,
+             lora_only: bool) -> str | None:
+    """Restores one checkpoint into `model`; what is damaged (None: nothing)."""
+    from tpusft.conversion import integrity
+
+    saved = integrity.saved_model_fingerprints(items.parent) if kind == "training" else {}
     items = items.absolute() if "://" not in str(items) else items
     # The base weights only: LoRA adapters are not part of a base checkpoint.
     params = nnx.state(model, nnx.LoRAParam if lora_only else
@@ -103,9 +149,12 @@ def restore_params(model: nnx.Module, path: str, lora_only: bool = False) -> str
             raise CheckpointError(f"{path}: {k} has shape {tuple(have[k])} but model_name "
                                   f"expects {shape}; check model_name and the preset")
 
-    restored = checkpointer.restore(items, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    try:
+        restored = checkpointer.restore(items, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - truncated or missing files: tensorstore's errors
+        return f"its arrays cannot be read ({' '.join(str(e).split())[:160]})"
     if kind == "maxtext":
         values = restored["params"]["params"]
     else:  # each leaf is {"value": array}; note self_attention also has a "value" child
@@ -114,4 +163,6 @@ def restore_params(model: nnx.Module, path: str, lora_only: bool = False) -> str
                               and not isinstance(d["value"], dict))
     nnx.replace_by_pure_dict(params, values)
     nnx.update(model, params)
-    return str(items)
+    if saved:
+        return integrity.first_changed(saved, integrity.summarize({"model_params": params})[0])
+    return None

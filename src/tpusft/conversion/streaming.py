@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -75,7 +76,7 @@ class SafetensorsReader:
                                       f"in model.safetensors.index.json is missing "
                                       f"({len(missing)} missing)")
         elif (d / "model.safetensors").exists():
-            with safe_open(str(d / "model.safetensors"), "np") as f:
+            with _safetensors(str(d / "model.safetensors")) as f:
                 self.files = {name: str(d / "model.safetensors") for name in f.keys()}
         else:
             raise CheckpointError(f"{directory} has no model.safetensors or "
@@ -89,7 +90,7 @@ class SafetensorsReader:
         """(shape, safetensors dtype such as 'BF16') of a tensor, from its file's header."""
         if name not in self.files:
             raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint")
-        with safe_open(self.files[name], "np") as f:
+        with _safetensors(self.files[name]) as f:
             sl = f.get_slice(name)
             return tuple(sl.get_shape()), sl.get_dtype()
 
@@ -98,10 +99,25 @@ class SafetensorsReader:
         if name not in self.files:
             raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint")
         with self.clock:
-            with safe_open(self.files[name], "np") as f:
+            with _safetensors(self.files[name]) as f:
                 t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
         self.clock.add(t.nbytes)
         return t
+
+
+@contextlib.contextmanager
+def _safetensors(path: str):
+    """safe_open, with a damaged file (a broken or absurd header, a truncated shard) as one
+    CheckpointError naming it."""
+    try:
+        with safe_open(path, "np") as f:
+            yield f
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, MemoryError ...
+        detail = " ".join(str(e).split())[:160] or type(e).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors file ({detail}); it may "
+                              f"be truncated or damaged: download it again") from None
 
 
 class StreamedArray:

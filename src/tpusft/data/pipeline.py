@@ -85,6 +85,14 @@ class DataStats:
                 out.examples.setdefault(reason, example)
         return out
 
+    def reasons(self) -> str:
+        """The skip reasons with their counts and the first example of the commonest."""
+        if not self.bad:
+            return "no row was read"
+        (top, _), *_ = self.bad.most_common(1)
+        counts = ", ".join(f"{n} x {reason}" for reason, n in self.bad.most_common())
+        return f"{counts} (e.g. {self.examples[top]})"
+
     def summary(self) -> str:
         """One line per kind of bad row with its count and first example."""
         lines = [f"{self.rows} rows read, {self.dropped} skipped, {self.truncated} truncated"]
@@ -303,6 +311,8 @@ def source_examples(src: Source, opts: DataOptions, make_encoder: Callable, *, t
         ds = grain.MapDataset.source(data)
         if train:
             ds = ds.shuffle(seed=opts.seed).repeat(opts.num_epochs)
+            usable = _SomeRowUsable(encoder, len(data), where)
+            return ds.map(usable).filter(_is_example), True
         return ds.map(encoder).filter(_is_example), True
     if train:
         data = data.shuffle(seed=opts.seed, buffer_size=10_000)
@@ -311,6 +321,29 @@ def source_examples(src: Source, opts: DataOptions, make_encoder: Callable, *, t
 
 def _is_example(x) -> bool:
     return x is not None
+
+
+class _SomeRowUsable:
+    """The encoder of a repeated source: a whole pass over its rows without one usable
+    example ends the run with the skip reasons, where the repetition would otherwise look
+    for the next example for ever."""
+
+    def __init__(self, encoder: Callable, rows: int, where: str):
+        self.encoder, self.rows, self.where = encoder, rows, where
+        self.skipped: int | None = 0  # None once a row was usable
+
+    def __call__(self, row):
+        example = self.encoder(row)
+        if example is not None:
+            self.skipped = None
+        elif self.skipped is not None:
+            self.skipped += 1
+            if self.skipped >= self.rows:
+                stats = getattr(self.encoder, "stats", None)
+                why = stats.reasons() if stats is not None else "every row is skipped"
+                raise DataError(f"{self.where}: none of its {self.rows} rows is usable: {why}; "
+                                f"check data_format, the columns and max_target_length")
+        return example
 
 
 def mixed_examples(sources: Sequence[Source], opts: DataOptions, make_encoder: Callable, *,
@@ -346,9 +379,7 @@ def first_batch_or_error(dataset, stats: DataStats | None, what: str) -> None:
     except StopIteration:
         detail = ""
         if stats is not None and stats.dropped:
-            reason, _ = stats.bad.most_common(1)[0]
-            detail = (f"; all {stats.dropped} rows were skipped (most as {reason}: "
-                      f"{stats.examples[reason]})")
+            detail = f"; all {stats.dropped} rows were skipped: {stats.reasons()}"
         raise DataError(f"the {what} data yields no batch{detail}; check the data set, "
                         f"data_format and max_target_length") from None
     if stats is not None:  # counts restart with the real iteration

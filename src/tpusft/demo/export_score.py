@@ -131,7 +131,8 @@ def main(argv: Sequence[str]) -> int:
 def cli() -> None:
     from tpusft.errors import run_cli
 
-    run_cli(main)
+    run_cli(main, usage=lambda: "usage: python -m tpusft.demo.export_score EXPORT CONFIG.yml "
+            "[key=value ...] [--debug]\n\n" + __doc__.strip() + "\n")
 
 
 if __name__ == "__main__":

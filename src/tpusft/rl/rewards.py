@@ -148,6 +148,17 @@ def load_user_function(spec: str) -> RewardFn:
     except ImportError as e:
         raise ConfigError(f"grpo.reward_functions: cannot import {module_name!r} for {spec!r}: {e}"
                           ) from None
+    except SyntaxError as e:
+        raise ConfigError(f"grpo.reward_functions: {e.filename}, line {e.lineno}: syntax error "
+                          f"({e.msg}); fix the module of {spec!r}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raises on import
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if not f.filename.startswith("<frozen")]
+        where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+        raise ConfigError(f"grpo.reward_functions: importing {module_name!r} raised "
+                          f"{type(e).__name__}: {e}{where}; fix the module of {spec!r}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"grpo.reward_functions: {module_name!r} has no function {fn_name!r}")

@@ -84,8 +84,10 @@ class Progress(ProgressBase):
         self._window_tokens = 0
         self._window_steps = 0
         self._window_slots = 0
-        self._steady_time = 0.0
+        self._steady_time = 0.0  # every step after the first: the run's average rates
         self._steady_steps = 0
+        self._steady_tokens = 0
+        self._steady_slots = 0
         self._last_time = None
         self._early = False  # a report Tunix was asked for ahead of its usual lag
         self._untimed = (0, 0, 0)  # steps, tokens, slots reported early, timed with the next
@@ -121,6 +123,8 @@ class Progress(ProgressBase):
                 self._untimed = (0, 0, 0)
                 self._steady_time += dt
                 self._steady_steps += 1 + n
+                self._steady_tokens += tokens + t
+                self._steady_slots += slots + s
                 self._window_steps += 1 + n
                 self._window_tokens += tokens + t
                 self._window_slots += slots + s
@@ -136,11 +140,20 @@ class Progress(ProgressBase):
         if step % self.log_period == 0 or step == self.total_steps or first_of_run:
             head = f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | "
             window_time = self._last_time - self._window_start if self._window_start else None
-            if self._window_steps and window_time:
-                tps = self._window_tokens / window_time
+            window = (self._window_tokens, window_time, self._window_steps, self._window_slots)
+            average = step == self.total_steps and not first_of_run
+            if average:
+                # Tunix reports the last step right after the one before it (each report
+                # lags its step by one), so the time since that report is not a step's time:
+                # the last line gives the run's average since its first step instead.
+                window = (self._steady_tokens, self._steady_time, self._steady_steps,
+                          self._steady_slots)
+            window_tokens, window_time, window_steps, window_slots = window
+            if window_steps and window_time:
+                tps = window_tokens / window_time
                 mfu = tps * self.flops_per_token / self.peak if self.peak else 0.0
-                step_time = window_time / self._window_steps
-                packing = self._window_tokens / max(self._window_slots, 1)
+                step_time = window_time / window_steps
+                packing = window_tokens / max(window_slots, 1)
                 bad = self.feeder.bad_rows
                 record.update(tokens_per_s=tps, mfu=mfu, step_time_s=step_time,
                               packing_efficiency=packing, bad_rows=bad)
@@ -151,7 +164,8 @@ class Progress(ProgressBase):
                                                  tunix_metrics.Mode.TRAIN, step)
                 eta = format_duration(step_time * (self.total_steps - step))
                 self.print(head + self._extras_line(record) +
-                           f"lr {record.get('learning_rate', 0):.2e} | {tps:,.0f} tokens/s | "
+                           f"lr {record.get('learning_rate', 0):.2e} | "
+                           f"{'run average ' if average else ''}{tps:,.0f} tokens/s | "
                            f"MFU {100 * mfu:.1f}% | {1000 * step_time:.0f} ms/step | "
                            f"packed {100 * packing:.0f}% | ETA {eta}",
                            flush=True)

@@ -34,7 +34,11 @@ def entry(argv: Sequence[str], method_record: Callable[[], Method],
     from tpusft import distributed
 
     distributed.initialize(cfg)  # several processes, when the config or environment says so
-    return train(start(cfg, method))
+    run = start(cfg, method)
+    try:
+        return train(run)
+    finally:
+        run.release()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,12 @@ class Run:
     out: Any        # the run directory (epath.Path)
     tokenizer: Any
     mesh: Any
+    lock: Any = None  # the run directory's RunLock (held by the run's first process)
+
+    def release(self) -> None:
+        """Releases the run directory's lock (the run has ended, however it ended)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def metrics_writer(self):
         from tpusft.training.setup import metrics_writer
@@ -72,8 +82,10 @@ def start(cfg: Any, method: Method) -> Run:
     """The run directory (prepare_run_directory), the resolved config written into it, the
     tokenizer and the mesh, with the checks that fail before anything is compiled
     (vocabulary, batch over the mesh)."""
+    from tpusft import distributed
     from tpusft.data.chat import load_tokenizer
     from tpusft.models.sharding import mesh_of
+    from tpusft.training.run_lock import RunLock
     from tpusft.training.setup import (
         check_batch,
         check_vocab,
@@ -83,12 +95,18 @@ def start(cfg: Any, method: Method) -> Run:
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     out = prepare_run_directory(cfg)
-    write_resolved_config(cfg, out)
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-    check_vocab(cfg, tokenizer)
-    mesh = mesh_of(cfg)
-    check_batch(cfg, mesh)
-    return Run(cfg, method, out, tokenizer, mesh)
+    lock = RunLock(cfg.run_directory).acquire() if distributed.is_primary() else None
+    try:
+        write_resolved_config(cfg, out)
+        tokenizer = load_tokenizer(cfg.tokenizer_path)
+        check_vocab(cfg, tokenizer)
+        mesh = mesh_of(cfg)
+        check_batch(cfg, mesh)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Run(cfg, method, out, tokenizer, mesh, lock)
 
 
 class Demo:

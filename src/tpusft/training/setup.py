@@ -199,7 +199,7 @@ def train_and_eval_data(cfg: Any, tokenizer, build) -> tuple[Any, Any, Any]:
     eval_sources, part = sources.sources(cfg, train=False)
     if eval_sources:
         micro_batch = cfg.global_batch_size // cfg.gradient_accumulation_steps
-        eval_ds, _ = build(eval_sources, sources.options(cfg, train=False), tokenizer,
-                           local_rows(cfg, micro_batch), train=False, part=part)
-        pipeline.first_batch_or_error(eval_ds, None, "eval")
+        eval_ds, eval_stats = build(eval_sources, sources.options(cfg, train=False), tokenizer,
+                                    local_rows(cfg, micro_batch), train=False, part=part)
+        pipeline.first_batch_or_error(eval_ds, eval_stats, "eval")
     return train_ds, stats, eval_ds
