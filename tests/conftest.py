@@ -140,3 +140,10 @@ def gcs_emulator(tmp_path):
     yield env
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first (in file order), the quick ones after: with several
+    xdist workers the longest tests then start together and the short ones fill the gaps,
+    instead of a several-minute test starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -166,6 +166,7 @@ def test_gcs_output_directory(tmp_path, gcs_emulator, monkeypatch):
                     "run_name=gcs", env={**gcs_emulator, "HOME": str(tmp_path)})
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from step 6" in again.stdout
+    assert "optimizer settings than the run's last start (steps 6 -> 8)" in again.stdout
     gen = run_cli("tpusft.generate", DEMO, f"base_output_directory={base}",
                   f"load_parameters_path={base}/gcs/checkpoints", "generate.prompt=1+2=",
                   "generate.max_decode_length=3", env={**gcs_emulator, "HOME": str(tmp_path)})
@@ -191,6 +192,8 @@ def test_grpo_runs_resumes_and_exports(tmp_path):
     second = run_cli("tpusft.train_grpo", *args, "steps=3")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from step 2" in second.stdout
+    assert ("note: resuming with other optimizer settings than the run's last start (steps 2 "
+            "-> 3): the schedule continues") in second.stdout, second.stdout[:3000]
     rows = read_jsonl(str(run / "metrics.jsonl"))
     train = {r["step"]: r for r in rows if r["kind"] == "train"}
     assert sorted(train) == [1, 2, 3]

@@ -32,6 +32,11 @@ def main(argv: Sequence[str]) -> int:
 
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
     tokenizer = load_tokenizer(cfg.tokenizer_path)
+    (ids,) = evaluate.chat_prompt_ids(tokenizer, [cfg.generate.prompt])
+    if len(ids) > cfg.generate.max_prefill_length:
+        raise ConfigError(f"the prompt is {len(ids)} tokens with the chat template, more than "
+                          f"generate.max_prefill_length={cfg.generate.max_prefill_length}; "
+                          f"raise it (up to the model's context) or shorten the prompt")
     mesh = mesh_of(cfg)
     with mesh:
         model = create_model(ModelArgs.from_config(cfg), mesh, cfg.logical_axis_rules, cfg.seed)

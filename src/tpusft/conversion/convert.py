@@ -466,6 +466,9 @@ def native_to_hf(native_path: str, output: str, *, keys: dict[str, Any] | None =
     """
     from safetensors.numpy import save_file
 
+    from tpusft.conversion.native import resolve
+
+    resolve(native_path)  # not a checkpoint at all: said before anything about model keys
     found_keys, found_assets = find_model_keys(native_path)
     keys = {**(keys or found_keys or {}), **(overrides or {})}
     assets = assets or found_assets

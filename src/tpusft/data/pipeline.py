@@ -168,7 +168,9 @@ def load_split(hf_path: str, split: str, *, data_files: str | list | None = None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, StopIteration):
             msg = "the file holds no rows"
-        raise DataError(f"cannot load data set hf_path={hf_path!r} split={split!r}: "
+        what = (f"{key}={data_files}" if hf_path in FILE_BUILDERS and data_files
+                else f"split={split!r}")  # file builders read their files, not a split
+        raise DataError(f"cannot load data set hf_path={hf_path!r} {what}: "
                         f"{msg[:300]}") from None
 
 
@@ -258,7 +260,9 @@ def read_source(src: Source, opts: DataOptions, part: str):
 
     data = load_split(src.hf_path, src.split, data_files=src.data_files, name=src.hf_name,
                       key=src.files_key)
-    where = f"data set {src.name!r} (split {src.split!r})"
+    where = (f"data set {src.name!r} ({src.files_key}={src.data_files})"
+             if src.hf_path in FILE_BUILDERS and src.data_files
+             else f"data set {src.name!r} (split {src.split!r})")
     streamed = not isinstance(data, datasets.Dataset)
     if not streamed and len(data) == 0:
         raise DataError(f"{where} is empty (0 rows); check the file or split")

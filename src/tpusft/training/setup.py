@@ -103,13 +103,37 @@ def prepare_run_directory(cfg: Any):
     return out
 
 
-def write_resolved_config(cfg: Any, out) -> None:
-    """run_directory/config.yml: the run's config as resolved (process 0 writes it)."""
+# The keys that make the optimizer's schedule and updates: a resumed run that changes them
+# continues from its step with the new values, and says so.
+SCHEDULE_KEYS = ("steps", "learning_rate", "warmup_steps_fraction",
+                 "learning_rate_final_fraction", "adam_b1", "adam_b2", "adam_eps",
+                 "adam_weight_decay", "adam_weight_decay_norms_and_biases",
+                 "gradient_clipping_threshold")
+
+
+def write_resolved_config(cfg: Any, out, print_fn=print) -> None:
+    """run_directory/config.yml: the run's config as resolved (process 0 writes it). A run
+    resuming with other optimizer settings than the config.yml it left says which."""
+    import yaml
+
     from tpusft import distributed
     from tpusft.config import resolved_yaml
 
-    if distributed.is_primary():
-        (out / "config.yml").write_text(resolved_yaml(cfg))
+    if not distributed.is_primary():
+        return
+    path = out / "config.yml"
+    if path.exists() and (existing_checkpoint(cfg) or existing_checkpoint(cfg, "actor")):
+        try:
+            before = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            before = {}
+        changed = [f"{k} {before[k]} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS
+                   if k in before and before[k] != getattr(cfg, k)]
+        if changed:
+            print_fn(f"note: resuming with other optimizer settings than the run's last "
+                     f"start ({', '.join(changed)}): the schedule continues from the "
+                     f"checkpoint's step with the new values")
+    path.write_text(resolved_yaml(cfg))
 
 
 def metrics_writer(out):
