@@ -101,13 +101,13 @@ def restore_params(model: nnx.Module, path: str, lora_only: bool = False) -> str
     (first_intact: a damaged step is refused, or skipped in a checkpoints/ directory)."""
 
     def check(items, kind):
-        return _restore(model, path, items, kind, lora_only)
+        return _restore_step(model, path, items, kind, lora_only)
 
     items, _ = first_intact(path, check)
     return str(items)
 
 
-def _restore(model: nnx.Module, path: str, items: epath.Path, kind: str,
+def _restore_step(model: nnx.Module, path: str, items: epath.Path, kind: str,
              lora_only: bool) -> str | None:
     """Restores one checkpoint into `model`; what is damaged (None: nothing)."""
     from tpusft.conversion import integrity

@@ -315,8 +315,8 @@ def source_examples(src: Source, opts: DataOptions, make_encoder: Callable, *, t
         ds = grain.MapDataset.source(data)
         if train:
             ds = ds.shuffle(seed=opts.seed).repeat(opts.num_epochs)
-            usable = _SomeRowUsable(encoder, len(data), where)
-            return ds.map(usable).filter(_is_example), True
+        if train and opts.num_epochs is None:  # repeated without end
+            return ds.map(_SomeRowUsable(encoder, len(data), where)).filter(_is_example), True
         return ds.map(encoder).filter(_is_example), True
     if train:
         data = data.shuffle(seed=opts.seed, buffer_size=10_000)

@@ -78,7 +78,7 @@ class RunLock:
                        "started": time.time(), "heartbeat": time.time()}
         self._local = "://" not in run_directory
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._beater: threading.Thread | None = None
 
     def _read(self) -> dict[str, Any] | None:
         for _ in range(10):  # a lock being written this moment reads back complete soon
@@ -90,7 +90,7 @@ class RunLock:
                 time.sleep(0.05)
         return {}  # unreadable: treated as a holder that is gone
 
-    def _write(self) -> None:
+    def _write_record(self) -> None:
         self.record["heartbeat"] = time.time()
         self.path.write_text(json.dumps(self.record))
 
@@ -112,14 +112,14 @@ class RunLock:
             os.write(fd, json.dumps(self.record).encode())
             os.close(fd)
         else:
-            self._write()
+            self._write_record()
         if not self._local:  # gs://: the later of two writes wins, the other run stops
             time.sleep(0.5)
             now = self._read()
             if now and now.get("token") != self.record["token"]:
                 self._refuse(now)
-        self._thread = threading.Thread(target=self._beat, name="tpusft-run-lock", daemon=True)
-        self._thread.start()
+        self._beater = threading.Thread(target=self._beat, name="tpusft-run-lock", daemon=True)
+        self._beater.start()
         return self
 
     def _refuse(self, holder: dict[str, Any]) -> None:
@@ -133,14 +133,14 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                self._write()
+                self._write_record()
             except Exception:  # noqa: BLE001 - a heartbeat that cannot be written is retried
                 pass
 
     def release(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._beater is not None:
+            self._beater.join(timeout=5)
         try:
             holder = self._read()
             if holder and holder.get("token") == self.record["token"]:
