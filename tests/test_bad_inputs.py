@@ -148,6 +148,8 @@ CASES = [
                                             "tokenizer_path=/no/such/tokenizer"],
      "cannot load a tokenizer"),
     ("no-hf-path", "sft", lambda w: [DEMO, "demo_task="], "hf_path is empty"),
+    ("huge-sequences", "sft", lambda w: [DEMO, "max_target_length=4000000000"],
+     "out of host memory: Unable to allocate"),
     # --- weights and outputs
     ("weights-missing", "sft", lambda w: [DEMO, f"base_output_directory={w['root']}",
                                           f"load_parameters_path={w['root']}/no-ckpt"],

@@ -65,6 +65,13 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
         if argv is None:  # background writes that failed with it must not print at exit
             _exit_now(1)
         sys.exit(1)
+    except MemoryError as e:  # a buffer the config sizes (max_target_length, batch) too big
+        if debug:
+            raise
+        detail = " ".join(str(e).split())[:200] or "a host allocation failed"
+        print(f"error: out of host memory: {detail}; lower max_target_length or "
+              f"global_batch_size", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
