@@ -393,3 +393,19 @@ def test_a_reward_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: grpo.reward_functions: ") and re.search(message, last), last
+
+
+def test_a_data_folder_of_several_kinds_says_which_it_read(tmp_path, demo_assets):
+    """datasets reads one kind of file from a folder and left the others out silently."""
+    chat = {"messages": [{"role": "user", "content": "1+1="},
+                         {"role": "assistant", "content": "2"}]}
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / name).write_text(json.dumps(chat) + "\n")
+    (tmp_path / "data" / "c.csv").write_text("instruction,output\n1+3=,4\n")
+    proc = run_in_process(_main("data"), DEMO, "demo_task=", f"hf_path={tmp_path / 'data'}",
+                          f"tokenizer_path={demo_assets / 'tokenizer'}",
+                          f"base_output_directory={tmp_path}", "inspect_examples=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (f"note: data folder {tmp_path / 'data'} holds several kinds of files: read its 2 "
+            f"json files, left out 1 csv file") in proc.stdout, proc.stdout[:2000]

@@ -158,7 +158,9 @@ def load_split(hf_path: str, split: str, *, data_files: str | list | None = None
                                         f"{', '.join(ds)})")
                     ds = ds[split]
                 return ds
-            return datasets.load_dataset(str(local), name=name, split=split)
+            ds = datasets.load_dataset(str(local), name=name, split=split)
+            _say_ignored_kinds(local, ds)
+            return ds
         if hf_path.startswith((".", "/", "~")):
             raise DataError(f"hf_path={hf_path!r} does not exist; check the path")
         return datasets.load_dataset(hf_path, name=name, split=split, streaming=True)
@@ -172,6 +174,27 @@ def load_split(hf_path: str, split: str, *, data_files: str | list | None = None
                 else f"split={split!r}")  # file builders read their files, not a split
         raise DataError(f"cannot load data set hf_path={hf_path!r} {what}: "
                         f"{msg[:300]}") from None
+
+
+# Data file kinds a folder may hold, by the datasets builder that reads them.
+_KINDS = {"json": (".json", ".jsonl"), "csv": (".csv",), "parquet": (".parquet",),
+          "arrow": (".arrow",), "text": (".txt",)}
+
+
+def _say_ignored_kinds(folder: Path, ds) -> None:
+    """datasets reads one kind of file from a folder; when it holds several, one line says
+    which were read and which were left out."""
+    counts = {kind: sum(1 for p in folder.rglob("*") if p.suffix in suffixes)
+              for kind, suffixes in _KINDS.items()}
+    present = {kind: n for kind, n in counts.items() if n}
+    read = getattr(ds.info, "builder_name", None)
+    if len(present) < 2 or read not in present:
+        return
+    left = ", ".join(f"{n} {kind} file{'s' * (n > 1)}" for kind, n in present.items()
+                     if kind != read)
+    print(f"note: data folder {folder} holds several kinds of files: read its "
+          f"{present[read]} {read} file{'s' * (present[read] > 1)}, left out {left} "
+          f"(datasets reads one kind; hf_path=<kind> hf_data_files=... picks the others)")
 
 
 class _StreamIterator(grain.DatasetIterator):
