@@ -796,3 +796,34 @@ def test_every_reader_of_a_damaged_checkpoint_refuses_it_or_falls_back(tmp_path)
         assert note.startswith(f"using checkpoint step 1 of {ckpts}: the newer step 2 is "
                                f"damaged (the contents of model_params["), note
     assert (tmp_path / "hf" / "config.json").exists()
+
+
+@pytest.mark.slow
+BEFORE = ("SIGTERM: stopped before training began; nothing to save (the same command starts "
+          "again)")
+
+
+@pytest.mark.parametrize("at, said", [
+    ("batch ", (BEFORE,)),
+    # the trainer's handling is installed a moment after this line: either line may come
+    ("held-out exact match before", ("SIGTERM: stopped at step 0 (before its first step: "
+                                     "nothing to save)", BEFORE)),
+])
+def test_sigterm_before_the_first_step_exits_0_at_once_with_nothing_to_save(tmp_path, at,
+                                                                            said):
+    """Before the trainer's preemption handling (data, model, the demo's first score) and
+    between it and the first finished step (an evaluation in progress is abandoned): one
+    line, exit 0 in seconds, not after preemption_deadline_s, and no checkpoint folder."""
+    args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "run_name=early"]
+    proc, lines = _start(args)
+    assert _wait_for(lambda: any(line.startswith(at) for line in lines), proc)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, "".join(lines)
+    proc.pump.join(timeout=30)
+    assert time.time() - sent < 20, time.time() - sent
+    assert any(text in "".join(lines) for text in said), "".join(lines[-10:])
+    assert not any("Traceback" in line or "No eval examples" in line for line in lines)
+    ckpts = tmp_path / "early" / "checkpoints"
+    assert not ckpts.exists() or not any(ckpts.iterdir()), list(ckpts.iterdir())
+    assert not (tmp_path / "early" / ".tpusft-lock").exists()

@@ -12,6 +12,9 @@ KNOWN = {
     "Metadata file does not exist":
         "Orbax, restoring the model_params item of Tunix's training checkpoints, which are "
         "written without an item metadata file; every parameter is restored",
+    "No eval examples found":
+        "Tunix, for an evaluation a signal abandoned before its first batch (tpusft says "
+        "so itself)",
     "Skipping non-TPU device":
         "Tunix's device-memory report on CPU devices, which have no memory statistics",
 }

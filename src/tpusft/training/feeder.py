@@ -164,11 +164,13 @@ class BatchFeeder(tunix_hooks.DataHooks):
         if self._eval_iter is None:
             self._eval_iter = iter(self._eval_dataset)
             self._eval_count = 0
-        if self._eval_steps is not None and self._eval_count >= self._eval_steps:
+        # A signal abandons an evaluation in progress: the step's checkpoint comes first.
+        stop = self.preemption is not None and self.preemption.requested
+        if stop or (self._eval_steps is not None and self._eval_count >= self._eval_steps):
             batch = None
         else:
             batch = next(self._eval_iter, None)
-        figures = self._agree(batch, stop=False)  # the evaluation ends on every process
+        figures = self._agree(batch, stop=stop)  # the evaluation ends on every process
         if figures is None:
             self._eval_iter = None
             return None

@@ -32,6 +32,8 @@ def _say(text: str) -> None:
 class Preemption:
     """Set by a signal or a maintenance event; the trainer checks `requested` at step ends."""
 
+    installed = False  # whether this process has installed one (training has begun)
+
     def __init__(self, deadline_s: float = 25.0, print_fn: Callable = print):
         self.deadline_s = deadline_s
         self.print = print_fn
@@ -45,6 +47,7 @@ class Preemption:
         return self.reason is not None
 
     def install(self, watch_maintenance: bool = False, poll_interval_s: float = 5.0) -> None:
+        Preemption.installed = True
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         if watch_maintenance:

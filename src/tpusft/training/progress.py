@@ -208,9 +208,13 @@ class Progress(ProgressBase):
                        if key in record)
 
     def on_eval_step_end(self, train_ctx, eval_loss):
+        step = train_ctx.train_steps
+        preemption = getattr(self.feeder, "preemption", None)
+        if preemption is not None and preemption.requested:  # cut short: its figures are not
+            self.print(f"{preemption.reason}: evaluation at step {step} abandoned", flush=True)
+            return
         # This evaluation's loss (Tunix's get_metric would average every evaluation so far).
         loss = self.metric(train_ctx, "loss", "eval")
-        step = train_ctx.train_steps
         record = {"kind": "eval", "step": step, "loss": loss,
                   **self._extras(train_ctx, "eval")}
         self.eval_records.append(record)

@@ -5,6 +5,7 @@ config, tokenizer, mesh, checks), the demo's before/after score and the run's en
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,11 +35,61 @@ def entry(argv: Sequence[str], method_record: Callable[[], Method],
     from tpusft import distributed
 
     distributed.initialize(cfg)  # several processes, when the config or environment says so
-    run = start(cfg, method)
-    try:
-        return train(run)
-    finally:
-        run.release()
+    run = None
+    with _stop_before_training():
+        try:
+            run = start(cfg, method)
+            return train(run)
+        except _Stopped as signal_name:
+            again = " and resumes" if _stop_before_training.resumable(cfg) else ""
+            print(f"{signal_name}: stopped before training began; nothing to save (the same "
+                  f"command starts again{again})", flush=True)
+            return 0
+        finally:
+            if run is not None:
+                run.release()
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT before the trainer's preemption handling was installed."""
+
+
+class _stop_before_training:  # noqa: N801 - used as a context manager
+    """Until the trainer installs its preemption handling (training/preemption.py), SIGTERM
+    and SIGINT stop the run where it is (loading data, building or restoring the model, the
+    demo's first score): nothing is trained yet, so nothing is saved, and the run exits 0.
+    The handlers the command had are restored at the end."""
+
+    def __enter__(self):
+        import signal
+
+        self._previous = {}
+        for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            def handler(signum, _frame, name=name):
+                from tpusft.training import preemption
+
+                if preemption.Preemption.installed:  # training began and has ended
+                    os._exit(128 + signum)
+                raise _Stopped(name)
+
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave the signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        return False
+
+    @staticmethod
+    def resumable(cfg) -> bool:
+        from tpusft.training.setup import existing_checkpoint
+
+        return existing_checkpoint(cfg) or existing_checkpoint(cfg, "actor")
 
 
 @dataclasses.dataclass(frozen=True)

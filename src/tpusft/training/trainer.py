@@ -171,6 +171,7 @@ def stopped_early(trainer, cfg: Any) -> bool:
         return False
     if preemption.saved_step is None:
         saved = ("nothing saved: enable_checkpointing=false" if not cfg.enable_checkpointing
+                 else "before its first step: nothing to save" if trainer.train_steps == 0
                  else f"last checkpoint: {trainer.checkpoint_manager.latest_description()}")
         print(f"{preemption.reason}: stopped at step {trainer.train_steps} ({saved})",
               flush=True)
