@@ -798,11 +798,11 @@ def test_every_reader_of_a_damaged_checkpoint_refuses_it_or_falls_back(tmp_path)
     assert (tmp_path / "hf" / "config.json").exists()
 
 
-@pytest.mark.slow
 BEFORE = ("SIGTERM: stopped before training began; nothing to save (the same command starts "
           "again)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at, said", [
     ("batch ", (BEFORE,)),
     # the trainer's handling is installed a moment after this line: either line may come
