@@ -627,9 +627,10 @@ def test_a_refused_checkpoint_write_is_one_line_and_the_last_one_stays(tmp_path)
     assert "damaged" not in resumed.stdout
 
 
-def test_a_step_reported_before_its_checkpoint_is_timed_with_the_next(tmp_path, monkeypatch):
-    """Tunix reports step N after step N+1 ran; a checkpoint of N has it report N at once.
-    Steps of 1 s each: every logged step time stays 1 s (not 0.5 s, then 2 s)."""
+def _clocked_progress(tmp_path, monkeypatch, steps: int, log_period: int, peak: float,
+                      slots: int, print_fn=lambda *a, **k: None):
+    """A Progress over `steps` steps of 100 tokens (`slots` token slots) with a clock the
+    test sets: (progress, its train context, the clock)."""
     from types import SimpleNamespace
 
     from tpusft.training import progress as progress_lib
@@ -637,16 +638,23 @@ def test_a_step_reported_before_its_checkpoint_is_timed_with_the_next(tmp_path, 
 
     clock = [0.0]
     monkeypatch.setattr(progress_lib.time, "perf_counter", lambda: clock[0])
-    feeder = SimpleNamespace(step_tokens=[100] * 6, step_slots=[100] * 6, step_crc=[0] * 6,
-                             stats=None, bad_rows=0)
+    feeder = SimpleNamespace(step_tokens=[100] * steps, step_slots=[slots] * steps,
+                             step_crc=[0] * steps, stats=None, bad_rows=0)
     ctx = SimpleNamespace(train_steps=0, optimizer=SimpleNamespace(opt_state=None),
                           metrics_logger=SimpleNamespace(log=lambda *a, **k: None,
                                                          metric_exists=lambda *a: False))
-    progress = progress_lib.Progress(feeder, total_steps=6, log_period=2, flops_per_token=1.0,
-                                     peak_flops_total=0.0,
+    progress = progress_lib.Progress(feeder, total_steps=steps, log_period=log_period,
+                                     flops_per_token=1.0, peak_flops_total=peak,
                                      jsonl=JsonlWriter(str(tmp_path / "metrics.jsonl")),
-                                     print_fn=lambda *a, **k: None)
+                                     print_fn=print_fn)
     progress.on_train_start(ctx)
+    return progress, ctx, clock
+
+
+def test_a_step_reported_before_its_checkpoint_is_timed_with_the_next(tmp_path, monkeypatch):
+    """Tunix reports step N after step N+1 ran; a checkpoint of N has it report N at once.
+    Steps of 1 s each: every logged step time stays 1 s (not 0.5 s, then 2 s)."""
+    progress, ctx, clock = _clocked_progress(tmp_path, monkeypatch, 6, 2, 0.0, 100)
 
     class HeldBack:  # a trainer holding step 4's report when step 4's checkpoint is saved
         _prev_buffered_train_metrics = object()
@@ -672,24 +680,9 @@ def test_the_last_step_s_line_gives_the_run_s_average_rate(tmp_path, monkeypatch
     """Tunix reports the last step right after the one before it; its line and record give
     the run's average since the first step (100 tokens/s at 1 s a step), not the rate of the
     few milliseconds between the two reports."""
-    from types import SimpleNamespace
-
-    from tpusft.training import progress as progress_lib
-    from tpusft.training.metrics import JsonlWriter
-
-    clock = [0.0]
-    monkeypatch.setattr(progress_lib.time, "perf_counter", lambda: clock[0])
-    feeder = SimpleNamespace(step_tokens=[100] * 5, step_slots=[128] * 5, step_crc=[0] * 5,
-                             stats=None, bad_rows=0)
-    ctx = SimpleNamespace(train_steps=0, optimizer=SimpleNamespace(opt_state=None),
-                          metrics_logger=SimpleNamespace(log=lambda *a, **k: None,
-                                                         metric_exists=lambda *a: False))
     said = []
-    progress = progress_lib.Progress(feeder, total_steps=5, log_period=1, flops_per_token=1.0,
-                                     peak_flops_total=1000.0,
-                                     jsonl=JsonlWriter(str(tmp_path / "metrics.jsonl")),
-                                     print_fn=lambda *a, **k: said.append(a[0]))
-    progress.on_train_start(ctx)
+    progress, ctx, clock = _clocked_progress(tmp_path, monkeypatch, 5, 1, 1000.0, 128,
+                                             lambda *a, **k: said.append(a[0]))
     for step, at in ((1, 5.0), (2, 6.0), (3, 7.0), (4, 8.0), (5, 8.002)):
         clock[0] = at
         progress.on_train_step_end(ctx, step, 1.0)

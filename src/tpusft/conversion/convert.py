@@ -363,7 +363,7 @@ def _intact_on_disk(items, kind: str) -> str | None:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or missing files: tensorstore's errors
-        return f"its arrays cannot be read ({' '.join(str(e).split())[:160]})"
+        return integrity.unreadable(e)
     return None
 
 

@@ -126,3 +126,8 @@ def first_changed(saved: dict[str, int], now: dict[str, int]) -> str | None:
         return None
     more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
     return f"the contents of {changed[0]}{more} differ from what was saved (checksum)"
+
+
+def unreadable(error: Exception) -> str:
+    """What a checkpoint whose arrays cannot be read (truncated or missing files) says."""
+    return f"its arrays cannot be read ({' '.join(str(error).split())[:160]})"

@@ -154,7 +154,7 @@ def _restore_step(model: nnx.Module, path: str, items: epath.Path, kind: str,
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True))
     except Exception as e:  # noqa: BLE001 - truncated or missing files: tensorstore's errors
-        return f"its arrays cannot be read ({' '.join(str(e).split())[:160]})"
+        return integrity.unreadable(e)
     if kind == "maxtext":
         values = restored["params"]["params"]
     else:  # each leaf is {"value": array}; note self_attention also has a "value" child

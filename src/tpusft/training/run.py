@@ -41,7 +41,9 @@ def entry(argv: Sequence[str], method_record: Callable[[], Method],
             run = start(cfg, method)
             return train(run)
         except _Stopped as signal_name:
-            again = " and resumes" if _stop_before_training.resumable(cfg) else ""
+            from tpusft.training.setup import resuming
+
+            again = " and resumes" if resuming(cfg) else ""
             print(f"{signal_name}: stopped before training began; nothing to save (the same "
                   f"command starts again{again})", flush=True)
             return 0
@@ -85,11 +87,6 @@ class _stop_before_training:  # noqa: N801 - used as a context manager
             signal.signal(sig, previous)
         return False
 
-    @staticmethod
-    def resumable(cfg) -> bool:
-        from tpusft.training.setup import existing_checkpoint
-
-        return existing_checkpoint(cfg) or existing_checkpoint(cfg, "actor")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -122,7 +122,7 @@ def write_resolved_config(cfg: Any, out, print_fn=print) -> None:
     if not distributed.is_primary():
         return
     path = out / "config.yml"
-    if path.exists() and (existing_checkpoint(cfg) or existing_checkpoint(cfg, "actor")):
+    if path.exists() and resuming(cfg):
         try:
             before = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError):
@@ -153,6 +153,11 @@ def existing_checkpoint(cfg: Any, sub: str = "") -> bool:
     root = epath.Path(cfg.checkpoint_directory) / sub if sub else epath.Path(
         cfg.checkpoint_directory)
     return root.exists() and any(p.name.isdigit() for p in root.iterdir())
+
+
+def resuming(cfg: Any) -> bool:
+    """True when run_name already has a checkpoint step, a GRPO run's (actor/) included."""
+    return existing_checkpoint(cfg) or existing_checkpoint(cfg, "actor")
 
 
 def build_model(cfg: Any, args, mesh, resuming: bool, print_fn=print):
