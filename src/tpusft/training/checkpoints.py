@@ -91,6 +91,46 @@ def _quiet_background_failures(collect: bool = False):
             log.disabled = was
 
 
+class _BackgroundWriteNoise(logging.Filter):
+    """While a run's checkpoints are open, a background write that fails (a full disk) makes
+    Orbax's writer threads log the error with its traceback once per array, and TensorStore's
+    callbacks print "Event loop is closed" tracebacks as their event loop goes away. The
+    failure itself surfaces at the next wait on that save and is reported there in one line
+    naming its step (GuardedCheckpoints._storage_errors), so these are dropped meanwhile."""
+
+    def __init__(self):
+        super().__init__()
+        self.hook = sys.unraisablehook
+        self.logs = [logging.getLogger(name) for name in ("absl", "asyncio")]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info:
+            return True
+        tb = record.exc_info[2]
+        while tb is not None:
+            if "/orbax/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+                return False
+            tb = tb.tb_next
+        return True
+
+    def unraisable(self, unraisable) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            self.hook(unraisable)
+
+    def __enter__(self) -> _BackgroundWriteNoise:
+        for log in self.logs:
+            log.addFilter(self)
+        sys.unraisablehook = self.unraisable
+        return self
+
+    def __exit__(self, *_) -> None:
+        for log in self.logs:
+            log.removeFilter(self)
+        if sys.unraisablehook == self.unraisable:
+            sys.unraisablehook = self.hook
+
+
 class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
     """Tunix's CheckpointManager with fingerprints, finiteness checks and damaged-step fallback.
 
@@ -120,6 +160,8 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         self.preemption, self.metadata_fn = preemption, metadata_fn
         self.per_process = tuple(per_process)
         self.damaged: list[tuple[int, str]] = []
+        self.writing: int | None = None  # the step whose save may still be in flight
+        self._noise = _BackgroundWriteNoise().__enter__() if root else None
 
     @property
     def orbax(self):
@@ -164,9 +206,12 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
                     metadata[name] = {PER_PROCESS_KEY: distributed.gather_json(metadata[name])}
         metadata.update({integrity.FINGERPRINTS_KEY: fingerprints, SHAPES_KEY: _shapes(trees),
                          LAYOUT_KEY: self.layout})
+        with self._storage_errors(self.writing):  # a failed earlier save names its own step
+            manager.wait_until_finished()
         with self._storage_errors(step):
             saved = super().save(step, model, optimizer, save_only_lora_params, force=True,
                                  custom_metadata=metadata)
+        self.writing = step
         if self._urgent():  # asked before this save or while it was being prepared
             self._saved_for_signal(step)
         return saved
@@ -212,8 +257,13 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
 
     def close(self) -> None:
         """Waits for background writes (an error in one surfaces here) and closes."""
-        with self._storage_errors(None):
-            super().close()
+        try:
+            with self._storage_errors(self.writing):
+                super().close()
+        finally:
+            if self._noise is not None:
+                self._noise.__exit__()
+                self._noise = None
 
     def latest_description(self) -> str:
         step = self.latest_step()
