@@ -311,6 +311,10 @@ def _damage(step_dir: Path, how: str) -> None:
             f.truncate(target.stat().st_size // 3)
     elif how == "delete":
         (step_dir / "model_params" / "manifest.ocdbt").unlink()
+    elif how == "blank":  # every file of the step empty: nothing of it can be read
+        for path in step_dir.rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"")
     elif how == "no_data_state":
         meta = step_dir / "_CHECKPOINT_METADATA"
         record = json.loads(meta.read_text())
@@ -758,10 +762,10 @@ def test_a_lock_of_another_host_is_held_until_its_heartbeat_stops(tmp_path):
 # ------------------------------------------------------- readers of damaged checkpoints
 @pytest.mark.slow
 def test_every_reader_of_a_damaged_checkpoint_refuses_it_or_falls_back(tmp_path):
-    """A bit flipped in a step's arrays: the converters, generate and load_parameters_path
-    verify the fingerprints the run saved; the step named directly is refused in one line
-    naming the array (exit 2), the run's checkpoints/ directory falls back to the newest
-    intact step and says so."""
+    """A bit flipped in a step's arrays, or every file of the step emptied: the converters,
+    generate and load_parameters_path verify the fingerprints and metadata the run saved; the
+    step named directly is refused in one line naming what is damaged (exit 2), the run's
+    checkpoints/ directory falls back to the newest intact step and says so."""
     from conftest import run_in_process
 
     from tpusft.conversion.cli import native_to_hf_main
@@ -771,30 +775,36 @@ def test_every_reader_of_a_damaged_checkpoint_refuses_it_or_falls_back(tmp_path)
     done = run_cli("tpusft.train_sft", DEMO, f"base_output_directory={tmp_path}", *RUN,
                    "steps=2", "checkpoint_period=1", "run_name=r")
     assert done.returncode == 0, done.stderr[-3000:]
-    ckpts = tmp_path / "r" / "checkpoints"
-    _damage(ckpts / "2", "flip")
-    named = re.compile(r"the contents of model_params\[.+\] differ from what was saved "
-                       r"\(checksum\)")
-    generate = [DEMO, f"base_output_directory={tmp_path}", "generate.prompt=1+1=",
-                "generate.max_decode_length=2"]
-    for main, args in ((native_to_hf_main, [str(ckpts / "2"), str(tmp_path / "hf-2")]),
-                       (generate_main, [*generate, f"load_parameters_path={ckpts / '2'}"]),
-                       (sft_main, [DEMO, f"base_output_directory={tmp_path}", *RUN, "steps=1",
-                                   "run_name=from-2", f"load_parameters_path={ckpts / '2'}"])):
-        proc = run_in_process(main, *args)
-        assert proc.returncode == 2, (main, proc.stdout[-1500:], proc.stderr[-1500:])
-        last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"error: checkpoint {ckpts / '2'} is damaged: ") and \
-            named.search(last), last
-    assert not (tmp_path / "hf-2").exists()
-    for main, args in ((native_to_hf_main, [str(ckpts), str(tmp_path / "hf")]),
-                       (generate_main, [*generate, f"load_parameters_path={ckpts}"])):
-        proc = run_in_process(main, *args)
-        assert proc.returncode == 0, (main, proc.stderr[-2000:])
-        note = next(x for x in proc.stdout.splitlines() if x.startswith("using checkpoint"))
-        assert note.startswith(f"using checkpoint step 1 of {ckpts}: the newer step 2 is "
-                               f"damaged (the contents of model_params["), note
-    assert (tmp_path / "hf" / "config.json").exists()
+    said = {"flip": r"the contents of model_params\[.+\] differ from what was saved "
+                    r"\(checksum\)",
+            "blank": r"its metadata cannot be read \(Expecting value: line 1 column 1"}
+    for how, named in said.items():
+        shutil.copytree(tmp_path / "r", tmp_path / how)  # the run: its model keys beside
+        ckpts = tmp_path / how / "checkpoints"
+        _damage(ckpts / "2", how)
+        generate = [DEMO, f"base_output_directory={tmp_path / how}", "generate.prompt=1+1=",
+                    "generate.max_decode_length=2"]
+        for main, args in ((native_to_hf_main, [str(ckpts / "2"), str(tmp_path / "hf-2")]),
+                           (generate_main, [*generate, f"load_parameters_path={ckpts / '2'}"]),
+                           (sft_main, [DEMO, f"base_output_directory={tmp_path / how}",
+                                       *[k for k in RUN if not k.startswith("steps=")],
+                                       "steps=1", "run_name=from-2",
+                                       f"load_parameters_path={ckpts / '2'}"])):
+            proc = run_in_process(main, *args)
+            assert proc.returncode == 2, (how, main, proc.stdout[-1500:], proc.stderr[-1500:])
+            assert len(proc.stderr.strip().splitlines()) == 1, (how, main, proc.stderr)
+            last = proc.stderr.strip()
+            assert last.startswith(f"error: checkpoint {ckpts / '2'} is damaged: ") and \
+                re.search(named, last), (how, last)
+        assert not (tmp_path / "hf-2").exists()
+        for main, args in ((native_to_hf_main, [str(ckpts), str(tmp_path / how / "hf")]),
+                           (generate_main, [*generate, f"load_parameters_path={ckpts}"])):
+            proc = run_in_process(main, *args)
+            assert proc.returncode == 0, (how, main, proc.stderr[-2000:])
+            note = next(x for x in proc.stdout.splitlines() if x.startswith("using checkpoint"))
+            assert note.startswith(f"using checkpoint step 1 of {ckpts}: the newer step 2 is "
+                                   f"damaged (") and re.search(named, note), (how, note)
+        assert (tmp_path / how / "hf" / "config.json").exists()
 
 
 BEFORE = ("SIGTERM: stopped before training began; nothing to save (the same command starts "

@@ -33,6 +33,7 @@ from tpusft.conversion.streaming import (
     NativeReader,
     SafetensorsReader,
     StreamedArray,
+    read_index,
     save_native,
 )
 from tpusft.config.schema import MODEL_KEYS, Config
@@ -347,6 +348,10 @@ def _intact_on_disk(items, kind: str) -> str | None:
     fingerprints the run saved (None: intact, or a checkpoint that records none)."""
     from tpusft.conversion import integrity
 
+    problem = integrity.metadata_problem(items.parent) if kind == "training" else None
+    problem = problem or read_index(items)[1]
+    if problem:
+        return problem
     saved = integrity.saved_model_fingerprints(items.parent) if kind == "training" else {}
     if not saved:
         return None

@@ -113,6 +113,22 @@ def saved_model_fingerprints(step_dir) -> dict[str, int]:
     return {k: v for k, v in prints.items() if k.startswith("model_params")}
 
 
+def metadata_problem(step_dir) -> str | None:
+    """What makes a checkpoint step's metadata file (`_CHECKPOINT_METADATA`: the step's
+    fingerprints and data position) unreadable; None when it reads, or is absent (a
+    converter's or MaxText's checkpoint)."""
+    import json
+
+    meta = step_dir / "_CHECKPOINT_METADATA"
+    try:
+        if not meta.exists():
+            return None
+        json.loads(meta.read_text())
+        return None
+    except (OSError, ValueError) as e:
+        return f"its metadata cannot be read ({' '.join(str(e).split())[:160]})"
+
+
 def leaf_name(rel: tuple[str, ...]) -> str:
     """The fingerprint name of a model parameter at path `rel` (decoder, layers, ...)."""
     return "model_params" + "".join(f"[{k!r}]" for k in rel)

@@ -111,7 +111,11 @@ def _restore_step(model: nnx.Module, path: str, items: epath.Path, kind: str,
              lora_only: bool) -> str | None:
     """Restores one checkpoint into `model`; what is damaged (None: nothing)."""
     from tpusft.conversion import integrity
+    from tpusft.conversion.streaming import read_index
 
+    problem = integrity.metadata_problem(items.parent) if kind == "training" else None
+    if problem := problem or read_index(items)[1]:  # empty or overwritten index files
+        return problem
     saved = integrity.saved_model_fingerprints(items.parent) if kind == "training" else {}
     items = items.absolute() if "://" not in str(items) else items
     # The base weights only: LoRA adapters are not part of a base checkpoint.

@@ -202,12 +202,27 @@ def save_native(directory: str, params: dict, scan_layers: bool) -> str:
     return str(root / "0" / "items")
 
 
+def read_index(items: epath.Path) -> tuple[dict, str | None]:
+    """An Orbax PyTree directory's index of arrays (`_METADATA`), or what makes it unreadable
+    (an empty, truncated or overwritten file)."""
+    try:
+        meta = json.loads((items / "_METADATA").read_text())
+        if not isinstance(meta.get("tree_metadata"), dict):
+            raise ValueError("no tree_metadata")
+        return meta, None
+    except (OSError, ValueError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:160] or type(e).__name__
+        return {}, f"its index of arrays (_METADATA) cannot be read ({detail})"
+
+
 class NativeReader:
     """Leaves of a native parameter PyTree (`items` directory), whole or one layer at a time."""
 
     def __init__(self, items: epath.Path, prefix: tuple[str, ...]):
         self.items = items
-        meta = json.loads((items / "_METADATA").read_text())
+        meta, problem = read_index(items)
+        if problem:
+            raise CheckpointError(f"checkpoint {items} is damaged: {problem}")
         self.use_zarr3 = bool(meta.get("use_zarr3", False))
         self.entries: dict[tuple[str, ...], tuple[str, ...]] = {}
         for entry in meta["tree_metadata"].values():

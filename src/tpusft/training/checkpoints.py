@@ -77,8 +77,9 @@ def _quiet_background_failures(collect: bool = False):
     threading.excepthook = lambda _: None
     logs = [logging.getLogger(name) for name in ("asyncio", "absl")]
     disabled = [log.disabled for log in logs]
-    for log in logs:
+    for log in logs:  # absl's logger ignores `disabled`; a filter silences it
         log.disabled = True
+        log.addFilter(_drop_record)
     failed = True
     try:
         yield
@@ -89,6 +90,11 @@ def _quiet_background_failures(collect: bool = False):
         sys.unraisablehook, threading.excepthook = hooks
         for log, was in zip(logs, disabled, strict=True):
             log.disabled = was
+            log.removeFilter(_drop_record)
+
+
+def _drop_record(_record: logging.LogRecord) -> bool:
+    return False
 
 
 class _BackgroundWriteNoise(logging.Filter):
@@ -153,7 +159,8 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
                  per_process: Sequence[str] = ()):
         if options is not None:
             options.cleanup_tmp_directories = True  # saves cut by a kill leave tmp folders
-        super().__init__(root, options)
+        with _quiet_background_failures():  # Orbax logs each step's unreadable metadata
+            super().__init__(root, options)
         self.root, self.options = root, options
         self.layout, self.required = dict(layout or {}), tuple(required)
         self.before_save, self.print = before_save, print_fn
@@ -320,7 +327,8 @@ class GuardedCheckpoints(tunix_checkpoints.CheckpointManager):
         trees = self._trees(model, optimizer, restore_only_lora_params)
         for s in steps:
             try:
-                meta = self._metadata(s)
+                with _quiet_background_failures():  # Orbax logs the parse error too
+                    meta = self._metadata(s)
             except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged step
                 self._set_aside(s, f"its metadata cannot be read ({_one_line(e)})")
                 continue
