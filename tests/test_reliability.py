@@ -637,6 +637,30 @@ def test_a_refused_checkpoint_write_is_one_line_and_the_last_one_stays(tmp_path,
     assert "damaged" not in resumed.stdout
 
 
+@pytest.mark.slow
+def test_a_run_directory_replaced_by_a_file_mid_run_is_one_line_and_resumes(tmp_path):
+    """The run's directory moved away and a file put in its place after the first checkpoint:
+    one line, exit 1 at once (it hung at exit, Orbax's writer threads waiting), no traceback;
+    the directory put back, the same command resumes from its checkpoint."""
+    args = [DEMO, f"base_output_directory={tmp_path}", *RUN, "run_name=r"]
+    proc, lines = _start(args)
+    assert _wait_for((tmp_path / "r" / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists,
+                     proc)
+    shutil.move(tmp_path / "r", tmp_path / "moved")
+    (tmp_path / "r").write_text("not a directory\n")
+    assert proc.wait(timeout=120) == 1, "".join(lines)
+    proc.pump.join(timeout=30)
+    last = [line.strip() for line in lines if line.strip()][-1]
+    assert last.startswith(f"error: cannot write {tmp_path / 'r'}") and \
+        "run the same command again" in last, "".join(lines[-8:])
+    assert not any("Traceback" in line for line in lines), "".join(lines)
+    (tmp_path / "r").unlink()
+    shutil.move(tmp_path / "moved", tmp_path / "r")
+    resumed = run_cli("tpusft.train_sft", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"resuming from step \d+", resumed.stdout), resumed.stdout[-2000:]
+
+
 def _clocked_progress(tmp_path, monkeypatch, steps: int, log_period: int, peak: float,
                       slots: int, print_fn=lambda *a, **k: None):
     """A Progress over `steps` steps of 100 tokens (`slots` token slots) with a clock the

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from tpusft.errors import RunFailed
+
 # Published dense bf16 peak TFLOP/s per chip (device_kind substring -> peak).
 PUBLISHED_PEAK_TFLOPS = {
     "TPU v6": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
@@ -97,13 +99,29 @@ class JsonlWriter:
         if not self._buffer:
             return
         text = "\n".join(self._buffer) + "\n"
-        if "://" in str(self.path):  # object stores have no append: rewrite the object
-            old = self.path.read_text() if self.path.exists() else ""
-            self.path.write_text(old + text)
-        else:
-            with open(self.path, "a") as f:
-                f.write(text)
+        try:
+            if "://" in str(self.path):  # object stores have no append: rewrite the object
+                old = self.path.read_text() if self.path.exists() else ""
+                self.path.write_text(old + text)
+            else:
+                with open(self.path, "a") as f:
+                    f.write(text)
+        except OSError as e:
+            raise RunFailed(unwritable_run_directory(self.path, e)) from e
         self._buffer = []
+
+
+def unwritable_run_directory(path, error: OSError) -> str:
+    """What a write into the run's directory that failed says: the directory moved, removed
+    or replaced while the run went on (or storage refusing it)."""
+    where = epath.Path(path).parent
+    if not where.is_dir():
+        why = (f"the run directory {where} was moved, removed or replaced while the run went "
+               f"on; the checkpoints in it are intact: put it back")
+    else:
+        why = f"storage refused the write in {where}: free space or fix the storage"
+    return (f"cannot write {path} ({error.strerror or error}): {why}, then run the same "
+            f"command again")
 
 
 def read_jsonl(path: str) -> list[dict]:
