@@ -12,6 +12,7 @@ pytest.importorskip("gguf")
 
 from chat_tokenizers import chat_tokenizer  # noqa: E402
 from hf_oracle import build_hf_model  # noqa: E402
+from llama_cpp_oracle import CONVERTER, perplexity, their_gguf  # noqa: E402
 
 from tpusft.conversion.gguf_export import hf_to_gguf  # noqa: E402
 from tpusft.errors import ConfigError  # noqa: E402
@@ -119,3 +120,42 @@ def test_unrepresentable_config_is_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="dtype 'q4_k'"):
         hf_to_gguf(str(tmp_path / "m"), str(tmp_path / "m.gguf"), dtype="q4_k")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.skipif(not (CONVERTER / "convert_hf_to_gguf.py").exists(),
+                    reason="llama.cpp's converter is put in .venv by setup.sh --gguf")
+def test_quantized_exports_lose_nothing_beyond_llama_cpp_s_own_quantization(tmp_path):
+    """Each of llama.cpp's quantizations (q4_0 ... iq4_xs, written by llama.cpp's quantizer
+    from the f32 export) loads in llama.cpp, and its perplexity on a fixed text equals that of
+    llama.cpp's own converter's f32 file quantized the same way: the export adds nothing to
+    what the quantization loses. A tiny Llama whose rows are 256 wide (k-quants' block), so
+    the k-quant types themselves are written, not their fallbacks."""
+    import gguf
+
+    from tpusft.conversion.gguf_export import QUANTS, quantize
+
+    tok = chat_tokenizer("llama3")
+    model = build_hf_model("llama3", vocab_size=len(tok) + 3, hidden_size=256,
+                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=64)
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    tokens = [tok.bos_token_id or 1] + tok(TEXT * 4)["input_ids"]
+    theirs_f32 = their_gguf(hf, tmp_path / "theirs.f32.gguf")
+    ours_f32 = tmp_path / "ours.f32.gguf"
+    hf_to_gguf(str(hf), str(ours_f32), dtype="f32")
+    assert perplexity(ours_f32, tokens) == pytest.approx(perplexity(theirs_f32, tokens),
+                                                         rel=1e-6)
+    main_type = {"q4_0": "Q4_0", "q4_k_s": "Q4_K", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K",
+                 "q6_k": "Q6_K", "iq4_xs": "IQ4_XS"}
+    for outtype in QUANTS:
+        ours = tmp_path / f"ours.{outtype}.gguf"
+        hf_to_gguf(str(hf), str(ours), dtype=outtype, name="tiny-llama")
+        theirs = tmp_path / f"theirs.{outtype}.gguf"
+        quantize(str(theirs_f32), str(theirs), outtype)
+        types = {t.tensor_type.name for t in gguf.GGUFReader(str(ours)).tensors}
+        assert main_type[outtype] in types, (outtype, types)
+        assert ours.stat().st_size < ours_f32.stat().st_size / 4, outtype
+        assert perplexity(ours, tokens) == pytest.approx(perplexity(theirs, tokens), rel=1e-6), \
+            outtype

@@ -86,6 +86,25 @@ else
   echo "installed tpusft into .venv ($spec)"
 fi
 
+# llama.cpp's own HF -> GGUF converter from the same llama-cpp-python source, in
+# .venv/share/llama.cpp: tests/test_gguf.py compares the GGUF export (and its quantized files)
+# with it.
+if [[ " ${extras[*]:-} " == *" gguf "* ]]; then
+  llama_pin=$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+  share=.venv/share/llama.cpp
+  if [ "$(cat "$share/VERSION" 2>/dev/null)" != "$llama_pin" ]; then
+    src=$(mktemp -d)
+    .venv/bin/python -m pip download -q --no-deps --no-binary :all: "$llama_pin" -d "$src"
+    tar xzf "$src"/llama_cpp_python-*.tar.gz -C "$src" --wildcards \
+      '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+      '*/vendor/llama.cpp/gguf-py/*'
+    rm -rf "$share" && mkdir -p "$share"
+    cp -r "$src"/llama_cpp_python-*/vendor/llama.cpp/{convert_hf_to_gguf.py,conversion,gguf-py} "$share"/
+    echo "$llama_pin" > "$share/VERSION"
+    rm -rf "$src"
+  fi
+fi
+
 # tcmalloc removes most of glibc malloc's page faults in XLA's CPU runtime (faster steps);
 # the launcher preloads it when present. Optional: skipped without root or apt.
 if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import resource
 import time
 from collections.abc import Sequence
@@ -194,6 +195,17 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def run_name(path: str) -> str:
+    """A checkpoint's model name for general.name: its run's name for a run's checkpoints/
+    directory or one of its steps, else the directory's own name."""
+    p = Path(path.rstrip("/"))
+    if p.name.isdigit() and p.parent.name == "checkpoints":
+        p = p.parent
+    if p.name in ("checkpoints", "native", "items", "model_params") and p.parent.name:
+        p = p.parent
+    return p.name
+
+
 def native_to_gguf_main(argv: Sequence[str]) -> int:
     p = _Parser(prog="native_to_gguf.py", description=(
         "Write one GGUF file (llama.cpp, Ollama, LM Studio) from a native checkpoint or a run's "
@@ -202,8 +214,10 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
                    "with --from-hf")
     p.add_argument("output", help="new .gguf file")
     p.add_argument("--from-hf", action="store_true", help="source is a Hugging Face directory")
-    p.add_argument("--dtype", default="f16", help="f32, f16, bf16 or q8_0 (default f16; "
-                   "norms and other 1-D tensors stay f32)")
+    p.add_argument("--dtype", "--outtype", dest="dtype", default="f16",
+                   help="f32, f16, bf16 or q8_0 (default f16; norms and other 1-D tensors stay "
+                   "f32), or one of llama.cpp's quantizations q4_0, q4_k_s, q4_k_m, q5_k_m, "
+                   "q6_k, iq4_xs (made by llama.cpp's quantizer from the f32 export)")
     p.add_argument("--tokenizer-pre", default="", help="llama.cpp pre-tokenizer name, when "
                    "it is not recognised from tokenizer.json")
     _add_model_keys(p, "model preset for a native checkpoint (default: found beside it); "
@@ -215,10 +229,13 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
         raise ConfigError("--from-hf reads the model from config.json; --model_name and "
                           "key=value apply to native checkpoints")
     src, out = absolute_path(a.source), absolute_path(a.output)
-    from tpusft.conversion.gguf_export import DTYPES, hf_to_gguf
+    from tpusft.conversion.gguf_export import OUTTYPES, QUANTS, hf_to_gguf
 
-    if a.dtype not in DTYPES:
-        raise ConfigError(f"--dtype {a.dtype!r}: GGUF export writes {', '.join(DTYPES)}")
+    if a.dtype not in OUTTYPES:
+        raise ConfigError(f"--dtype {a.dtype!r}: GGUF export writes {', '.join(OUTTYPES)}")
+    if a.dtype in QUANTS and importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError(f"--dtype {a.dtype} is written by llama.cpp's quantizer, in the gguf "
+                          f"extra: bash tools/setup/setup.sh --gguf")
     if Path(out).exists():
         raise ConfigError(f"{out} exists; pick a new output file (nothing was written)")
     try:
@@ -241,7 +258,7 @@ def native_to_gguf_main(argv: Sequence[str]) -> int:
             native_to_hf(src, hf, keys=keys, base=absolute_path(a.base) or None,
                          overrides=overrides)
             info = hf_to_gguf(hf, out, dtype=a.dtype, tokenizer_pre=a.tokenizer_pre or None,
-                              name=Path(src).name)
+                              name=run_name(src))
     dt = time.perf_counter() - t0
     for note in info["notes"]:
         print(f"note: {note}")

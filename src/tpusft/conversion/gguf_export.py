@@ -22,7 +22,14 @@ import numpy as np
 
 from tpusft.errors import ConfigError
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+DTYPES = ("f32", "f16", "bf16", "q8_0")  # written here, tensor by tensor
+# Written by llama.cpp's own quantizer (llama-cpp-python's llama_model_quantize) from the f32
+# file above: its mixes (q4_k_m keeps some tensors at q6_k) and its fallbacks for rows that
+# are not a multiple of a k-quant's 256-value block.
+QUANTS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+          "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+          "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "iq4_xs": "LLAMA_FTYPE_MOSTLY_IQ4_XS"}
+OUTTYPES = (*DTYPES, *QUANTS)
 # HF model_type -> llama.cpp architecture
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
          "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -326,8 +333,18 @@ def hf_to_gguf(hf_dir: str, output: str, *, dtype: str = "f16",
 
     from tpusft.conversion.streaming import SafetensorsReader
 
+    if dtype in QUANTS:
+        out = Path(output)
+        full = out.with_name(out.name + ".f32.partial")
+        try:
+            info = hf_to_gguf(hf_dir, str(full), dtype="f32", tokenizer_pre=tokenizer_pre,
+                              name=name)
+            quantize(str(full), output, dtype)
+        finally:
+            full.unlink(missing_ok=True)
+        return {**info, "bytes": out.stat().st_size}
     if dtype not in DTYPES:
-        raise ConfigError(f"GGUF export: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ConfigError(f"GGUF export: dtype {dtype!r} is not one of {', '.join(OUTTYPES)}")
     src = Path(hf_dir)
     cfg = _text_config(src)
     model_type = cfg.get("model_type", "")
@@ -387,3 +404,42 @@ def hf_to_gguf(hf_dir: str, output: str, *, dtype: str = "f16",
     w.close()
     tmp.replace(out)
     return {"tensors": len(plans) + len(extra), "bytes": total, "arch": arch, "notes": notes}
+
+
+def quantize(source: str, output: str, outtype: str) -> None:
+    """`source` (an f32 or f16 GGUF file) quantized to `outtype` (a QUANTS name) by llama.cpp's
+    quantizer, written to `output` through a .partial file. Its per-tensor log is kept and
+    shown only when it fails."""
+    import ctypes
+    import os
+    import tempfile
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConfigError(f"{outtype} is written by llama.cpp's quantizer, in the gguf extra: "
+                          f"bash tools/setup/setup.sh --gguf") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTS[outtype])
+    params.nthread = os.cpu_count() or 1
+    out = Path(output)
+    tmp = out.with_name(out.name + ".partial")
+    with tempfile.TemporaryFile() as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)  # llama.cpp logs each tensor to the process's stderr
+        try:
+            code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(),
+                                                  ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if code != 0 or not tmp.exists():
+            log.seek(0)
+            said = [line for line in log.read().decode(errors="replace").splitlines()
+                    if line.strip()]
+            tmp.unlink(missing_ok=True)
+            from tpusft.errors import RunFailed
+
+            raise RunFailed(f"llama.cpp's quantizer could not write {outtype} ({code}): "
+                            f"{said[-1] if said else 'no message'}")
+    tmp.replace(out)
