@@ -145,6 +145,17 @@ def _runnable() -> list[tuple[int, str]]:
             if not _is_placeholder(c) and not any(s in c for s in SKIPPED)]
 
 
+def _every_quantization(runnable: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The README's q4_k_m export and score commands, then the same two for each other
+    quantization the export offers (QUANTS), so every kind of file is scored on the demo."""
+    shown = [(n, c) for n, c in runnable if ".q4_k_m.gguf" in c]
+    if not shown:
+        return runnable
+    at = runnable.index(shown[-1]) + 1
+    more = [(n, c.replace("q4_k_m", q)) for q in QUANTS if q != "q4_k_m" for n, c in shown]
+    return runnable[:at] + more + runnable[at:]
+
+
 def _clone_layout(work: Path) -> None:
     """What a clone after the quick start has where the README's commands look."""
     for name in ("configs", "tools", "benchmarks", "src"):
@@ -192,8 +203,9 @@ def _check_gguf_name(command: str, cwd: Path) -> None:
 @pytest.mark.slow
 def test_the_readme_demo_commands_run_as_written(tmp_path):
     """The quick start's demo runs as written and learns; then every other command that
-    needs nothing of the user's runs in README order (the acts shortened)."""
-    runnable = _runnable()
+    needs nothing of the user's runs in README order (the acts shortened; the q4_k_m export
+    and its score repeated for every other quantization)."""
+    runnable = _every_quantization(_runnable())
     names = [_argv(c)[3] if _argv(c)[1] == "-m" else _argv(c)[1] for _, c in runnable]
     assert names[0] == "configs/demo/sft.yml", runnable  # the quick start's, first
     assert {"configs/demo/grpo.yml", "configs/demo/sft_lora.yml",
