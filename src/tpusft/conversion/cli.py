@@ -196,12 +196,11 @@ def native_to_hf_main(argv: Sequence[str]) -> int:
 
 
 def run_name(path: str) -> str:
-    """A checkpoint's model name for general.name: its run's name for a run's checkpoints/
-    directory or one of its steps, else the directory's own name."""
+    """A checkpoint's model name for general.name: the first directory up from it that is
+    not a step, checkpoints/ or a layout's item folder (a run's name, for a run)."""
     p = Path(path.rstrip("/"))
-    if p.name.isdigit() and p.parent.name == "checkpoints":
-        p = p.parent
-    if p.name in ("checkpoints", "native", "items", "model_params") and p.parent.name:
+    while p.parent != p and (p.name.isdigit() or p.name in (
+            "checkpoints", "items", "model_params", "actor")):
         p = p.parent
     return p.name
 

@@ -28,12 +28,11 @@ import yaml
 from etils import epath
 
 from tpusft.conversion import hf_config, hf_layout, peft_adapter
-from tpusft.conversion.native import first_intact
+from tpusft.conversion.native import first_intact, unreadable_files
 from tpusft.conversion.streaming import (
     NativeReader,
     SafetensorsReader,
     StreamedArray,
-    read_index,
     save_native,
 )
 from tpusft.config.schema import MODEL_KEYS, Config
@@ -348,9 +347,7 @@ def _intact_on_disk(items, kind: str) -> str | None:
     fingerprints the run saved (None: intact, or a checkpoint that records none)."""
     from tpusft.conversion import integrity
 
-    problem = integrity.metadata_problem(items.parent) if kind == "training" else None
-    problem = problem or read_index(items)[1]
-    if problem:
+    if problem := unreadable_files(items, kind):
         return problem
     saved = integrity.saved_model_fingerprints(items.parent) if kind == "training" else {}
     if not saved:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tpusft.errors import ConfigError
+from tpusft.errors import ConfigError, RunFailed
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")  # written here, tensor by tensor
 # Written by llama.cpp's own quantizer (llama-cpp-python's llama_model_quantize) from the f32
@@ -438,8 +438,6 @@ def quantize(source: str, output: str, outtype: str) -> None:
             said = [line for line in log.read().decode(errors="replace").splitlines()
                     if line.strip()]
             tmp.unlink(missing_ok=True)
-            from tpusft.errors import RunFailed
-
             raise RunFailed(f"llama.cpp's quantizer could not write {outtype} ({code}): "
                             f"{said[-1] if said else 'no message'}")
     tmp.replace(out)

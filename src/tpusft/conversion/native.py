@@ -107,14 +107,22 @@ def restore_params(model: nnx.Module, path: str, lora_only: bool = False) -> str
     return str(items)
 
 
-def _restore_step(model: nnx.Module, path: str, items: epath.Path, kind: str,
-             lora_only: bool) -> str | None:
-    """Restores one checkpoint into `model`; what is damaged (None: nothing)."""
+def unreadable_files(items: epath.Path, kind: str) -> str | None:
+    """What makes a checkpoint's metadata or index of arrays unreadable (an empty, truncated
+    or overwritten file), before any array is read; None when both read."""
     from tpusft.conversion import integrity
     from tpusft.conversion.streaming import read_index
 
     problem = integrity.metadata_problem(items.parent) if kind == "training" else None
-    if problem := problem or read_index(items)[1]:  # empty or overwritten index files
+    return problem or read_index(items)[1]
+
+
+def _restore_step(model: nnx.Module, path: str, items: epath.Path, kind: str,
+             lora_only: bool) -> str | None:
+    """Restores one checkpoint into `model`; what is damaged (None: nothing)."""
+    from tpusft.conversion import integrity
+
+    if problem := unreadable_files(items, kind):
         return problem
     saved = integrity.saved_model_fingerprints(items.parent) if kind == "training" else {}
     items = items.absolute() if "://" not in str(items) else items

@@ -107,11 +107,11 @@ class JsonlWriter:
                 with open(self.path, "a") as f:
                     f.write(text)
         except OSError as e:
-            raise RunFailed(unwritable_run_directory(self.path, e)) from e
+            raise RunFailed(_unwritable_run_directory(self.path, e)) from e
         self._buffer = []
 
 
-def unwritable_run_directory(path, error: OSError) -> str:
+def _unwritable_run_directory(path, error: OSError) -> str:
     """What a write into the run's directory that failed says: the directory moved, removed
     or replaced while the run went on (or storage refusing it)."""
     where = epath.Path(path).parent
